@@ -1,0 +1,54 @@
+"""Cerebro: model selection for PyTorch with model hopper parallelism (MOP).
+
+Example:
+    >>> import cerebro, torch
+    >>> ds = cerebro.prepare_data(df, "data/demo", label="y", num_shards=4)    # doctest: +SKIP
+    >>> def build(params):
+    ...     model = torch.nn.Sequential(torch.nn.Linear(64, params["width"]), torch.nn.ReLU(),
+    ...                                 torch.nn.Linear(params["width"], 10))
+    ...     return cerebro.ModelSpec(model=model,
+    ...                              optimizer=torch.optim.Adam(model.parameters(),
+    ...                                                         lr=params["lr"]),
+    ...                              loss=torch.nn.CrossEntropyLoss(), batch_size=32,
+    ...                              metrics={"accuracy": cerebro.metrics.accuracy})
+    >>> space = {"lr": cerebro.loguniform(1e-4, 1e-1), "width": cerebro.choice([32, 64])}
+    >>> exp = cerebro.Experiment(build, dataset=ds, search=cerebro.RandomSearch(space, 8),
+    ...                          epochs=5, metric="val_accuracy", mode="max",
+    ...                          path="runs/demo")                             # doctest: +SKIP
+    >>> result = exp.run()                                                     # doctest: +SKIP
+"""
+
+from . import metrics
+from .backends import Backend, LocalBackend
+from .data import Dataset, prepare_data
+from .engine import Experiment, ModelRecord, Result
+from .errors import CerebroError, ConfigError, ModelFailed, WorkerError
+from .search import GridSearch, RandomSearch, Search
+from .space import choice, loguniform, quniform, randint, uniform
+from .spec import ModelSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "CerebroError",
+    "ConfigError",
+    "Dataset",
+    "Experiment",
+    "GridSearch",
+    "LocalBackend",
+    "ModelFailed",
+    "ModelRecord",
+    "ModelSpec",
+    "RandomSearch",
+    "Result",
+    "Search",
+    "WorkerError",
+    "choice",
+    "loguniform",
+    "metrics",
+    "prepare_data",
+    "quniform",
+    "randint",
+    "uniform",
+]

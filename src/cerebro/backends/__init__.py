@@ -1,0 +1,6 @@
+"""Where units run: local worker processes (the default)."""
+
+from .base import Backend, StateSaved, Unit, UnitDone, WorkerInfo
+from .local import LocalBackend
+
+__all__ = ["Backend", "LocalBackend", "StateSaved", "Unit", "UnitDone", "WorkerInfo"]

@@ -1,0 +1,102 @@
+"""What every backend does: start workers that hold shards, run units, report events.
+
+A backend knows nothing about search or epochs. The driver sends :class:`Unit` objects naming a
+model, a shard and the path of the model's state; the backend reports :class:`UnitDone` when the
+worker has finished computing (the worker is free again) and, for training units,
+:class:`StateSaved` when the model's new state is written (the model may hop on).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One model on one shard: a training hop (``kind="train"``) or an evaluation pass."""
+
+    unit_id: int
+    model_id: int
+    kind: str
+    epoch: int
+    shard: int
+    worker_id: int
+    params: dict[str, Any]
+    state_path: str
+    version: int
+    shuffle_seed: int = 0
+    end_of_epoch: bool = False
+
+
+@dataclass(frozen=True)
+class UnitDone:
+    """A worker finished computing a unit. ``start``/``end`` bound the computation (seconds,
+    wall clock); ``load_s`` is the time spent before it bringing the model's state in."""
+
+    unit_id: int
+    worker_id: int
+    ok: bool
+    rows: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    start: float = 0.0
+    end: float = 0.0
+    load_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StateSaved:
+    """The state a training unit produced is written to ``Unit.state_path``."""
+
+    unit_id: int
+    worker_id: int
+    ok: bool
+    save_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A started worker: the shards it holds and how much data it loaded."""
+
+    worker_id: int
+    shards: frozenset[int]
+    device: str
+    rows_loaded: int
+    bytes_loaded: int
+
+
+Event = UnitDone | StateSaved
+
+
+class Backend(ABC):
+    """Where units run. Implementations: :class:`cerebro.LocalBackend`."""
+
+    @property
+    @abstractmethod
+    def num_workers(self) -> int:
+        """How many workers this backend starts."""
+
+    def validate(self, num_shards: int) -> None:  # noqa: B027 - optional hook
+        """Raise ConfigError before any work starts if this backend cannot run the dataset."""
+
+    @abstractmethod
+    def start(
+        self, dataset_path: str, placement: dict[int, frozenset[int]], build: Callable[..., Any]
+    ) -> list[WorkerInfo]:
+        """Start the workers; worker ``w`` loads the shards ``placement[w]`` and keeps them."""
+
+    @abstractmethod
+    def submit(self, unit: Unit) -> None:
+        """Send a unit to ``unit.worker_id`` (which must be idle)."""
+
+    @abstractmethod
+    def poll(self, timeout: float) -> list[Event]:
+        """Events since the last call, waiting up to ``timeout`` seconds for the first one."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop every worker (waiting for state writes in progress)."""

@@ -1,0 +1,219 @@
+"""``LocalBackend``: MOP on one machine with worker processes.
+
+Each worker is a separate process (spawned, so it is safe with CUDA and torch's thread pools)
+that loads its shards once and keeps them for the whole run. Model states move between workers
+as files under the experiment's checkpoint folder, written atomically; data never moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cloudpickle
+import torch
+
+from ..errors import ConfigError, WorkerError
+from .base import Backend, Event, Unit, WorkerInfo
+from .worker import WorkerRuntime
+
+_START_TIMEOUT_S = 600.0
+
+
+class LocalBackend(Backend):
+    """Run MOP workers as processes on this machine.
+
+    Args:
+        workers: number of worker processes (>= 1, at most the dataset's ``num_shards``).
+        devices: torch devices to pin workers to, round-robin (e.g. ``["cuda:0", "cuda:1"]``).
+            Default: CPU.
+        threads_per_worker: torch threads in each worker. Default: the machine's cores divided
+            evenly between workers (at least 1).
+        model_cache: models each worker keeps built in memory, so that a model coming back to the
+            worker that trained it last needs no state read.
+
+    Example:
+        >>> backend = cerebro.LocalBackend(workers=2)                    # doctest: +SKIP
+        >>> backend = cerebro.LocalBackend(workers=2, devices=["cuda:0"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        devices: Sequence[str] | None = None,
+        threads_per_worker: int | None = None,
+        model_cache: int = 4,
+    ) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ConfigError("workers", workers, "an integer >= 1")
+        self.devices = _check_devices(devices)
+        if threads_per_worker is not None and (
+            not isinstance(threads_per_worker, int) or threads_per_worker < 1
+        ):
+            raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
+        if not isinstance(model_cache, int) or model_cache < 1:
+            raise ConfigError("model_cache", model_cache, "an integer >= 1")
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+        self.model_cache = model_cache
+        self._processes: list[Any] = []
+        self._conns: list[Any] = []
+        self._events: Any = None
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers
+
+    def validate(self, num_shards: int) -> None:
+        if self.workers > num_shards:
+            raise ConfigError(
+                "workers",
+                self.workers,
+                f"at most the dataset's num_shards ({num_shards})",
+                hint="a worker without a shard could never train; prepare more shards",
+            )
+
+    def start(
+        self, dataset_path: str, placement: dict[int, frozenset[int]], build: Callable[..., Any]
+    ) -> list[WorkerInfo]:
+        ctx = mp.get_context("spawn")
+        self._events = ctx.Queue()
+        payload = cloudpickle.dumps(build)
+        for worker_id in range(self.workers):
+            parent, child = ctx.Pipe()
+            config = {
+                "worker_id": worker_id,
+                "dataset_path": dataset_path,
+                "shards": placement[worker_id],
+                "device": self.devices[worker_id % len(self.devices)],
+                "build": payload,
+                "threads": self.threads_per_worker,
+                "model_cache": self.model_cache,
+            }
+            process = ctx.Process(
+                target=_worker_main,
+                args=(config, child, self._events),
+                daemon=True,
+                name=f"cerebro-worker-{worker_id}",
+            )
+            process.start()
+            child.close()
+            self._processes.append(process)
+            self._conns.append(parent)
+        infos: dict[int, WorkerInfo] = {}
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while len(infos) < self.workers:
+            try:
+                message = self._events.get(timeout=0.5)
+            except queue.Empty:
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise WorkerError("workers did not start in time") from None
+                continue
+            if isinstance(message, _StartFailed):
+                self.shutdown()
+                raise WorkerError(f"worker {message.worker_id} could not start:\n{message.error}")
+            infos[message.worker_id] = message
+        return [infos[w] for w in sorted(infos)]
+
+    def submit(self, unit: Unit) -> None:
+        self._conns[unit.worker_id].send(unit)
+
+    def poll(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        try:
+            events.append(self._events.get(timeout=timeout))
+            while True:
+                events.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        if not events:
+            self._check_alive()
+        return events
+
+    def shutdown(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(None)
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self._processes, self._conns = [], []
+
+    def _check_alive(self) -> None:
+        for worker_id, process in enumerate(self._processes):
+            if not process.is_alive():
+                raise WorkerError(
+                    f"worker {worker_id} (pid {process.pid}) exited with code {process.exitcode}"
+                )
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(workers={self.workers}, devices={self.devices})"
+
+
+class _StartFailed:
+    def __init__(self, worker_id: int, error: str) -> None:
+        self.worker_id = worker_id
+        self.error = error
+
+
+def _worker_main(config: dict[str, Any], conn: Any, events: Any) -> None:
+    """Entry point of a worker process: load shards, then run units until told to stop."""
+    try:
+        runtime = WorkerRuntime(**config)
+    except Exception:
+        events.put(_StartFailed(config["worker_id"], traceback.format_exc()))
+        return
+    events.put(runtime.info)
+    # State writes run on a thread so the worker starts its next unit while they finish.
+    saves: list[threading.Thread] = []
+    while True:
+        try:
+            unit = conn.recv()
+        except EOFError:
+            break
+        if unit is None:
+            break
+        done, save = runtime.run(unit)
+        events.put(done)
+        if save is not None:
+            thread = threading.Thread(target=lambda s=save: events.put(s()), daemon=True)
+            thread.start()
+            saves.append(thread)
+            saves = [t for t in saves if t.is_alive()]
+    for thread in saves:
+        thread.join()
+
+
+def _check_devices(devices: Sequence[str] | None) -> list[str]:
+    if devices is None:
+        return ["cpu"]
+    if isinstance(devices, str) or not isinstance(devices, Sequence) or not devices:
+        raise ConfigError("devices", devices, 'a non-empty list such as ["cuda:0"], or None')
+    checked = []
+    for device in devices:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(
+                "devices", device, 'torch device names such as "cpu" or "cuda:0"'
+            ) from e
+        if parsed.type == "cuda":
+            count = torch.cuda.device_count()
+            if not torch.cuda.is_available() or (parsed.index or 0) >= count:
+                raise ConfigError(
+                    "devices", device, f"a CUDA device of this machine ({count} found)"
+                )
+        checked.append(str(parsed))
+    return checked

@@ -1,0 +1,166 @@
+"""The worker's side of MOP, shared by every backend: it keeps its shards in memory, brings a
+model's state in, runs one unit, and hands back a job that writes the new state.
+
+Models a worker trained recently stay built in memory (an LRU cache), so a model that comes back
+to the same worker with no hop elsewhere in between starts without reading its state.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import torch
+
+from .. import training
+from ..data import Dataset, Shard
+from ..spec import ModelSpec
+from .base import StateSaved, Unit, UnitDone, WorkerInfo
+
+
+@dataclass
+class _CachedModel:
+    spec: ModelSpec
+    version: int
+    rng: dict[str, Any]
+
+
+class WorkerRuntime:
+    """Runs units on the shards of one worker.
+
+    Args:
+        worker_id: this worker's id.
+        dataset_path: a prepared dataset every worker can read.
+        shards: the shard ids this worker holds (training and validation split).
+        device: torch device for models and data (e.g. "cpu", "cuda:0").
+        build: the user's ``build`` function, pickled with cloudpickle.
+        threads: torch intra-op threads for this worker (None leaves torch's default).
+        model_cache: how many models to keep built in memory.
+    """
+
+    def __init__(
+        self,
+        worker_id: int,
+        dataset_path: str,
+        shards: frozenset[int],
+        device: str,
+        build: bytes,
+        threads: int | None,
+        model_cache: int,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.worker_id = worker_id
+        self.device = torch.device(device)
+        self.build = cloudpickle.loads(build)
+        self.model_cache = max(1, model_cache)
+        self._cache: OrderedDict[int, _CachedModel] = OrderedDict()
+        dataset = Dataset.open(dataset_path)
+        self.data: dict[tuple[str, int], Shard] = {}
+        for split in ("train", "val"):
+            for shard in sorted(shards):
+                loaded = dataset.load_shard(split, shard)
+                self.data[(split, shard)] = Shard(
+                    loaded.x.to(self.device), loaded.y.to(self.device)
+                )
+        self.info = WorkerInfo(
+            worker_id=worker_id,
+            shards=frozenset(shards),
+            device=str(self.device),
+            rows_loaded=sum(s.rows for s in self.data.values()),
+            bytes_loaded=sum(s.nbytes for s in self.data.values()),
+        )
+
+    def run(self, unit: Unit) -> tuple[UnitDone, Callable[[], StateSaved] | None]:
+        """Run one unit. Returns its result and, for training units, the job writing the state."""
+        received = time.time()
+        try:
+            entry = self._bring_in(unit)
+            load_s = time.time() - received
+            if unit.kind == "train":
+                training.set_rng(entry.rng, self.device)
+                start = time.time()
+                stats = training.run_train_hop(
+                    entry.spec,
+                    self.data[("train", unit.shard)],
+                    unit.shuffle_seed,
+                    self.device,
+                    unit.end_of_epoch,
+                )
+                end = time.time()
+                entry.version = unit.version + 1
+                entry.rng = {"rng": torch.get_rng_state()}
+                if self.device.type == "cuda":
+                    entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+                counters = {"version": entry.version, "epoch": unit.epoch}
+                snapshot = training.capture_state(entry.spec, counters, self.device)
+                save = self._save_job(unit, snapshot)
+            else:
+                start = time.time()
+                stats = training.run_eval_hop(
+                    entry.spec, self.data[("val", unit.shard)], self.device
+                )
+                end = time.time()
+                save = None
+        except Exception:
+            # The model's objects may be half-updated: forget them, the last saved state is intact.
+            self._cache.pop(unit.model_id, None)
+            return UnitDone(
+                unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
+            ), None
+        done = UnitDone(
+            unit.unit_id,
+            self.worker_id,
+            ok=True,
+            rows=stats.rows,
+            sums=stats.sums,
+            start=start,
+            end=end,
+            load_s=load_s,
+        )
+        return done, save
+
+    def _bring_in(self, unit: Unit) -> _CachedModel:
+        entry = self._cache.get(unit.model_id)
+        if entry is not None and entry.version == unit.version:
+            self._cache.move_to_end(unit.model_id)
+            return entry
+        if entry is None:
+            spec = training.build_spec(self.build, unit.params, init_seed=None)
+            spec.model.to(self.device)
+        else:
+            spec = entry.spec
+        state = training.load_state(unit.state_path)
+        found = state["counters"]["version"]
+        if found != unit.version:
+            raise RuntimeError(
+                f"state of model {unit.model_id} at {unit.state_path} is version {found}, "
+                f"expected {unit.version}"
+            )
+        training.restore_state(spec, state, self.device)
+        rng = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
+        entry = _CachedModel(spec=spec, version=unit.version, rng=rng)
+        self._cache[unit.model_id] = entry
+        self._cache.move_to_end(unit.model_id)
+        while len(self._cache) > self.model_cache:
+            self._cache.popitem(last=False)
+        return entry
+
+    def _save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
+        def save() -> StateSaved:
+            began = time.time()
+            try:
+                training.save_state(snapshot, unit.state_path)
+            except Exception:
+                self._cache.pop(unit.model_id, None)
+                return StateSaved(
+                    unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
+                )
+            return StateSaved(unit.unit_id, self.worker_id, ok=True, save_s=time.time() - began)
+
+        return save

@@ -1,0 +1,338 @@
+"""The driver loop: asks the search for models, the scheduler for assignments, sends units to
+the backend and records every hop and epoch in the store.
+
+A model's life: for each epoch, one training hop on every training shard (order chosen by the
+scheduler), then one evaluation pass on every non-empty validation shard, then its epoch metrics
+are recorded and it starts the next epoch at once (no barrier with other models).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import training
+from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo
+from ..data import Dataset
+from ..errors import ConfigError
+from ..progress import RunProgress
+from ..search import Search, Trial
+from ..spec import ModelSpec
+from ..store import RecordStore
+from .result import state_path
+from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
+
+_POLL_S = 0.5
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class _Split:
+    rows: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, rows: int, sums: dict[str, float]) -> None:
+        self.rows += rows
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_{k}": v / self.rows for k, v in self.sums.items()} if self.rows else {}
+
+
+@dataclass
+class _Model:
+    model_id: int
+    params: dict[str, Any]
+    state_path: str
+    status: str = "running"
+    epoch: int = 0
+    phase: str = "train"
+    remaining: set[int] = field(default_factory=set)
+    busy: bool = False
+    version: int = 0
+    last_worker: int | None = None
+    train: _Split = field(default_factory=_Split)
+    val: _Split = field(default_factory=_Split)
+    history: list[dict[str, float]] = field(default_factory=list)
+    units_done: int = 0
+
+
+@dataclass
+class RunConfig:
+    """What the driver needs from an Experiment (already validated)."""
+
+    build: Callable[[dict[str, Any]], ModelSpec]
+    dataset: Dataset
+    search: Search
+    epochs: int
+    metric: str
+    mode: str
+    seed: int
+    checkpoint_dir: str
+
+
+class Driver:
+    """Runs one experiment to the end. Create, then call :meth:`run`."""
+
+    def __init__(self, config: RunConfig, backend: Backend, progress: RunProgress) -> None:
+        self.config = config
+        self.backend = backend
+        self.progress = progress
+        self.store: RecordStore | None = None
+        self._prepared: list[tuple[_Model, dict[str, Any] | None, str | None]] = []
+        self.train_shards = frozenset(range(config.dataset.num_shards))
+        val_rows = config.dataset.shard_rows("val")
+        self.val_shards = frozenset(s for s, n in enumerate(val_rows) if n > 0)
+        self.models: dict[int, _Model] = {}
+        self.in_flight: dict[int, Unit] = {}
+        self.busy_workers: set[int] = set()
+        self._next_unit = 0
+
+    # Models ------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Build the search's first configurations and check them; writes nothing.
+
+        A ``build`` that returns something other than a ModelSpec, or a spec that cannot produce
+        the experiment's metric, raises ConfigError here, before any record or state is written.
+        """
+        self._prepared = self._build_proposals(strict=True)
+
+    def _build_proposals(
+        self, strict: bool
+    ) -> list[tuple[_Model, dict[str, Any] | None, str | None]]:
+        """Ask the search for configurations; build each into (model, initial state, error)."""
+        built = []
+        for params in self.config.search.propose(self.trials()):
+            model_id = len(self.models)
+            model = _Model(model_id, dict(params), state_path(self.config.checkpoint_dir, model_id))
+            self.models[model_id] = model
+            built.append((model, *self._initial_state(model, strict)))
+        return built
+
+    def _initial_state(
+        self, model: _Model, strict: bool
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            torch.manual_seed(training.init_seed(self.config.seed, model.model_id))
+            spec = self.config.build(dict(model.params))
+        except Exception:
+            return None, traceback.format_exc()
+        try:
+            training.check_is_spec(spec, self.config.build)
+            check_metric(self.config.metric, spec, has_validation=bool(self.val_shards))
+        except ConfigError as e:
+            if strict:
+                raise
+            return None, str(e)
+        return training.capture_state(spec, {"version": 0, "epoch": 0}, _CPU), None
+
+    def _register(self, model: _Model, state: dict[str, Any] | None, error: str | None) -> None:
+        """Write a new model's initial state and record; a model that could not be built fails."""
+        if state is not None:
+            try:
+                training.save_state(state, model.state_path)
+            except Exception:
+                error = traceback.format_exc()
+        if error is not None:
+            model.status = "failed"
+            self.store.add_model(model.model_id, model.params, "failed", error)
+            return
+        model.remaining = set(self.train_shards)
+        self.store.add_model(model.model_id, model.params, "running", None)
+
+    def _add_models(self, built: list[tuple[_Model, dict[str, Any] | None, str | None]]) -> int:
+        for entry in built:
+            self._register(*entry)
+        self._update_total()
+        return len(built)
+
+    def trials(self) -> list[Trial]:
+        return [
+            Trial(m.model_id, dict(m.params), m.status, list(m.history))
+            for m in self.models.values()
+        ]
+
+    # Main loop ---------------------------------------------------------------------------------
+
+    def run(self, store: RecordStore) -> None:
+        """Start the workers and train until every model is completed or failed."""
+        self.store = store
+        self._add_models(self._prepared)
+        placement = place_shards(self.config.dataset.num_shards, self.backend.num_workers)
+        self.workers: list[WorkerInfo] = self.backend.start(
+            self.config.dataset.path, placement, self.config.build
+        )
+        self.progress.start()
+        try:
+            while True:
+                for assignment in schedule(self._model_slots(), self._worker_slots()):
+                    self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
+                if not self.in_flight:
+                    added = 0
+                    if not self.config.search.is_finished(self.trials()):
+                        added = self._add_models(self._build_proposals(strict=False))
+                    if added == 0 and not self._schedulable():
+                        break
+                    continue
+                for event in self.backend.poll(_POLL_S):
+                    self._handle(event)
+                self._show_status()
+        finally:
+            self.progress.stop()
+            self.backend.shutdown()
+
+    def _schedulable(self) -> bool:
+        return any(
+            m.status == "running" and not m.busy and m.remaining for m in self.models.values()
+        )
+
+    def _model_slots(self) -> list[ModelSlot]:
+        per_epoch = len(self.train_shards) + len(self.val_shards)
+        slots = []
+        for m in self.models.values():
+            if m.status != "running":
+                continue
+            later = (self.config.epochs - m.epoch - 1) * per_epoch
+            this = len(m.remaining) + (len(self.val_shards) if m.phase == "train" else 0)
+            slots.append(
+                ModelSlot(m.model_id, frozenset(m.remaining), m.busy, later + this, m.last_worker)
+            )
+        return slots
+
+    def _worker_slots(self) -> list[WorkerSlot]:
+        return [
+            WorkerSlot(w.worker_id, w.shards, w.worker_id in self.busy_workers)
+            for w in self.workers
+        ]
+
+    def _submit(self, model_id: int, worker_id: int, shard: int) -> None:
+        model = self.models[model_id]
+        model.remaining.discard(shard)
+        model.busy = True
+        self.busy_workers.add(worker_id)
+        unit = Unit(
+            unit_id=self._next_unit,
+            model_id=model_id,
+            kind=model.phase,
+            epoch=model.epoch,
+            shard=shard,
+            worker_id=worker_id,
+            params=model.params,
+            state_path=model.state_path,
+            version=model.version,
+            shuffle_seed=training.shuffle_seed(self.config.seed, model_id, model.epoch, shard),
+            end_of_epoch=model.phase == "train" and not model.remaining,
+        )
+        self._next_unit += 1
+        self.in_flight[unit.unit_id] = unit
+        self.backend.submit(unit)
+
+    # Events ------------------------------------------------------------------------------------
+
+    def _handle(self, event: UnitDone | StateSaved) -> None:
+        unit = self.in_flight[event.unit_id]
+        model = self.models[unit.model_id]
+        if isinstance(event, UnitDone):
+            self.busy_workers.discard(unit.worker_id)
+            model.units_done += 1
+            self.progress.advance()
+            if not event.ok:
+                self.in_flight.pop(unit.unit_id)
+                self._fail(model, f"{unit.kind} unit on shard {unit.shard} failed:\n{event.error}")
+                return
+            self.store.add_hop(
+                model_id=unit.model_id,
+                epoch=unit.epoch,
+                kind=unit.kind,
+                shard=unit.shard,
+                worker=unit.worker_id,
+                start=event.start,
+                end=event.end,
+                rows=event.rows,
+                load_s=event.load_s,
+                save_s=None,
+                metrics={k: v / event.rows for k, v in event.sums.items()} if event.rows else {},
+            )
+            split = model.train if unit.kind == "train" else model.val
+            split.add(event.rows, event.sums)
+            if unit.kind == "eval":
+                self.in_flight.pop(unit.unit_id)
+                self._unit_finished(model, unit)
+        else:
+            self.in_flight.pop(unit.unit_id)
+            if not event.ok:
+                self._fail(
+                    model, f"saving the state after shard {unit.shard} failed:\n{event.error}"
+                )
+                return
+            self.store.set_hop_save_time(unit.model_id, unit.epoch, unit.shard, event.save_s)
+            model.version = unit.version + 1
+            self._unit_finished(model, unit)
+
+    def _unit_finished(self, model: _Model, unit: Unit) -> None:
+        model.busy = False
+        model.last_worker = unit.worker_id
+        if model.status != "running" or model.remaining:
+            return
+        if model.phase == "train" and self.val_shards:
+            model.phase = "eval"
+            model.remaining = set(self.val_shards)
+        else:
+            self._finish_epoch(model)
+
+    def _finish_epoch(self, model: _Model) -> None:
+        metrics = {**model.train.means("train"), **model.val.means("val")}
+        self.store.add_epoch(model.model_id, model.epoch, metrics)
+        model.history.append({"epoch": model.epoch, **metrics})
+        self.progress.epoch_done(model.model_id, metrics.get(self.config.metric))
+        model.train, model.val = _Split(), _Split()
+        if model.epoch + 1 >= self.config.epochs:
+            model.status = "completed"
+            self.store.set_model_status(model.model_id, "completed")
+            return
+        model.epoch += 1
+        model.phase = "train"
+        model.remaining = set(self.train_shards)
+
+    def _fail(self, model: _Model, error: str) -> None:
+        """Mark a model failed; its last saved state stays on disk, the others go on."""
+        model.status = "failed"
+        model.busy = False
+        model.remaining = set()
+        self.store.set_model_status(model.model_id, "failed", error)
+        self._update_total()
+
+    # Display -----------------------------------------------------------------------------------
+
+    def _update_total(self) -> None:
+        """Units the run will have done: all of each live model's, what failed ones did."""
+        per_model = self.config.epochs * (len(self.train_shards) + len(self.val_shards))
+        self.progress.set_total(
+            sum(m.units_done if m.status == "failed" else per_model for m in self.models.values())
+        )
+
+    def _show_status(self) -> None:
+        statuses = [m.status for m in self.models.values()]
+        running = sum(1 for m in self.models.values() if m.busy)
+        epoch = max((m.epoch for m in self.models.values()), default=0)
+        self.progress.status(
+            len(statuses), running, statuses.count("completed"), statuses.count("failed"), epoch + 1
+        )
+
+
+def metric_names(spec: ModelSpec, has_validation: bool) -> list[str]:
+    """The metrics an experiment over ``spec`` records, e.g. train_loss, val_accuracy."""
+    splits = ("train", "val") if has_validation else ("train",)
+    return [f"{split}_{name}" for split in splits for name in spec.metric_names()]
+
+
+def check_metric(metric: str, spec: ModelSpec, has_validation: bool) -> None:
+    accepted = metric_names(spec, has_validation)
+    if metric not in accepted:
+        raise ConfigError("metric", metric, f"one of the metrics the spec produces: {accepted}")

@@ -1,0 +1,166 @@
+"""``Experiment``: the public entry point that checks its inputs, then runs the driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..backends import Backend, LocalBackend
+from ..data import Dataset
+from ..errors import ConfigError
+from ..progress import RunProgress
+from ..search import Search
+from ..spec import ModelSpec
+from ..store import RecordStore, sqlite_url
+from .driver import Driver, RunConfig
+from .result import Result
+
+
+class Experiment:
+    """Train every configuration a search proposes, with model hopper parallelism.
+
+    Args:
+        build: ``build(params) -> cerebro.ModelSpec``, called once per configuration (with torch
+            seeded, so initial weights are reproducible). Define it at module level or in a
+            script; closures are fine too (it is shipped to workers with cloudpickle).
+        dataset: a :class:`cerebro.Dataset` (or the path of one).
+        search: which configurations to train, e.g. :class:`cerebro.GridSearch`.
+        epochs: epochs per model.
+        metric: the metric that ranks models, e.g. ``"val_accuracy"`` or ``"val_loss"``.
+        mode: ``"max"`` if larger ``metric`` is better, ``"min"`` if smaller is.
+        backend: where to train; default ``LocalBackend(workers=min(2, num_shards))``.
+        path: folder for the records (``cerebro.db``) and checkpoints.
+        seed: seeds initialization and the row order of every hop.
+        progress: show a live progress bar.
+        overwrite: replace records of an earlier experiment at ``path``.
+
+    Example:
+        >>> exp = cerebro.Experiment(build, dataset=ds, search=cerebro.GridSearch(space),
+        ...                          epochs=5, metric="val_accuracy", mode="max",
+        ...                          backend=cerebro.LocalBackend(workers=2),
+        ...                          path="runs/demo")                  # doctest: +SKIP
+        >>> result = exp.run()                                         # doctest: +SKIP
+        >>> result.best.params                                         # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        build: Callable[[dict[str, Any]], ModelSpec],
+        dataset: Dataset | str,
+        search: Search,
+        epochs: int = 1,
+        metric: str = "val_loss",
+        mode: str = "min",
+        backend: Backend | None = None,
+        path: str | os.PathLike | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        overwrite: bool = False,
+        name: str | None = None,
+    ) -> None:
+        if not callable(build):
+            raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
+        if isinstance(dataset, (str, os.PathLike)):
+            dataset = Dataset.open(dataset)
+        if not isinstance(dataset, Dataset):
+            raise ConfigError("dataset", dataset, "a cerebro.Dataset or the path of one")
+        if not isinstance(search, Search):
+            raise ConfigError(
+                "search",
+                search,
+                "a cerebro search such as GridSearch(space) or RandomSearch(space, n)",
+            )
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ConfigError("epochs", epochs, "an integer >= 1")
+        if mode not in ("min", "max"):
+            raise ConfigError("mode", mode, "'min' or 'max'")
+        if not isinstance(metric, str) or not metric.startswith(("train_", "val_")):
+            raise ConfigError("metric", metric, "a name such as 'val_accuracy' or 'train_loss'")
+        if metric.startswith("val_") and dataset.split_rows("val") == 0:
+            raise ConfigError(
+                "metric", metric, "a train_* metric: the dataset has no validation rows"
+            )
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError("seed", seed, "an integer")
+        if backend is None:
+            backend = LocalBackend(workers=min(2, dataset.num_shards))
+        if not isinstance(backend, Backend):
+            raise ConfigError(
+                "backend", backend, "a cerebro backend such as LocalBackend(workers=2)"
+            )
+        backend.validate(dataset.num_shards)
+        self.build = build
+        self.dataset = dataset
+        self.search = search
+        self.epochs = epochs
+        self.metric = metric
+        self.mode = mode
+        self.backend = backend
+        self.path = os.fspath(path) if path is not None else time.strftime("runs/exp-%Y%m%d-%H%M%S")
+        self.seed = seed
+        self.progress = progress
+        self.overwrite = overwrite
+        self.name = name or os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    @property
+    def storage_url(self) -> str:
+        return sqlite_url(self.path)
+
+    def run(self) -> Result:
+        """Train every model; returns the :class:`Result` (also kept in the records at ``path``)."""
+        self._claim_path()
+        config = RunConfig(
+            build=self.build,
+            dataset=self.dataset,
+            search=self.search,
+            epochs=self.epochs,
+            metric=self.metric,
+            mode=self.mode,
+            seed=self.seed,
+            checkpoint_dir=self.checkpoint_dir,
+        )
+        driver = Driver(config, self.backend, RunProgress(self.progress, self.metric, self.mode))
+        driver.prepare()  # raises ConfigError before anything is written
+        store = RecordStore.create(self.storage_url, self.name, self._record_config())
+        try:
+            driver.run(store)
+        except BaseException:
+            store.set_experiment_status("interrupted")
+            raise
+        store.set_experiment_status("completed")
+        return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
+
+    def _claim_path(self) -> None:
+        db = os.path.join(self.path, "cerebro.db")
+        if os.path.exists(db) and RecordStore.existing_experiments(self.storage_url):
+            if not self.overwrite:
+                raise ConfigError(
+                    "path",
+                    self.path,
+                    "a folder that holds no earlier experiment",
+                    hint="choose a new path, or pass overwrite=True to delete the old records",
+                )
+            for name in ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm"):
+                if os.path.exists(os.path.join(self.path, name)):
+                    os.remove(os.path.join(self.path, name))
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        os.makedirs(self.path, exist_ok=True)
+
+    def _record_config(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset.path,
+            "dataset_fingerprint": self.dataset.fingerprint,
+            "search": repr(self.search),
+            "epochs": self.epochs,
+            "metric": self.metric,
+            "mode": self.mode,
+            "seed": self.seed,
+            "backend": repr(self.backend),
+        }

@@ -1,0 +1,164 @@
+"""What an experiment returns: every model, its history, every hop, and the best model."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .. import training
+from ..errors import ConfigError
+from ..store import RecordStore
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One configuration and how it went.
+
+    Attributes:
+        id: the model's id within the experiment.
+        params: its hyper-parameters.
+        status: "completed", "failed" (see ``error``), "running" or "pending".
+        metrics: metrics of its last recorded epoch (e.g. ``{"val_accuracy": 0.97, ...}``).
+        history: metrics of every epoch, oldest first (each dict has an "epoch" key).
+        error: the traceback of a failed model.
+    """
+
+    id: int
+    params: dict[str, Any]
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+class Result:
+    """The records of one experiment, read from its store.
+
+    Example:
+        >>> result = exp.run()                              # doctest: +SKIP
+        >>> result.best.params, result.best.metrics         # doctest: +SKIP
+        >>> result.history.head()                           # doctest: +SKIP
+        >>> model = result.load_model()                     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        store: RecordStore,
+        metric: str,
+        mode: str,
+        checkpoint_dir: str,
+        build: Callable[[dict[str, Any]], Any] | None,
+    ) -> None:
+        self.metric = metric
+        self.mode = mode
+        self.checkpoint_dir = checkpoint_dir
+        self._build = build
+        self._store = store
+        epochs_by_model: dict[int, list[dict[str, float]]] = {}
+        for row in store.epochs():
+            epochs_by_model.setdefault(row["model_id"], []).append(
+                {"epoch": row["epoch"], **row["metrics"]}
+            )
+        self.models: list[ModelRecord] = [
+            ModelRecord(
+                id=row["model_id"],
+                params=row["params"],
+                status=row["status"],
+                metrics=_last_metrics(epochs_by_model.get(row["model_id"], [])),
+                history=epochs_by_model.get(row["model_id"], []),
+                error=row["error"],
+            )
+            for row in store.models()
+        ]
+        self.hops: pd.DataFrame = store.hops_frame()
+        """Every unit run: model_id, epoch, kind ("train"/"eval"), shard, worker, start, end
+        (seconds since the experiment started), rows, load_s, save_s, metrics."""
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per (model, epoch): model_id, epoch, train_loss, val_loss, train_<m>, val_<m>."""
+        rows = [{"model_id": m.id, **h} for m in self.models for h in m.history]
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return pd.DataFrame(columns=["model_id", "epoch"])
+        return frame.sort_values(["model_id", "epoch"], ignore_index=True)
+
+    def ranked(self) -> list[ModelRecord]:
+        """Models that reported ``metric``, best first (completed models before the others)."""
+        scored = [m for m in self.models if _finite(m.metrics.get(self.metric))]
+        sign = -1.0 if self.mode == "max" else 1.0
+        return sorted(
+            scored,
+            key=lambda m: (m.status != "completed", sign * m.metrics[self.metric], m.id),
+        )
+
+    @property
+    def best(self) -> ModelRecord | None:
+        """The completed model with the best last-epoch ``metric`` (None if no model completed)."""
+        ranked = [m for m in self.ranked() if m.status == "completed"]
+        return ranked[0] if ranked else None
+
+    def leaderboard(self) -> pd.DataFrame:
+        """A table of every model: id, status, params and last-epoch metrics, best first."""
+        ranked_ids = [m.id for m in self.ranked()]
+        order = ranked_ids + [m.id for m in self.models if m.id not in ranked_ids]
+        by_id = {m.id: m for m in self.models}
+        rows = [
+            {"model_id": i, "status": by_id[i].status, **by_id[i].params, **by_id[i].metrics}
+            for i in order
+        ]
+        return pd.DataFrame(rows)
+
+    def model(self, model_id: int) -> ModelRecord:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        raise ConfigError("model_id", model_id, f"one of {[m.id for m in self.models]}")
+
+    def load_model(self, model_id: int | None = None) -> torch.nn.Module:
+        """The trained model as a plain ``nn.Module`` on CPU (the best one by default)."""
+        if model_id is None:
+            if self.best is None:
+                raise ConfigError("model_id", None, "an explicit id: no model completed")
+            model_id = self.best.id
+        record = self.model(model_id)
+        if self._build is None:
+            raise ConfigError("build", None, "the experiment's build function to rebuild the model")
+        path = state_path(self.checkpoint_dir, record.id)
+        if not os.path.exists(path):
+            raise ConfigError("model_id", model_id, "a model with a saved state", hint=path)
+        spec = training.build_spec(self._build, record.params, init_seed=None)
+        spec.model.load_state_dict(training.load_state(path)["model"])
+        spec.model.eval()
+        return spec.model
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for m in self.models:
+            counts[m.status] = counts.get(m.status, 0) + 1
+        best = self.best
+        shown = (
+            f"{self.metric}={best.metrics[self.metric]:.4g} (model {best.id})" if best else "none"
+        )
+        return f"Result(models={counts}, best {shown})"
+
+
+def state_path(checkpoint_dir: str, model_id: int) -> str:
+    """Where a model's current training state lives."""
+    return os.path.join(checkpoint_dir, f"model-{model_id:05d}", "state.pt")
+
+
+def _last_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    if not history:
+        return {}
+    return {k: v for k, v in history[-1].items() if k != "epoch"}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

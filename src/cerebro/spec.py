@@ -1,0 +1,96 @@
+"""``ModelSpec``: what a user's ``build(params)`` returns, in plain PyTorch objects."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@dataclass
+class ModelSpec:
+    """One configuration, ready to train: an ordinary module, optimizer and loss.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        optimizer: a ``torch.optim.Optimizer`` over ``model``'s parameters.
+        loss: ``loss(outputs, targets) -> scalar tensor``, a mean over the batch's rows.
+        batch_size: rows per SGD step.
+        metrics: name -> ``fn(outputs, targets) -> scalar tensor``, each a mean over rows (such as
+            :func:`cerebro.metrics.accuracy`). Reported as ``train_<name>`` and ``val_<name>``,
+            weighted exactly by rows over the whole split.
+        lr_scheduler: optional ``torch.optim.lr_scheduler`` object over ``optimizer``.
+        lr_scheduler_interval: ``"epoch"`` (step once after each epoch) or ``"batch"``.
+
+    Example:
+        >>> import torch, cerebro
+        >>> model = torch.nn.Linear(4, 2)
+        >>> spec = cerebro.ModelSpec(model=model,
+        ...                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                          loss=torch.nn.CrossEntropyLoss(), batch_size=32,
+        ...                          metrics={"accuracy": cerebro.metrics.accuracy})
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[Any, Any], torch.Tensor]
+    batch_size: int
+    metrics: dict[str, MetricFn] = field(default_factory=dict)
+    lr_scheduler: Any = None
+    lr_scheduler_interval: str = "epoch"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, torch.nn.Module):
+            raise ConfigError("ModelSpec.model", self.model, "a torch.nn.Module")
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise ConfigError("ModelSpec.optimizer", self.optimizer, "a torch.optim.Optimizer")
+        if not callable(self.loss):
+            raise ConfigError("ModelSpec.loss", self.loss, "a callable loss(outputs, targets)")
+        if (
+            not isinstance(self.batch_size, int)
+            or isinstance(self.batch_size, bool)
+            or self.batch_size < 1
+        ):
+            raise ConfigError("ModelSpec.batch_size", self.batch_size, "an integer >= 1")
+        if not isinstance(self.metrics, dict):
+            raise ConfigError("ModelSpec.metrics", self.metrics, "a dict of name -> callable")
+        for name, fn in self.metrics.items():
+            if not isinstance(name, str) or not _METRIC_NAME.match(name) or name == "loss":
+                raise ConfigError(
+                    "ModelSpec.metrics key",
+                    name,
+                    "an identifier other than 'loss' (e.g. 'accuracy')",
+                )
+            if not callable(fn):
+                raise ConfigError(f"ModelSpec.metrics[{name!r}]", fn, "a callable")
+        if self.lr_scheduler_interval not in ("epoch", "batch"):
+            raise ConfigError(
+                "ModelSpec.lr_scheduler_interval", self.lr_scheduler_interval, "'epoch' or 'batch'"
+            )
+        if self.lr_scheduler is not None and not hasattr(self.lr_scheduler, "state_dict"):
+            raise ConfigError(
+                "ModelSpec.lr_scheduler", self.lr_scheduler, "a torch.optim.lr_scheduler object"
+            )
+        model_params = {id(p) for p in self.model.parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in model_params:
+                    raise ConfigError(
+                        "ModelSpec.optimizer",
+                        self.optimizer,
+                        "an optimizer built over this spec's model.parameters()",
+                        hint="it holds a tensor that is not a parameter of ModelSpec.model",
+                    )
+
+    def metric_names(self) -> list[str]:
+        """Names reported per split: ``loss`` and each metric."""
+        return ["loss", *self.metrics]

@@ -1,0 +1,228 @@
+"""One model's training state and the two kinds of unit it runs: a training hop and an
+evaluation pass over one shard.
+
+The same functions run inside workers and in the single-process reference used by tests and
+benchmarks, which is what makes "trained by hops" and "trained in one process" comparable bit for
+bit (MOP invariant 4).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .data import Shard
+from .errors import ConfigError, ModelFailed
+from .seeding import derive_seed
+from .spec import ModelSpec
+
+BuildFn = Callable[[dict[str, Any]], ModelSpec]
+
+
+@dataclass
+class HopStats:
+    """Row-weighted sums of loss and metrics over one unit's rows."""
+
+    rows: int
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.rows for k, v in self.sums.items()} if self.rows else {}
+
+
+def build_spec(build: BuildFn, params: dict[str, Any], init_seed: int | None) -> ModelSpec:
+    """Call the user's ``build`` (seeding torch first, so initial weights are reproducible)."""
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    spec = build(dict(params))
+    check_is_spec(spec, build)
+    return spec
+
+
+def check_is_spec(spec: Any, build: BuildFn) -> None:
+    if not isinstance(spec, ModelSpec):
+        raise ConfigError(
+            "build",
+            getattr(build, "__name__", build),
+            "a function returning cerebro.ModelSpec",
+            hint=f"it returned {type(spec).__name__}",
+        )
+
+
+def init_seed(seed: int, model_id: int) -> int:
+    """Seed of a model's weight initialization and of its RNG stream."""
+    return derive_seed(seed, "init", model_id)
+
+
+def shuffle_seed(seed: int, model_id: int, epoch: int, shard: int) -> int:
+    """Seed of the row order of one hop: a function of (experiment, model, epoch, shard)."""
+    return derive_seed(seed, "shuffle", model_id, epoch, shard)
+
+
+def capture_state(
+    spec: ModelSpec, counters: dict[str, int], device: torch.device
+) -> dict[str, Any]:
+    """Everything that hops with a model: weights, optimizer, LR schedule, RNG and counters.
+
+    Tensors are referenced, not copied, on CPU; on a GPU they are copied to host memory so the
+    snapshot can be written while the device goes on with other work.
+    """
+    state = {
+        "model": spec.model.state_dict(),
+        "optimizer": spec.optimizer.state_dict(),
+        "lr_scheduler": spec.lr_scheduler.state_dict() if spec.lr_scheduler is not None else None,
+        "rng": torch.get_rng_state(),
+        "counters": dict(counters),
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        state = _to_cpu(state)
+    return state
+
+
+def restore_state(spec: ModelSpec, state: dict[str, Any], device: torch.device) -> None:
+    """Load a captured state into ``spec``'s objects (already on ``device``)."""
+    spec.model.load_state_dict(state["model"])
+    spec.optimizer.load_state_dict(state["optimizer"])
+    if spec.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+        spec.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def set_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def save_state(state: dict[str, Any], path: str) -> None:
+    """Write atomically: a crash mid-write leaves the previous state intact."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str) -> dict[str, Any]:
+    """Read a state file (memory-mapped: only the bytes used are read)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def run_train_hop(
+    spec: ModelSpec, shard: Shard, seed: int, device: torch.device, end_of_epoch: bool
+) -> HopStats:
+    """Plain SGD over one shard, rows shuffled by ``seed``; returns row-weighted loss and metrics.
+
+    Raises:
+        ModelFailed: if the loss or a metric is not finite.
+    """
+    model, optimizer = spec.model, spec.optimizer
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(shard.rows, generator=generator).to(shard.x.device)
+    sums = _zero_sums(spec, shard.x.device)
+    for start in range(0, shard.rows, spec.batch_size):
+        index = order[start : start + spec.batch_size]
+        inputs, targets = shard.x.index_select(0, index), shard.y.index_select(0, index)
+        outputs = model(inputs)
+        loss = spec.loss(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if spec.lr_scheduler is not None and spec.lr_scheduler_interval == "batch":
+            spec.lr_scheduler.step()
+        _accumulate(spec, sums, loss.detach(), outputs.detach(), targets, len(index))
+    if end_of_epoch and spec.lr_scheduler is not None and spec.lr_scheduler_interval == "epoch":
+        spec.lr_scheduler.step()
+    return _finish(sums, shard.rows, "training")
+
+
+@torch.no_grad()
+def run_eval_hop(spec: ModelSpec, shard: Shard, device: torch.device) -> HopStats:
+    """Loss and metrics of the model (in eval mode) over every row of one shard."""
+    model = spec.model
+    was_training = model.training
+    model.eval()
+    sums = _zero_sums(spec, shard.x.device)
+    try:
+        for start in range(0, shard.rows, spec.batch_size):
+            inputs = shard.x[start : start + spec.batch_size]
+            targets = shard.y[start : start + spec.batch_size]
+            outputs = model(inputs)
+            loss = spec.loss(outputs, targets)
+            _accumulate(spec, sums, loss, outputs, targets, len(targets))
+    finally:
+        model.train(was_training)
+    return _finish(sums, shard.rows, "validation")
+
+
+def _zero_sums(spec: ModelSpec, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        name: torch.zeros((), dtype=torch.float64, device=device) for name in spec.metric_names()
+    }
+
+
+@torch.no_grad()
+def _accumulate(
+    spec: ModelSpec,
+    sums: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    rows: int,
+) -> None:
+    # Sums stay on the device: one host synchronisation per unit, not per batch.
+    sums["loss"] += loss.double() * rows
+    for name, fn in spec.metrics.items():
+        sums[name] += torch.as_tensor(fn(outputs, targets)).double() * rows
+
+
+def _finish(sums: dict[str, torch.Tensor], rows: int, what: str) -> HopStats:
+    values = {k: float(v) for k, v in sums.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise ModelFailed(f"{what} produced non-finite values: {bad}")
+    return HopStats(rows=rows, sums=values)
+
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def train_in_process(
+    build: BuildFn,
+    params: dict[str, Any],
+    shards: list[Shard],
+    shard_order: list[list[int]],
+    seed: int,
+    model_id: int,
+    device: torch.device | str = "cpu",
+) -> ModelSpec:
+    """The reference: train one model in this process, epoch by epoch over ``shard_order``.
+
+    ``shard_order[e]`` lists the shards of epoch ``e`` in the order to visit them. Row order and
+    initialization are seeded exactly as in a MOP run with the same ``seed`` and ``model_id``.
+    """
+    device = torch.device(device)
+    spec = build_spec(build, params, init_seed(seed, model_id))
+    spec.model.to(device)
+    for epoch, order in enumerate(shard_order):
+        for i, shard in enumerate(order):
+            run_train_hop(
+                spec,
+                shards[shard],
+                shuffle_seed(seed, model_id, epoch, shard),
+                device,
+                end_of_epoch=i == len(order) - 1,
+            )
+    return spec
