@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -194,10 +195,24 @@ def _table_columns(table: pa.Table) -> dict[str, np.ndarray]:
     for name in table.column_names:
         column = table.column(name).combine_chunks()
         if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
-            columns[name] = _stack_cells(np.array(column.to_pylist(), dtype=object))
+            columns[name] = _list_column(name, column)
         else:
             columns[name] = column.to_numpy(zero_copy_only=False)
     return columns
+
+
+def _list_column(name: str, column: pa.Array) -> np.ndarray:
+    """A (possibly nested) list column whose cells all have one shape, as an n-d array."""
+    rows, shape, values = len(column), [], column
+    while pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type):
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        if len(lengths) and lengths.min() != lengths.max():
+            raise ConfigError(
+                f"source column {name!r}", "<lists of different lengths>", "cells of one shape"
+            )
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(rows, *shape)
 
 
 def _stack_cells(values: np.ndarray) -> np.ndarray:

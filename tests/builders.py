@@ -1,0 +1,54 @@
+"""Model builders shared by the tests (module level, so spawned workers can import them)."""
+
+from __future__ import annotations
+
+import torch
+
+import cerebro
+
+
+def mlp(params: dict) -> cerebro.ModelSpec:
+    """An MLP for 8x8 digit images, with dropout and an LR schedule so that RNG and scheduler
+    state must hop with the model for results to match."""
+    width = params.get("width", 32)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, width),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(params.get("dropout", 0.1)),
+        torch.nn.Linear(width, 10),
+    )
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=params.get("lr", 1e-2), weight_decay=params.get("l2", 0.0)
+    )
+    return cerebro.ModelSpec(
+        model=model,
+        optimizer=optimizer,
+        loss=torch.nn.CrossEntropyLoss(),
+        batch_size=params.get("batch_size", 32),
+        metrics={"accuracy": cerebro.metrics.accuracy},
+        lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9),
+    )
+
+
+def flaky(params: dict) -> cerebro.ModelSpec:
+    """Fails in the way ``params["fail"]`` says: at build, in training, or with a NaN loss."""
+    mode = params.get("fail", "none")
+    if mode == "build":
+        raise RuntimeError("build failed on purpose")
+    spec = mlp(params)
+    if mode == "nan":
+        base = spec.loss
+        spec.loss = lambda out, y: base(out, y) * float("nan")
+    elif mode == "forward":
+        model = spec.model
+
+        def broken_forward(x):
+            raise RuntimeError("forward failed on purpose")
+
+        model.forward = broken_forward
+    return spec
+
+
+def not_a_spec(params: dict):
+    return torch.nn.Linear(64, 10)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import cerebro
+
+
+@pytest.fixture(scope="session")
+def digits_arrays() -> dict[str, np.ndarray]:
+    d = load_digits()
+    return {"x": (d.images / 16.0).astype(np.float32), "y": d.target.astype(np.int64)}
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory, digits_arrays) -> cerebro.Dataset:
+    """Digits (1797 rows of 8x8 images), 4 shards, 20% validation."""
+    path = tmp_path_factory.mktemp("data") / "digits"
+    return cerebro.prepare_data(digits_arrays, path, label="y", num_shards=4, validation=0.2)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Bit-for-bit comparisons need the same thread count in the test process and the workers.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def state_equal(a, b) -> bool:
+    """Exact equality of nested state dicts (tensors compared bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
