@@ -21,10 +21,9 @@ class RunProgress:
         self._bar = None
         if enabled:
             self._bar = Progress(
-                TextColumn("[bold]MOP[/bold]"),
+                TextColumn("[bold]units[/bold]"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("units"),
                 TimeElapsedColumn(),
                 TextColumn("{task.fields[status]}"),
                 transient=False,
@@ -59,13 +58,6 @@ class RunProgress:
     def status(self, models: int, running: int, completed: int, failed: int, epoch: int) -> None:
         if self._bar is None:
             return
-        best = (
-            f"{self.metric} {self.best:.4f} (model {self.best_model})"
-            if self.best is not None
-            else "-"
-        )
-        text = (
-            f"models {completed}/{models} done, {running} training, {failed} failed · "
-            f"furthest epoch {epoch} · best {best}"
-        )
+        best = f"{self.best:.4f} (model {self.best_model})" if self.best is not None else "-"
+        text = f"{completed}/{models} done · {failed} failed · epoch {epoch} · best {best}"
         self._bar.update(self._task, status=text)

@@ -94,9 +94,13 @@ def restore_state(spec: ModelSpec, state: dict[str, Any], device: torch.device) 
 
 
 def set_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Make torch's generators continue the model's own random stream."""
     torch.set_rng_state(state["rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    if device.type == "cuda":
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        else:  # first hop on a GPU: seeded as torch.manual_seed(init_seed) would have
+            torch.cuda.manual_seed(state["counters"]["init_seed"])
 
 
 def save_state(state: dict[str, Any], path: str) -> None:

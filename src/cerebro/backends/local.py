@@ -25,6 +25,10 @@ from .base import Backend, Event, Unit, WorkerInfo
 from .worker import WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
+_SPAWN_HINT = (
+    "Workers are spawned processes that import your main script again: start the experiment "
+    'under `if __name__ == "__main__":` (see the traceback above for other causes)'
+)
 
 
 class LocalBackend(Backend):
@@ -113,7 +117,11 @@ class LocalBackend(Backend):
             try:
                 message = self._events.get(timeout=0.5)
             except queue.Empty:
-                self._check_alive()
+                try:
+                    self._check_alive()
+                except WorkerError as e:
+                    self.shutdown()
+                    raise WorkerError(f"{e} while starting. {_SPAWN_HINT}") from None
                 if time.monotonic() > deadline:
                     raise WorkerError("workers did not start in time") from None
                 continue

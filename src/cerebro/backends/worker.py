@@ -27,7 +27,8 @@ from .base import StateSaved, Unit, UnitDone, WorkerInfo
 class _CachedModel:
     spec: ModelSpec
     version: int
-    rng: dict[str, Any]
+    rng: dict[str, Any]  # "rng" (and "cuda_rng") to restore before the model's next hop
+    counters: dict[str, int]
 
 
 class WorkerRuntime:
@@ -83,7 +84,7 @@ class WorkerRuntime:
             entry = self._bring_in(unit)
             load_s = time.time() - received
             if unit.kind == "train":
-                training.set_rng(entry.rng, self.device)
+                training.set_rng({**entry.rng, "counters": entry.counters}, self.device)
                 start = time.time()
                 stats = training.run_train_hop(
                     entry.spec,
@@ -97,8 +98,8 @@ class WorkerRuntime:
                 entry.rng = {"rng": torch.get_rng_state()}
                 if self.device.type == "cuda":
                     entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-                counters = {"version": entry.version, "epoch": unit.epoch}
-                snapshot = training.capture_state(entry.spec, counters, self.device)
+                entry.counters = {**entry.counters, "version": entry.version, "epoch": unit.epoch}
+                snapshot = training.capture_state(entry.spec, entry.counters, self.device)
                 save = self._save_job(unit, snapshot)
             else:
                 start = time.time()
@@ -144,7 +145,7 @@ class WorkerRuntime:
             )
         training.restore_state(spec, state, self.device)
         rng = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
-        entry = _CachedModel(spec=spec, version=unit.version, rng=rng)
+        entry = _CachedModel(spec, unit.version, rng, dict(state["counters"]))
         self._cache[unit.model_id] = entry
         self._cache.move_to_end(unit.model_id)
         while len(self._cache) > self.model_cache:

@@ -118,8 +118,9 @@ class Driver:
     def _initial_state(
         self, model: _Model, strict: bool
     ) -> tuple[dict[str, Any] | None, str | None]:
+        seed = training.init_seed(self.config.seed, model.model_id)
         try:
-            torch.manual_seed(training.init_seed(self.config.seed, model.model_id))
+            torch.manual_seed(seed)
             spec = self.config.build(dict(model.params))
         except Exception:
             return None, traceback.format_exc()
@@ -130,7 +131,8 @@ class Driver:
             if strict:
                 raise
             return None, str(e)
-        return training.capture_state(spec, {"version": 0, "epoch": 0}, _CPU), None
+        counters = {"version": 0, "epoch": 0, "init_seed": seed}
+        return training.capture_state(spec, counters, _CPU), None
 
     def _register(self, model: _Model, state: dict[str, Any] | None, error: str | None) -> None:
         """Write a new model's initial state and record; a model that could not be built fails."""
@@ -160,32 +162,40 @@ class Driver:
 
     # Main loop ---------------------------------------------------------------------------------
 
-    def run(self, store: RecordStore) -> None:
-        """Start the workers and train until every model is completed or failed."""
-        self.store = store
-        self._add_models(self._prepared)
+    def start_workers(self) -> None:
+        """Start the backend's workers, each loading its shards (nothing is recorded yet)."""
         placement = place_shards(self.config.dataset.num_shards, self.backend.num_workers)
         self.workers: list[WorkerInfo] = self.backend.start(
             self.config.dataset.path, placement, self.config.build
         )
-        self.progress.start()
+
+    def run(self, store: RecordStore) -> None:
+        """Train until every model is completed or failed; stops the workers in the end."""
+        self.store = store
         try:
-            while True:
-                for assignment in schedule(self._model_slots(), self._worker_slots()):
-                    self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
-                if not self.in_flight:
-                    added = 0
-                    if not self.config.search.is_finished(self.trials()):
-                        added = self._add_models(self._build_proposals(strict=False))
-                    if added == 0 and not self._schedulable():
-                        break
-                    continue
-                for event in self.backend.poll(_POLL_S):
-                    self._handle(event)
-                self._show_status()
+            self._add_models(self._prepared)
+            self.progress.start()
+            try:
+                self._loop()
+            finally:
+                self.progress.stop()
         finally:
-            self.progress.stop()
             self.backend.shutdown()
+
+    def _loop(self) -> None:
+        while True:
+            for assignment in schedule(self._model_slots(), self._worker_slots()):
+                self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
+            if not self.in_flight:
+                added = 0
+                if not self.config.search.is_finished(self.trials()):
+                    added = self._add_models(self._build_proposals(strict=False))
+                if added == 0 and not self._schedulable():
+                    return
+                continue
+            for event in self.backend.poll(_POLL_S):
+                self._handle(event)
+            self._show_status()
 
     def _schedulable(self) -> bool:
         return any(

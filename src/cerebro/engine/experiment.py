@@ -128,7 +128,12 @@ class Experiment:
         )
         driver = Driver(config, self.backend, RunProgress(self.progress, self.metric, self.mode))
         driver.prepare()  # raises ConfigError before anything is written
-        store = RecordStore.create(self.storage_url, self.name, self._record_config())
+        driver.start_workers()
+        try:
+            store = RecordStore.create(self.storage_url, self.name, self._record_config())
+        except BaseException:
+            self.backend.shutdown()
+            raise
         try:
             driver.run(store)
         except BaseException:
