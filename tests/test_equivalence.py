@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import builders
+import pytest
 import torch
 from conftest import state_equal
 
@@ -97,9 +98,13 @@ def test_a_different_order_gives_different_weights(tmp_path):
     assert not state_equal(a.model.state_dict(), b.model.state_dict())
 
 
-def test_experiment_results_equal_one_process_training_in_the_recorded_order(digits, tmp_path):
+@pytest.mark.parametrize("model_cache_mb", [0, 1024], ids=["state-read-every-hop", "cached"])
+def test_experiment_results_equal_one_process_training_in_the_recorded_order(
+    digits, tmp_path, model_cache_mb
+):
     """End to end through the driver: replaying result.hops in one process gives the same
-    weights as the experiment's final checkpoint, for every model."""
+    weights as the experiment's final checkpoint, for every model, whether workers read each
+    model's state from disk at every hop or keep models built between hops."""
     space = {"lr": cerebro.choice([0.003, 0.03]), "width": cerebro.choice([16, 32])}
     exp = cerebro.Experiment(
         builders.mlp,
@@ -108,7 +113,9 @@ def test_experiment_results_equal_one_process_training_in_the_recorded_order(dig
         epochs=2,
         metric="val_accuracy",
         mode="max",
-        backend=cerebro.LocalBackend(workers=2, threads_per_worker=1),
+        backend=cerebro.LocalBackend(
+            workers=2, threads_per_worker=1, model_cache_mb=model_cache_mb
+        ),
         path=tmp_path / "run",
         seed=SEED,
         progress=False,

@@ -8,9 +8,11 @@ bit (MOP invariant 4).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,11 +106,31 @@ def set_rng(state: dict[str, Any], device: torch.device) -> None:
 
 
 def save_state(state: dict[str, Any], path: str) -> None:
-    """Write atomically: a crash mid-write leaves the previous state intact."""
+    """Write atomically: a crash mid-write leaves the previous state intact.
+
+    The zip CRC32 that ``torch.save`` computes by default costs about 6x the write itself on
+    CPU (measured: 0.21-0.35 s vs 0.04 s for 113 MB), CPU time a worker's background save takes
+    from training. States are written without it.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with _without_zip_crc():
+        torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _without_zip_crc() -> Iterator[None]:
+    serialization = torch.serialization
+    if not hasattr(serialization, "set_crc32_options"):  # torch < 2.6 always computes it
+        yield
+        return
+    before = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        serialization.set_crc32_options(before)
 
 
 def load_state(path: str) -> dict[str, Any]:

@@ -40,8 +40,9 @@ class LocalBackend(Backend):
             Default: CPU.
         threads_per_worker: torch threads in each worker. Default: the machine's cores divided
             evenly between workers (at least 1).
-        model_cache: models each worker keeps built in memory, so that a model coming back to the
-            worker that trained it last needs no state read.
+        model_cache_mb: memory each worker may use to keep models built between their hops (MiB;
+            weights plus optimizer state), so that a model coming back to the worker that trained
+            it last needs no state read. Least recently used models are dropped first.
 
     Example:
         >>> backend = cerebro.LocalBackend(workers=2)                    # doctest: +SKIP
@@ -53,7 +54,7 @@ class LocalBackend(Backend):
         workers: int = 2,
         devices: Sequence[str] | None = None,
         threads_per_worker: int | None = None,
-        model_cache: int = 4,
+        model_cache_mb: int = 1024,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ConfigError("workers", workers, "an integer >= 1")
@@ -62,11 +63,11 @@ class LocalBackend(Backend):
             not isinstance(threads_per_worker, int) or threads_per_worker < 1
         ):
             raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
-        if not isinstance(model_cache, int) or model_cache < 1:
-            raise ConfigError("model_cache", model_cache, "an integer >= 1")
+        if not isinstance(model_cache_mb, int) or model_cache_mb < 0:
+            raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-        self.model_cache = model_cache
+        self.model_cache_mb = model_cache_mb
         self._processes: list[Any] = []
         self._conns: list[Any] = []
         self._events: Any = None
@@ -99,7 +100,7 @@ class LocalBackend(Backend):
                 "device": self.devices[worker_id % len(self.devices)],
                 "build": payload,
                 "threads": self.threads_per_worker,
-                "model_cache": self.model_cache,
+                "model_cache_mb": self.model_cache_mb,
             }
             process = ctx.Process(
                 target=_worker_main,

@@ -41,7 +41,8 @@ class WorkerRuntime:
         device: torch device for models and data (e.g. "cpu", "cuda:0").
         build: the user's ``build`` function, pickled with cloudpickle.
         threads: torch intra-op threads for this worker (None leaves torch's default).
-        model_cache: how many models to keep built in memory.
+        model_cache_mb: memory for models kept built between their hops (least recently used
+            ones go first; the model in use always stays).
     """
 
     def __init__(
@@ -52,14 +53,14 @@ class WorkerRuntime:
         device: str,
         build: bytes,
         threads: int | None,
-        model_cache: int,
+        model_cache_mb: int,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.build = cloudpickle.loads(build)
-        self.model_cache = max(1, model_cache)
+        self.cache_budget = model_cache_mb * 2**20
         self._cache: OrderedDict[int, _CachedModel] = OrderedDict()
         dataset = Dataset.open(dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
@@ -100,6 +101,7 @@ class WorkerRuntime:
                     entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
                 entry.counters = {**entry.counters, "version": entry.version, "epoch": unit.epoch}
                 snapshot = training.capture_state(entry.spec, entry.counters, self.device)
+                self._evict()  # the optimizer state may have just been created
                 save = self._save_job(unit, snapshot)
             else:
                 start = time.time()
@@ -148,9 +150,15 @@ class WorkerRuntime:
         entry = _CachedModel(spec, unit.version, rng, dict(state["counters"]))
         self._cache[unit.model_id] = entry
         self._cache.move_to_end(unit.model_id)
-        while len(self._cache) > self.model_cache:
-            self._cache.popitem(last=False)
+        self._evict()
         return entry
+
+    def _evict(self) -> None:
+        """Drop least recently used models until the cache fits its budget (keep the newest)."""
+        while len(self._cache) > 1 and sum(_nbytes(e.spec) for e in self._cache.values()) > (
+            self.cache_budget
+        ):
+            self._cache.popitem(last=False)
 
     def _save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
         def save() -> StateSaved:
@@ -165,3 +173,11 @@ class WorkerRuntime:
             return StateSaved(unit.unit_id, self.worker_id, ok=True, save_s=time.time() - began)
 
         return save
+
+
+def _nbytes(spec: ModelSpec) -> int:
+    """Bytes of a model's tensors: weights, buffers and optimizer state."""
+    total = sum(t.nbytes for t in spec.model.state_dict().values())
+    for state in spec.optimizer.state.values():
+        total += sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor))
+    return total

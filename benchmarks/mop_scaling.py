@@ -1,0 +1,308 @@
+"""MOP scaling: the same configurations trained one after another in one process, then with
+MOP on 1, 2, ... worker processes, in one run on one machine.
+
+Reports, for each way of training:
+- makespan: wall time of the whole call (for MOP: including starting the workers), and the
+  training span (first hop start to last unit end) that the ratios below use;
+- speedup over sequential training (same threads per process);
+- busy fraction: time workers spent computing units / (workers x training span);
+- per-hop overhead: mean time a worker is not computing between two consecutive units
+  (bringing the next model's state in, the driver's round trip), as a fraction of a unit.
+
+Two workloads: "scaling" (8 small MLPs) for speedup and busy fraction, and "overhead" (4 MLPs of
+about 10M parameters) for the per-hop overhead goal. Every process uses 1 torch thread, so that
+sequential and MOP differ only in how models and data are placed.
+
+Usage:
+    python benchmarks/mop_scaling.py                 # 1 and 2 workers (fits a 2-core machine)
+    python benchmarks/mop_scaling.py --workers 1 2 4 8
+    python benchmarks/mop_scaling.py --quick         # a smoke run (seconds), not for the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import cerebro
+from cerebro import training
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    features: int
+    hidden: tuple[int, ...]
+    rows_per_shard: int
+    num_shards: int
+    num_models: int
+    epochs: int
+    batch_size: int
+
+
+WORKLOADS = {
+    "scaling": Workload("scaling", 256, (1024, 512), 8192, 4, 8, 2, 64),
+    "overhead": Workload("overhead", 1024, (3072, 2304), 768, 4, 4, 2, 64),
+}
+QUICK = {
+    "scaling": Workload("scaling", 32, (64,), 256, 4, 4, 1, 64),
+    "overhead": Workload("overhead", 64, (256,), 256, 2, 2, 1, 64),
+}
+
+
+def build(params: dict[str, Any]) -> cerebro.ModelSpec:
+    """An MLP whose sizes come from ``params`` (lr differs between configurations)."""
+    sizes = [params["features"], *params["hidden"]]
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], 10))
+    return cerebro.ModelSpec(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=params["lr"]),
+        loss=torch.nn.CrossEntropyLoss(),
+        batch_size=params["batch_size"],
+        metrics={"accuracy": cerebro.metrics.accuracy},
+    )
+
+
+def make_dataset(w: Workload, root: str) -> cerebro.Dataset:
+    """Synthetic 10-class data labelled by a random linear teacher (learnable, not trivial)."""
+    rng = np.random.default_rng(0)
+    train_rows = w.rows_per_shard * w.num_shards
+    rows = int(train_rows / 0.8)
+    x = rng.normal(size=(rows, w.features)).astype(np.float32)
+    y = (x @ rng.normal(size=(w.features, 10))).argmax(axis=1)
+    return cerebro.prepare_data(
+        {"x": x, "y": y}, os.path.join(root, w.name), num_shards=w.num_shards, validation=0.2
+    )
+
+
+def configurations(w: Workload) -> list[dict[str, Any]]:
+    lrs = np.geomspace(1e-4, 1e-2, w.num_models)
+    return [
+        {
+            "features": w.features,
+            "hidden": list(w.hidden),
+            "batch_size": w.batch_size,
+            "lr": float(lr),
+        }
+        for lr in lrs
+    ]
+
+
+def run_sequential(w: Workload, dataset: cerebro.Dataset, threads: int) -> dict[str, Any]:
+    """Each configuration in turn in this process: all shards in order, then validation."""
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    shards = [dataset.load_shard("train", s) for s in range(w.num_shards)]
+    val = [dataset.load_shard("val", s) for s in range(w.num_shards)]
+    start = time.perf_counter()
+    compute = 0.0
+    for model_id, params in enumerate(configurations(w)):
+        spec = training.build_spec(build, params, training.init_seed(0, model_id))
+        for epoch in range(w.epochs):
+            for s in range(w.num_shards):
+                t = time.perf_counter()
+                training.run_train_hop(
+                    spec,
+                    shards[s],
+                    training.shuffle_seed(0, model_id, epoch, s),
+                    cpu,
+                    s == w.num_shards - 1,
+                )
+                compute += time.perf_counter() - t
+            for s in range(w.num_shards):
+                t = time.perf_counter()
+                training.run_eval_hop(spec, val[s], cpu)
+                compute += time.perf_counter() - t
+    elapsed = time.perf_counter() - start
+    return {"makespan_s": elapsed, "span_s": elapsed, "busy": compute / elapsed}
+
+
+def run_mop(w: Workload, dataset: cerebro.Dataset, workers: int, root: str) -> dict[str, Any]:
+    search = cerebro.GridSearch({"cfg": cerebro.choice(list(range(w.num_models)))})
+    configs = configurations(w)
+    started = time.perf_counter()
+    result = cerebro.Experiment(
+        _ConfigBuild(configs),
+        dataset,
+        search,
+        epochs=w.epochs,
+        metric="val_loss",
+        mode="min",
+        backend=cerebro.LocalBackend(workers=workers, threads_per_worker=1),
+        path=os.path.join(root, f"{w.name}-mop-{workers}"),
+        progress=False,
+    ).run()
+    makespan = time.perf_counter() - started
+    failed = [m for m in result.models if m.status != "completed"]
+    if failed:
+        raise RuntimeError(f"models failed: {[m.error for m in failed]}")
+    hops = result.hops
+    span = hops.end.max() - hops.start.min()
+    busy = (hops.end - hops.start).sum() / (workers * span)
+    gaps, units = [], []
+    for _, group in hops.sort_values("start").groupby("worker"):
+        gaps += list(group.start.to_numpy()[1:] - group.end.to_numpy()[:-1])
+    train = hops[hops.kind == "train"]
+    units = (train.end - train.start).to_numpy()
+    return {
+        "makespan_s": makespan,
+        "span_s": span,
+        "busy": busy,
+        "overhead_s": float(np.mean(gaps)) if gaps else 0.0,
+        "unit_s": float(np.mean(units)),
+        "load_s": float(train.load_s.mean()),
+        "save_s": float(train.save_s.mean()),
+    }
+
+
+class _ConfigBuild:
+    """``build`` for a grid over configuration indices (picklable, carries the configs)."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        self.configs = configs
+
+    def __call__(self, params: dict[str, Any]) -> cerebro.ModelSpec:
+        return build(self.configs[params["cfg"]])
+
+
+def parameters(w: Workload) -> int:
+    spec = build(configurations(w)[0])
+    return sum(p.numel() for p in spec.model.parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--quick", action="store_true", help="tiny workloads, for a smoke test")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    too_many = [w for w in args.workers if w < 1 or w > cores]
+    if too_many:
+        parser.error(
+            f"--workers {too_many}: each must be between 1 and this machine's {cores} cores"
+        )
+    workloads = QUICK if args.quick else WORKLOADS
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for w in workloads.values():
+            dataset = make_dataset(w, root)
+            worker_counts = [x for x in args.workers if x <= w.num_shards]
+            seq = run_sequential(w, dataset, threads=1)
+            rows.append(_row(w, "sequential, 1 thread", 1, seq, seq))
+            if w.name == "scaling":
+                every = run_sequential(w, dataset, threads=cores)
+                rows.append(_row(w, f"sequential, {cores} threads", 1, every, seq))
+            for workers in worker_counts:
+                mop = run_mop(w, dataset, workers, root)
+                rows.append(
+                    _row(w, f"MOP, {workers} worker{'s' * (workers > 1)}", workers, mop, seq)
+                )
+            print(pd.DataFrame(rows).to_string(index=False), flush=True)
+    table = pd.DataFrame(rows)
+    if not args.quick:
+        os.makedirs(args.out, exist_ok=True)
+        _write(table, workloads, args, os.path.join(args.out, "mop_scaling.md"))
+        _plot(table, os.path.join(args.out, "mop_scaling.png"))
+    return 0
+
+
+def _row(
+    w: Workload, how: str, workers: int, r: dict[str, Any], seq: dict[str, Any]
+) -> dict[str, Any]:
+    row = {
+        "workload": w.name,
+        "how": how,
+        "workers": workers,
+        "makespan_s": round(r["makespan_s"], 2),
+        "span_s": round(r["span_s"], 2),
+        "speedup": round(seq["span_s"] / r["span_s"], 3),
+        "speedup_per_worker": round(seq["span_s"] / r["span_s"] / workers, 3),
+        "busy": round(r["busy"], 3),
+    }
+    if "overhead_s" in r:
+        row.update(
+            unit_s=round(r["unit_s"], 3),
+            hop_overhead_s=round(r["overhead_s"], 4),
+            overhead_per_unit=round(r["overhead_s"] / r["unit_s"], 4),
+            state_load_s=round(r["load_s"], 4),
+            state_save_s=round(r["save_s"], 4),
+        )
+    return row
+
+
+def _write(
+    table: pd.DataFrame, workloads: dict[str, Workload], args: argparse.Namespace, path: str
+) -> None:
+    lines = [
+        "# MOP scaling",
+        "",
+        f"Command: `python benchmarks/mop_scaling.py --workers {' '.join(map(str, args.workers))}`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}; date {time.strftime('%Y-%m-%d')}",
+        "",
+        "Workloads (synthetic 10-class data, 20% validation, every process 1 torch thread):",
+        "",
+    ]
+    for w in workloads.values():
+        lines.append(
+            f"- **{w.name}**: {w.num_models} MLPs {w.features}-{'-'.join(map(str, w.hidden))}-10 "
+            f"({parameters(w) / 1e6:.2f}M parameters), {w.num_shards} shards x {w.rows_per_shard} "
+            f"rows, {w.epochs} epochs, batch {w.batch_size}"
+        )
+    lines += [
+        "",
+        "`span_s` is first unit start to last unit end (what speedup and busy use); `makespan_s` "
+        "adds starting the worker processes. `hop_overhead_s` is the mean gap between two units "
+        "on a worker; `overhead_per_unit` divides it by the mean training unit.",
+        "",
+        table.to_markdown(index=False),
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def _plot(table: pd.DataFrame, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mop = table[table.how.str.startswith("MOP")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, group in mop.groupby("workload"):
+        axes[0].plot(group.workers, group.speedup, "o-", label=name)
+        axes[1].plot(group.workers, group.busy, "o-", label=name)
+    top = max(mop.workers.max(), 2)
+    axes[0].plot([1, top], [1, top], "k--", lw=0.8, label="ideal")
+    axes[0].set(xlabel="workers", ylabel="speedup over sequential", title="MOP speedup")
+    axes[1].axhline(0.95, color="k", ls="--", lw=0.8, label="goal 0.95")
+    axes[1].set(
+        xlabel="workers", ylabel="busy fraction", ylim=(0, 1.05), title="Worker busy fraction"
+    )
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
