@@ -36,6 +36,7 @@ import torch
 
 import cerebro
 from cerebro import training
+from cerebro.backends.allocator import tune_malloc_for_training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
+    # The same allocator settings as MOP's workers, so the baseline is not slowed by malloc.
+    tune_malloc_for_training()
     too_many = [w for w in args.workers if w < 1 or w > cores]
     if too_many:
         parser.error(

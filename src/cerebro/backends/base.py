@@ -98,5 +98,6 @@ class Backend(ABC):
         """Events since the last call, waiting up to ``timeout`` seconds for the first one."""
 
     @abstractmethod
-    def shutdown(self) -> None:
-        """Stop every worker (waiting for state writes in progress)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every worker; graceful waits for units and state writes in progress, otherwise
+        workers are stopped at once (states on disk stay at their last completed hop)."""

@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -21,6 +22,7 @@ import cloudpickle
 import torch
 
 from ..errors import ConfigError, WorkerError
+from .allocator import tune_malloc_for_training
 from .base import Backend, Event, Unit, WorkerInfo
 from .worker import WorkerRuntime
 
@@ -147,12 +149,13 @@ class LocalBackend(Backend):
             self._check_alive()
         return events
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         for conn in self._conns:
             with contextlib.suppress(OSError, ValueError):
                 conn.send(None)
         for process in self._processes:
-            process.join(timeout=30)
+            # Graceful: let the unit in progress finish and its state be written.
+            process.join(timeout=30 if graceful else 1)
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5)
@@ -179,6 +182,9 @@ class _StartFailed:
 
 def _worker_main(config: dict[str, Any], conn: Any, events: Any) -> None:
     """Entry point of a worker process: load shards, then run units until told to stop."""
+    # Ctrl-C reaches the whole process group; the driver alone decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc_for_training()
     try:
         runtime = WorkerRuntime(**config)
     except Exception:

@@ -77,7 +77,7 @@ class RunConfig:
 
 
 class Driver:
-    """Runs one experiment to the end. Create, then call :meth:`run`."""
+    """Runs one experiment: :meth:`prepare`, :meth:`start_workers`, then :meth:`run`."""
 
     def __init__(self, config: RunConfig, backend: Backend, progress: RunProgress) -> None:
         self.config = config
@@ -179,8 +179,10 @@ class Driver:
                 self._loop()
             finally:
                 self.progress.stop()
-        finally:
-            self.backend.shutdown()
+        except BaseException:
+            self.backend.shutdown(graceful=False)
+            raise
+        self.backend.shutdown()
 
     def _loop(self) -> None:
         while True:

@@ -132,7 +132,7 @@ class Experiment:
         try:
             store = RecordStore.create(self.storage_url, self.name, self._record_config())
         except BaseException:
-            self.backend.shutdown()
+            self.backend.shutdown(graceful=False)
             raise
         try:
             driver.run(store)
