@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="tiny workloads, for a smoke test")
+    parser.add_argument(
+        "--workload", choices=sorted(WORKLOADS), nargs="+", default=sorted(WORKLOADS)
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -205,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     workloads = QUICK if args.quick else WORKLOADS
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for w in workloads.values():
+        for w in (workloads[name] for name in sorted(args.workload, reverse=True)):
             dataset = make_dataset(w, root)
             worker_counts = [x for x in args.workers if x <= w.num_shards]
             seq = run_sequential(w, dataset, threads=1)
             rows.append(_row(w, "sequential, 1 thread", 1, seq, seq))
-            if w.name == "scaling":
+            if cores > 1:
                 every = run_sequential(w, dataset, threads=cores)
                 rows.append(_row(w, f"sequential, {cores} threads", 1, every, seq))
             for workers in worker_counts:

@@ -1,0 +1,48 @@
+"""The benchmark scripts keep running (their speed is measured by running them, not here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mop_scaling_quick_runs_and_reports_every_approach(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "mop_scaling.py"),
+            "--quick",
+            "--workers",
+            "1",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for label in ("sequential, 1 thread", "MOP, 1 worker", "MOP, 2 workers"):
+        assert label in done.stdout
+    assert "overhead_per_unit" in done.stdout
+
+
+def test_mop_scaling_refuses_more_workers_than_cores():
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "mop_scaling.py"),
+            "--quick",
+            "--workers",
+            str((os.cpu_count() or 1) + 1),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--workers" in done.stderr and "cores" in done.stderr
