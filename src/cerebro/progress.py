@@ -59,5 +59,5 @@ class RunProgress:
         if self._bar is None:
             return
         best = f"{self.best:.4f} (model {self.best_model})" if self.best is not None else "-"
-        text = f"{completed}/{models} done · {failed} failed · epoch {epoch} · best {best}"
+        text = f"{completed}/{models} done · {failed} failed · epoch {epoch} · {self.metric} {best}"
         self._bar.update(self._task, status=text)
