@@ -60,14 +60,19 @@ def _hop_through_workers(dataset, order, tmp_path):
     return training.load_state(state_path)
 
 
-def test_hops_over_s2_s0_s1_equal_one_process_bit_for_bit(tmp_path):
-    dataset = cerebro.prepare_data(
-        {"x": torch.rand(300, 8, 8).numpy(), "y": torch.randint(0, 10, (300,)).numpy()},
-        tmp_path / "data",
-        num_shards=3,
-        validation=0.1,
-        seed=1,
-    )
+@pytest.fixture
+def three_shards(tmp_path) -> cerebro.Dataset:
+    """300 random 8x8 "images" in 3 training shards (seeded)."""
+    generator = torch.Generator().manual_seed(11)
+    data = {
+        "x": torch.rand(300, 8, 8, generator=generator).numpy(),
+        "y": torch.randint(0, 10, (300,), generator=generator).numpy(),
+    }
+    return cerebro.prepare_data(data, tmp_path / "data", num_shards=3, validation=0.1, seed=1)
+
+
+def test_hops_over_s2_s0_s1_equal_one_process_bit_for_bit(three_shards, tmp_path):
+    dataset = three_shards
     order = [[2, 0, 1], [2, 0, 1]]
     hopped = _hop_through_workers(dataset, order, tmp_path)
 
@@ -83,15 +88,9 @@ def test_hops_over_s2_s0_s1_equal_one_process_bit_for_bit(tmp_path):
     assert not state_equal(hopped["model"], initial.model.state_dict())
 
 
-def test_a_different_order_gives_different_weights(tmp_path):
+def test_a_different_order_gives_different_weights(three_shards):
     """The comparison above can fail: shard order matters to plain SGD."""
-    dataset = cerebro.prepare_data(
-        {"x": torch.rand(300, 8, 8).numpy(), "y": torch.randint(0, 10, (300,)).numpy()},
-        tmp_path / "data",
-        num_shards=3,
-        validation=0.1,
-        seed=1,
-    )
+    dataset = three_shards
     shards = [dataset.load_shard("train", s) for s in range(3)]
     a = training.train_in_process(builders.mlp, PARAMS, shards, [[2, 0, 1]], SEED, MODEL_ID)
     b = training.train_in_process(builders.mlp, PARAMS, shards, [[0, 1, 2]], SEED, MODEL_ID)
