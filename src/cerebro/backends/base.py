@@ -29,6 +29,7 @@ class Unit:
     version: int
     shuffle_seed: int = 0
     end_of_epoch: bool = False
+    rng_seed: int | None = None  # deterministic mode: seed torch with it instead of the carried RNG
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,16 @@ class Backend(ABC):
 
     @abstractmethod
     def start(
-        self, dataset_path: str, placement: dict[int, frozenset[int]], build: Callable[..., Any]
+        self,
+        dataset_path: str,
+        placement: dict[int, frozenset[int]],
+        build: Callable[..., Any],
+        deterministic: bool = False,
     ) -> list[WorkerInfo]:
-        """Start the workers; worker ``w`` loads the shards ``placement[w]`` and keeps them."""
+        """Start the workers; worker ``w`` loads the shards ``placement[w]`` and keeps them.
+
+        ``deterministic``: workers must compute bit-identical results whatever their number
+        (fixed thread counts, deterministic algorithms)."""
 
     @abstractmethod
     def submit(self, unit: Unit) -> None:

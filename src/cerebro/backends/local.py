@@ -41,7 +41,8 @@ class LocalBackend(Backend):
         devices: torch devices to pin workers to, round-robin (e.g. ``["cuda:0", "cuda:1"]``).
             Default: CPU.
         threads_per_worker: torch threads in each worker. Default: the machine's cores divided
-            evenly between workers (at least 1).
+            evenly between workers (at least 1); 1 in deterministic experiments, so that results
+            do not depend on the number of workers.
         model_cache_mb: memory each worker may use to keep models built between their hops (MiB;
             weights plus optimizer state), so that a model coming back to the worker that trained
             it last needs no state read. Least recently used models are dropped first.
@@ -69,6 +70,7 @@ class LocalBackend(Backend):
             raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+        self._fixed_threads = threads_per_worker or 1
         self.model_cache_mb = model_cache_mb
         self._processes: list[Any] = []
         self._conns: list[Any] = []
@@ -88,7 +90,11 @@ class LocalBackend(Backend):
             )
 
     def start(
-        self, dataset_path: str, placement: dict[int, frozenset[int]], build: Callable[..., Any]
+        self,
+        dataset_path: str,
+        placement: dict[int, frozenset[int]],
+        build: Callable[..., Any],
+        deterministic: bool = False,
     ) -> list[WorkerInfo]:
         ctx = mp.get_context("spawn")
         self._events = ctx.Queue()
@@ -101,8 +107,10 @@ class LocalBackend(Backend):
                 "shards": placement[worker_id],
                 "device": self.devices[worker_id % len(self.devices)],
                 "build": payload,
-                "threads": self.threads_per_worker,
+                # Results depend on intra-op thread counts: deterministic runs use a fixed one.
+                "threads": self.threads_per_worker if not deterministic else self._fixed_threads,
                 "model_cache_mb": self.model_cache_mb,
+                "deterministic": deterministic,
             }
             process = ctx.Process(
                 target=_worker_main,

@@ -54,9 +54,12 @@ class WorkerRuntime:
         build: bytes,
         threads: int | None,
         model_cache_mb: int,
+        deterministic: bool = False,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.build = cloudpickle.loads(build)
@@ -85,7 +88,10 @@ class WorkerRuntime:
             entry = self._bring_in(unit)
             load_s = time.time() - received
             if unit.kind == "train":
-                training.set_rng({**entry.rng, "counters": entry.counters}, self.device)
+                if unit.rng_seed is not None:
+                    torch.manual_seed(unit.rng_seed)  # CPU and every CUDA device
+                else:
+                    training.set_rng({**entry.rng, "counters": entry.counters}, self.device)
                 start = time.time()
                 stats = training.run_train_hop(
                     entry.spec,

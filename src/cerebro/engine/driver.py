@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import training
@@ -21,6 +22,7 @@ from ..data import Dataset
 from ..errors import ConfigError
 from ..progress import RunProgress
 from ..search import Search, Trial
+from ..seeding import derive_seed
 from ..spec import ModelSpec
 from ..store import RecordStore
 from .result import state_path
@@ -32,16 +34,24 @@ _CPU = torch.device("cpu")
 
 @dataclass
 class _Split:
-    rows: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
+    """Row-weighted sums of one split in one epoch, kept per shard."""
 
-    def add(self, rows: int, sums: dict[str, float]) -> None:
-        self.rows += rows
-        for k, v in sums.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    by_shard: dict[int, tuple[int, dict[str, float]]] = field(default_factory=dict)
+
+    def add(self, shard: int, rows: int, sums: dict[str, float]) -> None:
+        self.by_shard[shard] = (rows, sums)
 
     def means(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}_{k}": v / self.rows for k, v in self.sums.items()} if self.rows else {}
+        # Added in shard order, not arrival order, so that float64 rounding, and so the
+        # reported metrics, do not depend on which worker finished first.
+        rows = sum(r for r, _ in self.by_shard.values())
+        if not rows:
+            return {}
+        totals: dict[str, float] = {}
+        for shard in sorted(self.by_shard):
+            for name, value in self.by_shard[shard][1].items():
+                totals[name] = totals.get(name, 0.0) + value
+        return {f"{prefix}_{name}": value / rows for name, value in totals.items()}
 
 
 @dataclass
@@ -52,7 +62,7 @@ class _Model:
     status: str = "running"
     epoch: int = 0
     phase: str = "train"
-    remaining: set[int] = field(default_factory=set)
+    remaining: list[int] = field(default_factory=list)  # shards left in this phase, in order
     busy: bool = False
     version: int = 0
     last_worker: int | None = None
@@ -74,6 +84,7 @@ class RunConfig:
     mode: str
     seed: int
     checkpoint_dir: str
+    deterministic: bool = False
 
 
 class Driver:
@@ -145,7 +156,7 @@ class Driver:
             model.status = "failed"
             self.store.add_model(model.model_id, model.params, "failed", error)
             return
-        model.remaining = set(self.train_shards)
+        model.remaining = self._train_order(model)
         self.store.add_model(model.model_id, model.params, "running", None)
 
     def _add_models(self, built: list[tuple[_Model, dict[str, Any] | None, str | None]]) -> int:
@@ -166,7 +177,7 @@ class Driver:
         """Start the backend's workers, each loading its shards (nothing is recorded yet)."""
         placement = place_shards(self.config.dataset.num_shards, self.backend.num_workers)
         self.workers: list[WorkerInfo] = self.backend.start(
-            self.config.dataset.path, placement, self.config.build
+            self.config.dataset.path, placement, self.config.build, self.config.deterministic
         )
 
     def run(self, store: RecordStore) -> None:
@@ -213,9 +224,23 @@ class Driver:
             later = (self.config.epochs - m.epoch - 1) * per_epoch
             this = len(m.remaining) + (len(self.val_shards) if m.phase == "train" else 0)
             slots.append(
-                ModelSlot(m.model_id, frozenset(m.remaining), m.busy, later + this, m.last_worker)
+                ModelSlot(m.model_id, self._eligible(m), m.busy, later + this, m.last_worker)
             )
         return slots
+
+    def _train_order(self, model: _Model) -> list[int]:
+        """The shards of the model's next epoch. Deterministic mode fixes their order by
+        (seed, model, epoch); free mode lets the scheduler take them in any order."""
+        shards = sorted(self.train_shards)
+        if not self.config.deterministic:
+            return shards
+        seed = derive_seed(self.config.seed, "shard-order", model.model_id, model.epoch)
+        return [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
+
+    def _eligible(self, model: _Model) -> frozenset[int]:
+        if self.config.deterministic and model.phase == "train" and model.remaining:
+            return frozenset(model.remaining[:1])
+        return frozenset(model.remaining)
 
     def _worker_slots(self) -> list[WorkerSlot]:
         return [
@@ -225,7 +250,7 @@ class Driver:
 
     def _submit(self, model_id: int, worker_id: int, shard: int) -> None:
         model = self.models[model_id]
-        model.remaining.discard(shard)
+        model.remaining.remove(shard)
         model.busy = True
         self.busy_workers.add(worker_id)
         unit = Unit(
@@ -240,6 +265,11 @@ class Driver:
             version=model.version,
             shuffle_seed=training.shuffle_seed(self.config.seed, model_id, model.epoch, shard),
             end_of_epoch=model.phase == "train" and not model.remaining,
+            rng_seed=(
+                derive_seed(self.config.seed, "hop-rng", model_id, model.epoch, shard)
+                if self.config.deterministic
+                else None
+            ),
         )
         self._next_unit += 1
         self.in_flight[unit.unit_id] = unit
@@ -272,7 +302,7 @@ class Driver:
                 metrics={k: v / event.rows for k, v in event.sums.items()} if event.rows else {},
             )
             split = model.train if unit.kind == "train" else model.val
-            split.add(event.rows, event.sums)
+            split.add(unit.shard, event.rows, event.sums)
             if unit.kind == "eval":
                 self.in_flight.pop(unit.unit_id)
                 self._unit_finished(model, unit)
@@ -294,7 +324,7 @@ class Driver:
             return
         if model.phase == "train" and self.val_shards:
             model.phase = "eval"
-            model.remaining = set(self.val_shards)
+            model.remaining = sorted(self.val_shards)
         else:
             self._finish_epoch(model)
 
@@ -310,13 +340,13 @@ class Driver:
             return
         model.epoch += 1
         model.phase = "train"
-        model.remaining = set(self.train_shards)
+        model.remaining = self._train_order(model)
 
     def _fail(self, model: _Model, error: str) -> None:
         """Mark a model failed; its last saved state stays on disk, the others go on."""
         model.status = "failed"
         model.busy = False
-        model.remaining = set()
+        model.remaining = []
         self.store.set_model_status(model.model_id, "failed", error)
         self._update_total()
 

@@ -35,6 +35,10 @@ class Experiment:
         path: folder for the records (``cerebro.db``) and checkpoints.
         seed: seeds initialization and the row order of every hop.
         progress: show a live progress bar.
+        deterministic: fix each model's shard order per epoch and seed all randomness per
+            (model, epoch, shard), so that final weights and metrics are bit-identical on CPU
+            whatever the number of workers and the timing. Free mode (the default) lets a model
+            take whichever of its remaining shards a worker frees up first.
         overwrite: replace records of an earlier experiment at ``path``.
 
     Example:
@@ -60,6 +64,7 @@ class Experiment:
         progress: bool = True,
         overwrite: bool = False,
         name: str | None = None,
+        deterministic: bool = False,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -85,6 +90,8 @@ class Experiment:
             )
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError("seed", seed, "an integer")
+        if not isinstance(deterministic, bool):
+            raise ConfigError("deterministic", deterministic, "True or False")
         if backend is None:
             backend = LocalBackend(workers=min(2, dataset.num_shards))
         if not isinstance(backend, Backend):
@@ -104,6 +111,7 @@ class Experiment:
         self.progress = progress
         self.overwrite = overwrite
         self.name = name or os.path.basename(os.path.normpath(self.path))
+        self.deterministic = deterministic
 
     @property
     def checkpoint_dir(self) -> str:
@@ -125,6 +133,7 @@ class Experiment:
             mode=self.mode,
             seed=self.seed,
             checkpoint_dir=self.checkpoint_dir,
+            deterministic=self.deterministic,
         )
         driver = Driver(config, self.backend, RunProgress(self.progress, self.metric, self.mode))
         driver.prepare()  # raises ConfigError before anything is written
@@ -167,5 +176,6 @@ class Experiment:
             "metric": self.metric,
             "mode": self.mode,
             "seed": self.seed,
+            "deterministic": self.deterministic,
             "backend": repr(self.backend),
         }
