@@ -133,7 +133,9 @@ def run_sequential(w: Workload, dataset: cerebro.Dataset, threads: int) -> dict[
     return {"makespan_s": elapsed, "span_s": elapsed, "busy": compute / elapsed}
 
 
-def run_mop(w: Workload, dataset: cerebro.Dataset, workers: int, root: str) -> dict[str, Any]:
+def run_mop(
+    w: Workload, dataset: cerebro.Dataset, workers: int, root: str, deterministic: bool = False
+) -> dict[str, Any]:
     search = cerebro.GridSearch({"cfg": cerebro.choice(list(range(w.num_models)))})
     configs = configurations(w)
     started = time.perf_counter()
@@ -145,8 +147,9 @@ def run_mop(w: Workload, dataset: cerebro.Dataset, workers: int, root: str) -> d
         metric="val_loss",
         mode="min",
         backend=cerebro.LocalBackend(workers=workers, threads_per_worker=1),
-        path=os.path.join(root, f"{w.name}-mop-{workers}"),
+        path=os.path.join(root, f"{w.name}-mop-{workers}{'-det' * deterministic}"),
         progress=False,
+        deterministic=deterministic,
     ).run()
     makespan = time.perf_counter() - started
     failed = [m for m in result.models if m.status != "completed"]
@@ -217,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                 every = run_sequential(w, dataset, threads=cores)
                 rows.append(_row(w, f"sequential, {cores} threads", 1, every, seq))
             for workers in worker_counts:
+                label = f"MOP, {workers} worker{'s' * (workers > 1)}"
                 mop = run_mop(w, dataset, workers, root)
-                rows.append(
-                    _row(w, f"MOP, {workers} worker{'s' * (workers > 1)}", workers, mop, seq)
-                )
+                rows.append(_row(w, label, workers, mop, seq))
+                if w.name == "scaling" and workers > 1:
+                    det = run_mop(w, dataset, workers, root, deterministic=True)
+                    rows.append(_row(w, label + ", deterministic", workers, det, seq))
             print(pd.DataFrame(rows).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     if not args.quick:
@@ -292,7 +297,7 @@ def _plot(table: pd.DataFrame, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mop = table[table.how.str.startswith("MOP")]
+    mop = table[table.how.str.startswith("MOP") & ~table.how.str.endswith("deterministic")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, group in mop.groupby("workload"):
         axes[0].plot(group.workers, group.speedup, "o-", label=name)

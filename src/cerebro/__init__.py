@@ -21,7 +21,7 @@ Example:
 from . import metrics
 from .backends import Backend, LocalBackend
 from .data import Dataset, prepare_data
-from .engine import Experiment, ModelRecord, Result
+from .engine import Experiment, ModelRecord, Result, load
 from .errors import CerebroError, ConfigError, ModelFailed, WorkerError
 from .search import GridSearch, RandomSearch, Search
 from .space import choice, loguniform, quniform, randint, uniform
@@ -45,6 +45,7 @@ __all__ = [
     "Search",
     "WorkerError",
     "choice",
+    "load",
     "loguniform",
     "metrics",
     "prepare_data",

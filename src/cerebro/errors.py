@@ -42,6 +42,22 @@ class ModelFailed(CerebroError, RuntimeError):
     """Raised inside a unit when a model cannot go on (e.g. its loss is not finite)."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (driver errors span many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def shown_url(url: str) -> str:
+    """A database URL safe to print: the password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return url
+
+
 def _short_repr(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

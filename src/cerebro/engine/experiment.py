@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import cloudpickle
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..backends import Backend, LocalBackend
 from ..data import Dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line, shown_url
 from ..progress import RunProgress
 from ..search import Search
 from ..spec import ModelSpec
-from ..store import RecordStore, sqlite_url
+from ..store import RecordStore, normalize_url, open_engine, sqlite_url
 from .driver import Driver, RunConfig
-from .result import Result
+from .result import BUILD_FILE, Result
 
 
 class Experiment:
@@ -39,7 +44,11 @@ class Experiment:
             (model, epoch, shard), so that final weights and metrics are bit-identical on CPU
             whatever the number of workers and the timing. Free mode (the default) lets a model
             take whichever of its remaining shards a worker frees up first.
-        overwrite: replace records of an earlier experiment at ``path``.
+        overwrite: replace records of an earlier experiment at ``path`` (or of the same name in
+            ``storage``).
+        storage: a SQLAlchemy database URL for the records, e.g.
+            ``"postgresql://user:password@host/db"`` (needs ``pip install cerebro[postgres]``).
+            Default: the SQLite file ``<path>/cerebro.db``. Checkpoints stay under ``path``.
 
     Example:
         >>> exp = cerebro.Experiment(build, dataset=ds, search=cerebro.GridSearch(space),
@@ -65,6 +74,7 @@ class Experiment:
         overwrite: bool = False,
         name: str | None = None,
         deterministic: bool = False,
+        storage: str | None = None,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -112,6 +122,8 @@ class Experiment:
         self.overwrite = overwrite
         self.name = name or os.path.basename(os.path.normpath(self.path))
         self.deterministic = deterministic
+        self._storage_given = storage
+        self.storage = normalize_url(storage) if storage is not None else None
 
     @property
     def checkpoint_dir(self) -> str:
@@ -119,7 +131,7 @@ class Experiment:
 
     @property
     def storage_url(self) -> str:
-        return sqlite_url(self.path)
+        return self.storage if self.storage is not None else sqlite_url(self.path)
 
     def run(self) -> Result:
         """Train every model; returns the :class:`Result` (also kept in the records at ``path``)."""
@@ -152,20 +164,47 @@ class Experiment:
         return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
 
     def _claim_path(self) -> None:
-        db = os.path.join(self.path, "cerebro.db")
-        if os.path.exists(db) and RecordStore.existing_experiments(self.storage_url):
-            if not self.overwrite:
-                raise ConfigError(
-                    "path",
-                    self.path,
-                    "a folder that holds no earlier experiment",
-                    hint="choose a new path, or pass overwrite=True to delete the old records",
-                )
-            for name in ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm"):
-                if os.path.exists(os.path.join(self.path, name)):
-                    os.remove(os.path.join(self.path, name))
+        """Refuse a path (or name, in a shared database) that holds an earlier experiment."""
+        earlier = self._earlier_experiments()
+        if earlier and not self.overwrite:
+            argument, value = ("storage", self._shown_url) if self.storage else ("path", self.path)
+            raise ConfigError(
+                argument,
+                value,
+                f"a place that holds no earlier experiment named {self.name!r}",
+                hint="choose a new path or name, or pass overwrite=True to delete the old records",
+            )
+        if earlier:
+            if self.storage is None:
+                for name in ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm"):
+                    if os.path.exists(os.path.join(self.path, name)):
+                        os.remove(os.path.join(self.path, name))
+            else:
+                with closing_engine(self.storage_url) as engine:
+                    for row in earlier:
+                        RecordStore.delete_experiment(engine, row["id"])
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         os.makedirs(self.path, exist_ok=True)
+        # Kept beside the records so that cerebro.load(path).load_model() works anywhere.
+        _write_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
+
+    def _earlier_experiments(self) -> list[dict[str, Any]]:
+        if self.storage is None and not os.path.exists(os.path.join(self.path, "cerebro.db")):
+            return []
+        try:
+            with closing_engine(self.storage_url) as engine:
+                rows = RecordStore.list_experiments(engine)
+        except SQLAlchemyError as e:
+            raise ConfigError(
+                "storage", self._shown_url, "a reachable database URL", hint=first_line(e)
+            ) from e
+        if self.storage is None:
+            return rows
+        return [r for r in rows if r["name"] == self.name]
+
+    @property
+    def _shown_url(self) -> str:
+        return shown_url(self._storage_given or self.storage_url)
 
     def _record_config(self) -> dict[str, Any]:
         return {
@@ -177,5 +216,23 @@ class Experiment:
             "mode": self.mode,
             "seed": self.seed,
             "deterministic": self.deterministic,
+            "path": os.path.abspath(self.path),
+            "checkpoint_dir": os.path.abspath(self.checkpoint_dir),
             "backend": repr(self.backend),
         }
+
+
+@contextlib.contextmanager
+def closing_engine(url: str) -> Iterator[Engine]:
+    engine = open_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _write_atomically(path: str, payload: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)

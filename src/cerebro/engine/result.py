@@ -8,12 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import cloudpickle
 import pandas as pd
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 
 from .. import training
-from ..errors import ConfigError
-from ..store import RecordStore
+from ..errors import ConfigError, first_line, shown_url
+from ..store import RecordStore, normalize_url, open_engine, sqlite_url
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,11 @@ class Result:
         self.checkpoint_dir = checkpoint_dir
         self._build = build
         self._store = store
+        records = store.snapshot()
+        self.experiment: dict[str, Any] = records.experiment
+        """The experiment's record: name, status ("running", "completed", "interrupted"), config."""
         epochs_by_model: dict[int, list[dict[str, float]]] = {}
-        for row in store.epochs():
+        for row in records.epochs:
             epochs_by_model.setdefault(row["model_id"], []).append(
                 {"epoch": row["epoch"], **row["metrics"]}
             )
@@ -74,9 +79,9 @@ class Result:
                 history=epochs_by_model.get(row["model_id"], []),
                 error=row["error"],
             )
-            for row in store.models()
+            for row in records.models
         ]
-        self.hops: pd.DataFrame = store.hops_frame()
+        self.hops: pd.DataFrame = records.hops
         """Every unit run: model_id, epoch, kind ("train"/"eval"), shard, worker, start, end
         (seconds since the experiment started), rows, load_s, save_s, metrics."""
 
@@ -162,3 +167,50 @@ def _last_metrics(history: list[dict[str, float]]) -> dict[str, float]:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+BUILD_FILE = "build.pkl"
+
+
+def load(path_or_url: str | os.PathLike, experiment: str | int | None = None) -> Result:
+    """The records of an experiment, finished or still running, from any process.
+
+    Args:
+        path_or_url: the experiment's ``path`` (its folder holds ``cerebro.db``) or the
+            SQLAlchemy URL of its database.
+        experiment: name or id of the experiment in that database (default: the newest).
+
+    Example:
+        >>> result = cerebro.load("runs/demo")            # doctest: +SKIP
+        >>> result.history.tail()                          # doctest: +SKIP
+        >>> model = result.load_model()                    # doctest: +SKIP
+    """
+    text = os.fspath(path_or_url)
+    if "://" in text:
+        url = normalize_url(text)
+    elif os.path.isfile(os.path.join(text, "cerebro.db")):
+        url = sqlite_url(text)
+    else:
+        raise ConfigError(
+            "path_or_url", text, "an experiment folder holding cerebro.db, or a database URL"
+        )
+    try:
+        engine = open_engine(url, create=False)
+        rows = RecordStore.list_experiments(engine)
+    except SQLAlchemyError as e:
+        raise ConfigError(
+            "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
+        ) from e
+    if experiment is not None:
+        rows = [r for r in rows if experiment in (r["id"], r["name"])]
+    if not rows:
+        raise ConfigError("experiment", experiment, "an experiment recorded in that database")
+    row = max(rows, key=lambda r: r["id"])
+    config = row["config"]
+    build = None
+    build_path = os.path.join(config.get("path", ""), BUILD_FILE)
+    if os.path.isfile(build_path):
+        with open(build_path, "rb") as f:
+            build = cloudpickle.load(f)
+    store = RecordStore(engine, row["id"])
+    return Result(store, config["metric"], config["mode"], config["checkpoint_dir"], build)

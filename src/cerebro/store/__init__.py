@@ -1,5 +1,5 @@
 """Experiment records (SQLAlchemy) and model checkpoints."""
 
-from .records import RecordStore, open_engine, sqlite_url
+from .records import RecordStore, normalize_url, open_engine, sqlite_url
 
-__all__ = ["RecordStore", "open_engine", "sqlite_url"]
+__all__ = ["RecordStore", "normalize_url", "open_engine", "sqlite_url"]

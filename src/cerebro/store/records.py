@@ -7,9 +7,11 @@ metrics). Search decisions and results are derived from these rows.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -23,12 +25,16 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     insert,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ..errors import ConfigError, shown_url
 
 metadata = MetaData()
 
@@ -83,26 +89,76 @@ hops = Table(
 )
 
 MODEL_STATUSES = ("pending", "running", "completed", "failed")
+HOP_COLUMNS = [
+    "model_id",
+    "epoch",
+    "kind",
+    "shard",
+    "worker",
+    "start",
+    "end",
+    "rows",
+    "load_s",
+    "save_s",
+    "metrics",
+]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All records of one experiment at one moment."""
+
+    experiment: dict[str, Any]
+    models: list[dict[str, Any]]
+    epochs: list[dict[str, Any]]
+    hops: pd.DataFrame
 
 
 def sqlite_url(path: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(path, "cerebro.db"))
 
 
-def open_engine(url: str) -> Engine:
-    """A SQLAlchemy engine; SQLite files use WAL so readers never block the run."""
+def normalize_url(url: str) -> str:
+    """Check a storage URL; plain ``postgresql://`` uses psycopg 3 when psycopg2 is absent."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, TypeError) as e:
+        raise ConfigError(
+            "storage", shown_url(url), "a SQLAlchemy URL such as 'postgresql://user:pw@host/db'"
+        ) from e
+    psycopg3_only = importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec(
+        "psycopg"
+    )
+    if parsed.drivername == "postgresql" and psycopg3_only:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def open_engine(url: str, create: bool = True) -> Engine:
+    """A SQLAlchemy engine; SQLite files use WAL so readers never block the run.
+
+    ``create`` makes missing tables (a writer's job; readers pass False).
+    """
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+            # pysqlite opens no transaction for SELECTs; take control so that a read
+            # transaction is one consistent snapshot (SQLAlchemy's documented recipe).
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
-    metadata.create_all(engine)
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+    if create:
+        metadata.create_all(engine)
     return engine
 
 
@@ -130,11 +186,18 @@ class RecordStore:
         return cls(engine, experiment_id)
 
     @staticmethod
-    def existing_experiments(url: str) -> list[dict[str, Any]]:
-        engine = open_engine(url)
-        with engine.connect() as conn:
-            rows = conn.execute(select(experiments)).mappings().all()
-        engine.dispose()
+    def delete_experiment(engine: Engine, experiment_id: int) -> None:
+        """Remove one experiment and all of its records."""
+        with engine.begin() as conn:
+            for table in (hops, epochs, models):
+                conn.execute(delete(table).where(table.c.experiment_id == experiment_id))
+            conn.execute(delete(experiments).where(experiments.c.id == experiment_id))
+
+    @staticmethod
+    def list_experiments(engine: Engine) -> list[dict[str, Any]]:
+        """Every experiment recorded in a database, oldest first."""
+        with engine.begin() as conn:
+            rows = conn.execute(select(experiments).order_by(experiments.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
     def set_experiment_status(self, status: str) -> None:
@@ -202,18 +265,16 @@ class RecordStore:
 
     # Reading ---------------------------------------------------------------------------------
 
-    def experiment(self) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            row = (
+    def snapshot(self) -> Snapshot:
+        """Every record of this experiment, read in one transaction: a consistent view even
+        while the run goes on writing."""
+        with self.engine.begin() as conn:
+            experiment = (
                 conn.execute(select(experiments).where(experiments.c.id == self.experiment_id))
                 .mappings()
                 .one()
             )
-        return dict(row)
-
-    def models(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = (
+            model_rows = (
                 conn.execute(
                     select(models)
                     .where(models.c.experiment_id == self.experiment_id)
@@ -222,11 +283,7 @@ class RecordStore:
                 .mappings()
                 .all()
             )
-        return [dict(r) for r in rows]
-
-    def epochs(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = (
+            epoch_rows = (
                 conn.execute(
                     select(epochs)
                     .where(epochs.c.experiment_id == self.experiment_id)
@@ -235,33 +292,26 @@ class RecordStore:
                 .mappings()
                 .all()
             )
-        return [dict(r) for r in rows]
-
-    def hops_frame(self) -> pd.DataFrame:
-        columns = [
-            "model_id",
-            "epoch",
-            "kind",
-            "shard",
-            "worker",
-            "start",
-            "end",
-            "rows",
-            "load_s",
-            "save_s",
-            "metrics",
-        ]
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(*(hops.c[c] for c in columns))
+            hop_rows = conn.execute(
+                select(*(hops.c[c] for c in HOP_COLUMNS))
                 .where(hops.c.experiment_id == self.experiment_id)
                 .order_by(hops.c.id)
             ).all()
-        frame = pd.DataFrame(rows, columns=columns)
-        created = self.experiment()["created"]
-        frame["start"] = frame["start"] - created
-        frame["end"] = frame["end"] - created
-        return frame
+        frame = pd.DataFrame(hop_rows, columns=HOP_COLUMNS)
+        frame["start"] = frame["start"] - experiment["created"]
+        frame["end"] = frame["end"] - experiment["created"]
+        return Snapshot(
+            experiment=dict(experiment),
+            models=[dict(r) for r in model_rows],
+            epochs=[dict(r) for r in epoch_rows],
+            hops=frame,
+        )
+
+    def models(self) -> list[dict[str, Any]]:
+        return self.snapshot().models
+
+    def epochs(self) -> list[dict[str, Any]]:
+        return self.snapshot().epochs
 
     def close(self) -> None:
         self.engine.dispose()
