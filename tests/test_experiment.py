@@ -154,20 +154,6 @@ def test_failed_models_are_marked_and_the_others_go_on(digits, tmp_path):
     assert len(healthy) == 2 * (4 + 4)
 
 
-def test_a_path_with_an_earlier_experiment_is_refused(run):
-    exp, _ = run
-    with pytest.raises(cerebro.ConfigError, match="path=.*earlier experiment"):
-        cerebro.Experiment(
-            builders.mlp,
-            exp.dataset,
-            cerebro.GridSearch({"lr": 0.01}),
-            metric="val_accuracy",
-            mode="max",
-            path=exp.path,
-            progress=False,
-        ).run()
-
-
 def test_train_metric_without_validation_split(digits_arrays, tmp_path):
     ds = cerebro.prepare_data(digits_arrays, tmp_path / "d", num_shards=2, validation=0.0)
     result = cerebro.Experiment(

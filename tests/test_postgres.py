@@ -17,7 +17,7 @@ def postgres_url():
         yield url
 
 
-def _run(digits, path, storage=None, name=None):
+def _run(digits, path, storage=None, name=None, seed=3):
     space = {"lr": cerebro.choice([0.003, 0.03]), "width": cerebro.choice([16, 32])}
     return cerebro.Experiment(
         builders.mlp,
@@ -28,7 +28,7 @@ def _run(digits, path, storage=None, name=None):
         mode="max",
         backend=cerebro.LocalBackend(workers=2),
         path=path,
-        seed=3,
+        seed=seed,
         progress=False,
         deterministic=True,
         storage=storage,
@@ -53,9 +53,9 @@ def test_postgres_and_sqlite_give_the_same_records(digits, tmp_path, postgres_ur
     loaded = cerebro.load(postgres_url, experiment="same")
     pd.testing.assert_frame_equal(loaded.history, on_sqlite.history, check_exact=True)
     assert loaded.best.id == on_sqlite.best.id
-    # A second experiment of the same name in the same database is refused, not mixed in.
-    with pytest.raises(cerebro.ConfigError, match="storage=.*earlier experiment named 'same'"):
-        _run(digits, tmp_path / "pg2", storage=postgres_url, name="same")
+    # A different experiment under the same name in the same database is refused, not mixed in.
+    with pytest.raises(cerebro.ConfigError, match=r"storage=.*different one \(seed: "):
+        _run(digits, tmp_path / "pg2", storage=postgres_url, name="same", seed=4)
 
 
 def test_unreachable_storage_fails_fast_without_the_password(digits, tmp_path):

@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError, WorkerError
 from .allocator import tune_malloc_for_training
 from .base import Backend, Event, Unit, WorkerInfo
+from .lifetime import die_with_parent
 from .worker import WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
@@ -192,6 +193,7 @@ def _worker_main(config: dict[str, Any], conn: Any, events: Any) -> None:
     """Entry point of a worker process: load shards, then run units until told to stop."""
     # Ctrl-C reaches the whole process group; the driver alone decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     tune_malloc_for_training()
     try:
         runtime = WorkerRuntime(**config)

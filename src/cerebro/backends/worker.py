@@ -105,7 +105,16 @@ class WorkerRuntime:
                 entry.rng = {"rng": torch.get_rng_state()}
                 if self.device.type == "cuda":
                     entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-                entry.counters = {**entry.counters, "version": entry.version, "epoch": unit.epoch}
+                hop = {
+                    "shard": unit.shard,
+                    "rows": stats.rows,
+                    "sums": dict(stats.sums),
+                    "worker": self.worker_id,
+                    "start": start,
+                    "end": end,
+                    "load_s": load_s,
+                }
+                entry.counters = _progress(entry.counters, unit, hop)
                 snapshot = training.capture_state(entry.spec, entry.counters, self.device)
                 self._evict()  # the optimizer state may have just been created
                 save = self._save_job(unit, snapshot)
@@ -187,3 +196,18 @@ def _nbytes(spec: ModelSpec) -> int:
     for state in spec.optimizer.state.values():
         total += sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor))
     return total
+
+
+def _progress(counters: dict[str, Any], unit: Unit, hop: dict[str, Any]) -> dict[str, Any]:
+    """Counters after a training hop. Besides the version, the state records which shards its
+    current epoch has visited and what each hop measured, so that a resumed driver can rebuild
+    the model's progress from the state file alone (records may lag it by one hop)."""
+    same_epoch = counters.get("epoch") == unit.epoch
+    hops = [*(counters.get("hops", []) if same_epoch else []), hop]
+    return {
+        **counters,
+        "version": unit.version + 1,
+        "epoch": unit.epoch,
+        "visited": [h["shard"] for h in hops],
+        "hops": hops,
+    }

@@ -165,6 +165,70 @@ class Driver:
         self._update_total()
         return len(built)
 
+    def restore(self, store: RecordStore) -> None:
+        """Continue a recorded experiment: rebuild every model from the records and its state
+        file, and correct the records to what the state files hold.
+
+        A model's state file is the truth about its progress: it lists the shards its current
+        epoch has visited and what each of those hops measured. Hop records of shards it has not
+        visited (the run died before their state was written) are deleted, missing ones (the
+        state was written but not yet recorded) are re-inserted, and an interrupted validation
+        pass is run again from the start.
+        """
+        self.store = store
+        records = store.snapshot()
+        history: dict[int, list[dict[str, float]]] = {}
+        for row in records.epochs:
+            history.setdefault(row["model_id"], []).append(
+                {"epoch": row["epoch"], **row["metrics"]}
+            )
+        for row in records.models:
+            model_id = row["model_id"]
+            model = _Model(
+                model_id, dict(row["params"]), state_path(self.config.checkpoint_dir, model_id)
+            )
+            model.status = row["status"]
+            model.history = history.get(model_id, [])
+            self.models[model_id] = model
+            if model.status == "running":
+                self._restore_progress(model, records.hops)
+
+    def _restore_progress(self, model: _Model, hops: Any) -> None:
+        try:
+            counters = training.load_state(model.state_path)["counters"]
+        except Exception:
+            self._fail(model, f"its state file could not be read:\n{traceback.format_exc()}")
+            return
+        done_hops = counters.get("hops", [])
+        model.version = counters["version"]
+        model.epoch = counters["epoch"]
+        epoch_trained = len(done_hops) == len(self.train_shards)
+        if model.version == 0:
+            model.epoch, done_hops, epoch_trained = 0, [], False
+        elif epoch_trained and len(model.history) > model.epoch:
+            model.epoch, done_hops, epoch_trained = model.epoch + 1, [], False  # epoch recorded
+        if model.epoch >= self.config.epochs:
+            model.status = "completed"
+            self.store.set_model_status(model.model_id, "completed")
+            return
+        visited = [h["shard"] for h in done_hops]
+        self.store.delete_hops(model.model_id, model.epoch, keep_train_shards=visited)
+        mine = hops[(hops.model_id == model.model_id) & (hops.epoch == model.epoch)]
+        recorded = set(mine[mine.kind == "train"].shard)
+        for hop in done_hops:
+            model.train.add(hop["shard"], hop["rows"], hop["sums"])
+            if hop["shard"] not in recorded:
+                self._record_hop(model.model_id, model.epoch, "train", hop)
+        model.units_done = len(model.history) * (len(self.train_shards) + len(self.val_shards))
+        model.units_done += len(done_hops)
+        if epoch_trained:
+            model.phase, model.remaining = "eval", sorted(self.val_shards)
+            if not model.remaining:
+                self._finish_epoch(model)
+        else:
+            model.phase = "train"
+            model.remaining = [s for s in self._train_order(model) if s not in visited]
+
     def trials(self) -> list[Trial]:
         return [
             Trial(m.model_id, dict(m.params), m.status, list(m.history))
@@ -288,19 +352,16 @@ class Driver:
                 self.in_flight.pop(unit.unit_id)
                 self._fail(model, f"{unit.kind} unit on shard {unit.shard} failed:\n{event.error}")
                 return
-            self.store.add_hop(
-                model_id=unit.model_id,
-                epoch=unit.epoch,
-                kind=unit.kind,
-                shard=unit.shard,
-                worker=unit.worker_id,
-                start=event.start,
-                end=event.end,
-                rows=event.rows,
-                load_s=event.load_s,
-                save_s=None,
-                metrics={k: v / event.rows for k, v in event.sums.items()} if event.rows else {},
-            )
+            hop = {
+                "shard": unit.shard,
+                "rows": event.rows,
+                "sums": event.sums,
+                "worker": unit.worker_id,
+                "start": event.start,
+                "end": event.end,
+                "load_s": event.load_s,
+            }
+            self._record_hop(unit.model_id, unit.epoch, unit.kind, hop)
             split = model.train if unit.kind == "train" else model.val
             split.add(unit.shard, event.rows, event.sums)
             if unit.kind == "eval":
@@ -316,6 +377,22 @@ class Driver:
             self.store.set_hop_save_time(unit.model_id, unit.epoch, unit.shard, event.save_s)
             model.version = unit.version + 1
             self._unit_finished(model, unit)
+
+    def _record_hop(self, model_id: int, epoch: int, kind: str, hop: dict[str, Any]) -> None:
+        rows = hop["rows"]
+        self.store.add_hop(
+            model_id=model_id,
+            epoch=epoch,
+            kind=kind,
+            shard=hop["shard"],
+            worker=hop["worker"],
+            start=hop["start"],
+            end=hop["end"],
+            rows=rows,
+            load_s=hop["load_s"],
+            save_s=None,
+            metrics={k: v / rows for k, v in hop["sums"].items()} if rows else {},
+        )
 
     def _unit_finished(self, model: _Model, unit: Unit) -> None:
         model.busy = False

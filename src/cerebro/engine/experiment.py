@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -134,47 +135,69 @@ class Experiment:
         return self.storage if self.storage is not None else sqlite_url(self.path)
 
     def run(self) -> Result:
-        """Train every model; returns the :class:`Result` (also kept in the records at ``path``)."""
-        self._claim_path()
-        config = RunConfig(
-            build=self.build,
-            dataset=self.dataset,
-            search=self.search,
-            epochs=self.epochs,
-            metric=self.metric,
-            mode=self.mode,
-            seed=self.seed,
-            checkpoint_dir=self.checkpoint_dir,
-            deterministic=self.deterministic,
-        )
-        driver = Driver(config, self.backend, RunProgress(self.progress, self.metric, self.mode))
-        driver.prepare()  # raises ConfigError before anything is written
-        driver.start_workers()
-        try:
-            store = RecordStore.create(self.storage_url, self.name, self._record_config())
-        except BaseException:
-            self.backend.shutdown(graceful=False)
-            raise
-        try:
-            driver.run(store)
-        except BaseException:
-            store.set_experiment_status("interrupted")
-            raise
-        store.set_experiment_status("completed")
+        """Train every model; returns the :class:`Result` (also kept in the records at ``path``).
+
+        If ``path`` (or ``storage``, by name) already holds this same experiment, the run
+        continues it from its records: completed models are not trained again, and models that
+        were training go on from their last completed hop. In deterministic mode the final
+        results equal those of a run that was never interrupted.
+        """
+        os.makedirs(self.path, exist_ok=True)
+        with self._lock():
+            earlier = self._claim_path()
+            config = RunConfig(
+                build=self.build,
+                dataset=self.dataset,
+                search=self.search,
+                epochs=self.epochs,
+                metric=self.metric,
+                mode=self.mode,
+                seed=self.seed,
+                checkpoint_dir=self.checkpoint_dir,
+                deterministic=self.deterministic,
+            )
+            progress = RunProgress(self.progress, self.metric, self.mode)
+            driver = Driver(config, self.backend, progress)
+            store = None
+            if earlier is not None:
+                store = RecordStore(open_engine(self.storage_url), earlier["id"])
+                driver.restore(store)
+            driver.prepare()  # raises ConfigError before anything new is written
+            driver.start_workers()
+            try:
+                if store is None:
+                    store = RecordStore.create(self.storage_url, self.name, self._record_config())
+                store.set_experiment_status("running")
+            except BaseException:
+                self.backend.shutdown(graceful=False)
+                raise
+            try:
+                driver.run(store)
+            except BaseException:
+                store.set_experiment_status("interrupted")
+                raise
+            store.set_experiment_status("completed")
         return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
 
-    def _claim_path(self) -> None:
-        """Refuse a path (or name, in a shared database) that holds an earlier experiment."""
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One driver per experiment path (released by the OS if this process dies)."""
+        with open(os.path.join(self.path, ".lock"), "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    "path", self.path, "an experiment that no other process is running"
+                ) from None
+            yield
+
+    def _claim_path(self) -> dict[str, Any] | None:
+        """The earlier record of this experiment to continue, or None to start afresh.
+
+        A place holding a different experiment is refused; ``overwrite=True`` deletes it.
+        """
         earlier = self._earlier_experiments()
-        if earlier and not self.overwrite:
-            argument, value = ("storage", self._shown_url) if self.storage else ("path", self.path)
-            raise ConfigError(
-                argument,
-                value,
-                f"a place that holds no earlier experiment named {self.name!r}",
-                hint="choose a new path or name, or pass overwrite=True to delete the old records",
-            )
-        if earlier:
+        if earlier and self.overwrite:
             if self.storage is None:
                 for name in ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm"):
                     if os.path.exists(os.path.join(self.path, name)):
@@ -184,9 +207,29 @@ class Experiment:
                     for row in earlier:
                         RecordStore.delete_experiment(engine, row["id"])
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        os.makedirs(self.path, exist_ok=True)
+            earlier = []
         # Kept beside the records so that cerebro.load(path).load_model() works anywhere.
         _write_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
+        if not earlier:
+            return None
+        previous = earlier[-1]
+        mine = self._record_config()
+        different = {
+            key: (previous["config"].get(key), mine[key])
+            for key in _IDENTITY
+            if previous["config"].get(key) != mine[key]
+        }
+        if different:
+            argument, value = ("storage", self._shown_url) if self.storage else ("path", self.path)
+            shown = ", ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in different.items())
+            raise ConfigError(
+                argument,
+                value,
+                f"a place that holds no other experiment named {self.name!r}",
+                hint=f"it holds a different one ({shown}); choose a new path or name, "
+                "or pass overwrite=True to delete the old records",
+            )
+        return previous
 
     def _earlier_experiments(self) -> list[dict[str, Any]]:
         if self.storage is None and not os.path.exists(os.path.join(self.path, "cerebro.db")):
@@ -210,7 +253,7 @@ class Experiment:
         return {
             "dataset": self.dataset.path,
             "dataset_fingerprint": self.dataset.fingerprint,
-            "search": repr(self.search),
+            "search": self.search.fingerprint(),
             "epochs": self.epochs,
             "metric": self.metric,
             "mode": self.mode,
@@ -229,6 +272,10 @@ def closing_engine(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+# What makes two runs the same experiment (so that the second may continue the first).
+_IDENTITY = ("dataset_fingerprint", "search", "epochs", "metric", "mode", "seed", "deterministic")
 
 
 def _write_atomically(path: str, payload: bytes) -> None:

@@ -7,6 +7,8 @@ from hidden state of its own, so that a resumed experiment decides what an unint
 
 from __future__ import annotations
 
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,10 @@ class Search(ABC):
     def is_finished(self, trials: Sequence[Trial]) -> bool:
         """True when this search will never propose another configuration."""
 
+    def fingerprint(self) -> str:
+        """Identifies the search, so that a resumed experiment can check it is the same one."""
+        return repr(self)
+
 
 class FixedSearch(Search):
     """A search whose configurations are all known up front (grid and random search)."""
@@ -46,3 +52,7 @@ class FixedSearch(Search):
 
     def is_finished(self, trials: Sequence[Trial]) -> bool:
         return len(trials) >= len(self.configurations())
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.configurations(), sort_keys=True, default=repr)
+        return f"{type(self).__name__}:" + hashlib.sha256(text.encode()).hexdigest()[:16]

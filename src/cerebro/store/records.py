@@ -249,6 +249,19 @@ class RecordStore:
         with self.engine.begin() as conn:
             conn.execute(insert(hops).values(experiment_id=self.experiment_id, **values))
 
+    def delete_hops(self, model_id: int, epoch: int, keep_train_shards: list[int]) -> None:
+        """Forget a model's hops from ``epoch`` on, except the training hops of those shards."""
+        with self.engine.begin() as conn:
+            mine = (hops.c.experiment_id == self.experiment_id) & (hops.c.model_id == model_id)
+            conn.execute(delete(hops).where(mine, hops.c.epoch > epoch))
+            conn.execute(
+                delete(hops).where(
+                    mine,
+                    hops.c.epoch == epoch,
+                    (hops.c.kind != "train") | hops.c.shard.not_in(keep_train_shards),
+                )
+            )
+
     def set_hop_save_time(self, model_id: int, epoch: int, shard: int, save_s: float) -> None:
         with self.engine.begin() as conn:
             conn.execute(

@@ -1,0 +1,154 @@
+"""Crash and resume: kill the driver with SIGKILL mid-run, run the script again on the same
+path, and get exactly what an uninterrupted run gives (deterministic mode)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import builders
+import pandas as pd
+import pytest
+from conftest import state_equal
+
+import cerebro
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS, EPOCHS = 5, 3
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import builders, cerebro
+if __name__ == "__main__":
+    space = {{"lr": cerebro.loguniform(1e-3, 3e-2), "width": cerebro.randint(16, 64),
+             "dropout": cerebro.uniform(0.0, 0.3)}}
+    cerebro.Experiment(builders.mlp, {data!r}, cerebro.RandomSearch(space, num_models={models}),
+                       epochs={epochs}, metric="val_accuracy", mode="max",
+                       backend=cerebro.LocalBackend(workers=2), path=sys.argv[1], seed=11,
+                       progress=False, deterministic=True).run()
+"""
+
+
+@pytest.fixture
+def script(digits, tmp_path):
+    path = tmp_path / "run.py"
+    path.write_text(SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS))
+    return path
+
+
+def _run(script, path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
+    victim = subprocess.Popen([sys.executable, str(script), str(path)])
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert victim.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() < deadline
+            try:
+                seen = cerebro.load(path)
+            except cerebro.ConfigError:
+                time.sleep(0.05)
+                continue
+            if (seen.hops.kind == "train").sum() >= min_train_hops:
+                break
+            time.sleep(0.02)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    return cerebro.load(path)
+
+
+def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_path, digits):
+    total_train_hops = MODELS * EPOCHS * digits.num_shards
+    uninterrupted = tmp_path / "uninterrupted"
+    _run(script, uninterrupted)
+
+    crashed = tmp_path / "crashed"
+    at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
+    assert at_kill.experiment["status"] == "running"  # it died without saying so
+    unfinished = [m for m in at_kill.models if m.status != "completed"]
+    assert unfinished, "the kill came too late to test anything"
+    finished_at_kill = {m.id for m in at_kill.models if m.status == "completed"}
+    finished_states = {i: os.stat(training_state(crashed, i)).st_mtime_ns for i in finished_at_kill}
+
+    _run(script, crashed)  # the same script again: it continues the experiment
+    resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
+    assert resumed.experiment["status"] == "completed"
+    assert {m.status for m in resumed.models} == {"completed"}
+    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
+    for record in reference.models:
+        assert state_equal(
+            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
+        ), record.id
+    # The records read as if nothing had happened: every shard once per model and epoch.
+    key = ["model_id", "epoch", "kind", "shard"]
+    assert not resumed.hops.duplicated(key).any()
+    pd.testing.assert_frame_equal(
+        resumed.hops[key].sort_values(key, ignore_index=True),
+        reference.hops[key].sort_values(key, ignore_index=True),
+    )
+    # Models that had completed were not trained again.
+    for model_id, mtime in finished_states.items():
+        assert os.stat(training_state(crashed, model_id)).st_mtime_ns == mtime
+
+
+def training_state(path, model_id: int) -> str:
+    from cerebro.engine.result import state_path
+
+    return state_path(os.path.join(path, "checkpoints"), model_id)
+
+
+def _small(digits, path, **overrides):
+    kwargs = dict(
+        build=builders.mlp,
+        dataset=digits,
+        search=cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.03])}),
+        epochs=1,
+        metric="val_accuracy",
+        mode="max",
+        backend=cerebro.LocalBackend(workers=2),
+        path=path,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return cerebro.Experiment(**kwargs)
+
+
+def test_running_a_finished_experiment_again_trains_nothing(digits, tmp_path):
+    first = _small(digits, tmp_path / "run").run()
+    again = _small(digits, tmp_path / "run").run()
+    pd.testing.assert_frame_equal(again.hops, first.hops)
+    pd.testing.assert_frame_equal(again.history, first.history)
+
+
+def test_a_path_holding_a_different_experiment_is_refused(digits, tmp_path):
+    _small(digits, tmp_path / "run").run()
+    with pytest.raises(
+        cerebro.ConfigError, match=r"path=.*different one \(epochs: recorded 1, now 2"
+    ):
+        _small(digits, tmp_path / "run", epochs=2).run()
+    with pytest.raises(cerebro.ConfigError, match=r"different one \(search: "):
+        _small(digits, tmp_path / "run", search=cerebro.GridSearch({"lr": 0.5})).run()
+    # overwrite=True replaces it.
+    replaced = _small(digits, tmp_path / "run", epochs=2, overwrite=True).run()
+    assert set(replaced.history.epoch) == {0, 1}
+
+
+def test_a_second_driver_on_the_same_path_is_refused(digits, tmp_path):
+    import fcntl
+
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(cerebro.ConfigError, match="no other process is running"):
+            _small(digits, tmp_path / "run").run()
