@@ -40,6 +40,15 @@ def flaky(params: dict) -> cerebro.ModelSpec:
     if mode == "nan":
         base = spec.loss
         spec.loss = lambda out, y: base(out, y) * float("nan")
+    elif mode == "exit":  # the worker process dies, as if killed for memory
+        import os
+
+        model = spec.model
+
+        def dying_forward(x):
+            os._exit(3)
+
+        model.forward = dying_forward
     elif mode == "forward":
         model = spec.model
 
@@ -52,3 +61,23 @@ def flaky(params: dict) -> cerebro.ModelSpec:
 
 def not_a_spec(params: dict):
     return torch.nn.Linear(64, 10)
+
+
+class _Slow(torch.nn.Module):
+    """Sleeps in forward so that units last long enough to be interrupted (no numeric effect)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+
+        time.sleep(self.seconds)
+        return x
+
+
+def slow_mlp(params: dict) -> cerebro.ModelSpec:
+    spec = mlp(params)
+    spec.model.insert(0, _Slow(params.get("sleep", 0.01)))
+    return spec

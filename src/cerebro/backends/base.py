@@ -70,7 +70,16 @@ class WorkerInfo:
     bytes_loaded: int
 
 
-Event = UnitDone | StateSaved
+@dataclass(frozen=True)
+class WorkerLost:
+    """A worker died (killed, out of memory); the backend has already started a replacement
+    holding the same shards. Units it was running are lost and must be run again."""
+
+    worker_id: int
+    exitcode: int | None
+
+
+Event = UnitDone | StateSaved | WorkerLost
 
 
 class Backend(ABC):

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError, WorkerError
 from .allocator import tune_malloc_for_training
-from .base import Backend, Event, Unit, WorkerInfo
+from .base import Backend, Event, Unit, WorkerInfo, WorkerLost
 from .lifetime import die_with_parent
 from .worker import WorkerRuntime
 
@@ -76,6 +76,7 @@ class LocalBackend(Backend):
         self._processes: list[Any] = []
         self._conns: list[Any] = []
         self._events: Any = None
+        self._pending: list[Event] = []
 
     @property
     def num_workers(self) -> int:
@@ -98,11 +99,11 @@ class LocalBackend(Backend):
         deterministic: bool = False,
     ) -> list[WorkerInfo]:
         ctx = mp.get_context("spawn")
+        self._ctx = ctx
         self._events = ctx.Queue()
         payload = cloudpickle.dumps(build)
-        for worker_id in range(self.workers):
-            parent, child = ctx.Pipe()
-            config = {
+        self._configs = [
+            {
                 "worker_id": worker_id,
                 "dataset_path": dataset_path,
                 "shards": placement[worker_id],
@@ -113,52 +114,92 @@ class LocalBackend(Backend):
                 "model_cache_mb": self.model_cache_mb,
                 "deterministic": deterministic,
             }
-            process = ctx.Process(
-                target=_worker_main,
-                args=(config, child, self._events),
-                daemon=True,
-                name=f"cerebro-worker-{worker_id}",
-            )
-            process.start()
-            child.close()
-            self._processes.append(process)
-            self._conns.append(parent)
+            for worker_id in range(self.workers)
+        ]
+        self._processes = [None] * self.workers
+        self._conns = [None] * self.workers
+        for worker_id in range(self.workers):
+            self._launch(worker_id)
+        infos, early = self._await_ready(set(range(self.workers)))
+        self._pending = early
+        return [infos[w] for w in sorted(infos)]
+
+    def _launch(self, worker_id: int) -> None:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker_main,
+            args=(self._configs[worker_id], child, self._events),
+            daemon=True,
+            name=f"cerebro-worker-{worker_id}",
+        )
+        process.start()
+        child.close()
+        self._processes[worker_id] = process
+        self._conns[worker_id] = parent
+
+    def _await_ready(self, waiting: set[int]) -> tuple[dict[int, WorkerInfo], list[Event]]:
+        """Wait for the workers in ``waiting`` to load their shards; other events are kept."""
         infos: dict[int, WorkerInfo] = {}
+        others: list[Event] = []
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while len(infos) < self.workers:
+        while len(infos) < len(waiting):
             try:
                 message = self._events.get(timeout=0.5)
             except queue.Empty:
-                try:
-                    self._check_alive()
-                except WorkerError as e:
-                    self.shutdown()
-                    raise WorkerError(f"{e} while starting. {_SPAWN_HINT}") from None
+                for worker_id in waiting - set(infos):
+                    process = self._processes[worker_id]
+                    if not process.is_alive():
+                        self.shutdown(graceful=False)
+                        raise WorkerError(
+                            f"worker {worker_id} (pid {process.pid}) exited with code "
+                            f"{process.exitcode} while starting. {_SPAWN_HINT}"
+                        ) from None
                 if time.monotonic() > deadline:
+                    self.shutdown(graceful=False)
                     raise WorkerError("workers did not start in time") from None
                 continue
             if isinstance(message, _StartFailed):
-                self.shutdown()
+                self.shutdown(graceful=False)
                 raise WorkerError(f"worker {message.worker_id} could not start:\n{message.error}")
-            infos[message.worker_id] = message
-        return [infos[w] for w in sorted(infos)]
+            if isinstance(message, WorkerInfo):
+                infos[message.worker_id] = message
+            else:
+                others.append(message)
+        return infos, others
 
     def submit(self, unit: Unit) -> None:
         self._conns[unit.worker_id].send(unit)
 
     def poll(self, timeout: float) -> list[Event]:
-        events: list[Event] = []
-        try:
-            events.append(self._events.get(timeout=timeout))
-            while True:
-                events.append(self._events.get_nowait())
-        except queue.Empty:
-            pass
+        events: list[Event] = self._pending
+        self._pending = []
         if not events:
-            self._check_alive()
+            with contextlib.suppress(queue.Empty):
+                events.append(self._events.get(timeout=timeout))
+        events += self._drain()
+        for worker_id, process in enumerate(self._processes):
+            if not process.is_alive():
+                events += self._drain()  # what it sent before dying comes first
+                exitcode = process.exitcode
+                self._launch(worker_id)
+                _, others = self._await_ready({worker_id})
+                events += [*others, WorkerLost(worker_id, exitcode)]
         return events
 
+    def _drain(self) -> list[Event]:
+        drained: list[Event] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                drained.append(self._events.get_nowait())
+        return drained
+
+    def pids(self) -> list[int]:
+        """Process ids of the current workers."""
+        return [p.pid for p in self._processes]
+
     def shutdown(self, graceful: bool = True) -> None:
+        self._processes = [p for p in self._processes if p is not None]
+        self._conns = [c for c in self._conns if c is not None]
         for conn in self._conns:
             with contextlib.suppress(OSError, ValueError):
                 conn.send(None)
@@ -171,13 +212,6 @@ class LocalBackend(Backend):
         for conn in self._conns:
             conn.close()
         self._processes, self._conns = [], []
-
-    def _check_alive(self) -> None:
-        for worker_id, process in enumerate(self._processes):
-            if not process.is_alive():
-                raise WorkerError(
-                    f"worker {worker_id} (pid {process.pid}) exited with code {process.exitcode}"
-                )
 
     def __repr__(self) -> str:
         return f"LocalBackend(workers={self.workers}, devices={self.devices})"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import training
-from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo
+from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo, WorkerLost
 from ..data import Dataset
 from ..errors import ConfigError
 from ..progress import RunProgress
@@ -70,6 +70,7 @@ class _Model:
     val: _Split = field(default_factory=_Split)
     history: list[dict[str, float]] = field(default_factory=list)
     units_done: int = 0
+    failures: int = 0  # consecutive units lost with a worker
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RunConfig:
     seed: int
     checkpoint_dir: str
     deterministic: bool = False
+    max_unit_failures: int = 3
 
 
 class Driver:
@@ -101,6 +103,7 @@ class Driver:
         self.val_shards = frozenset(s for s, n in enumerate(val_rows) if n > 0)
         self.models: dict[int, _Model] = {}
         self.in_flight: dict[int, Unit] = {}
+        self._computed: set[int] = set()  # in-flight training units whose UnitDone arrived
         self.busy_workers: set[int] = set()
         self._next_unit = 0
 
@@ -341,7 +344,12 @@ class Driver:
 
     # Events ------------------------------------------------------------------------------------
 
-    def _handle(self, event: UnitDone | StateSaved) -> None:
+    def _handle(self, event: UnitDone | StateSaved | WorkerLost) -> None:
+        if isinstance(event, WorkerLost):
+            self._worker_lost(event)
+            return
+        if event.unit_id not in self.in_flight:
+            return  # a unit already given up with its worker
         unit = self.in_flight[event.unit_id]
         model = self.models[unit.model_id]
         if isinstance(event, UnitDone):
@@ -362,6 +370,8 @@ class Driver:
                 "load_s": event.load_s,
             }
             self._record_hop(unit.model_id, unit.epoch, unit.kind, hop)
+            if unit.kind == "train":
+                self._computed.add(unit.unit_id)
             split = model.train if unit.kind == "train" else model.val
             split.add(unit.shard, event.rows, event.sums)
             if unit.kind == "eval":
@@ -369,6 +379,7 @@ class Driver:
                 self._unit_finished(model, unit)
         else:
             self.in_flight.pop(unit.unit_id)
+            self._computed.discard(unit.unit_id)
             if not event.ok:
                 self._fail(
                     model, f"saving the state after shard {unit.shard} failed:\n{event.error}"
@@ -394,7 +405,51 @@ class Driver:
             metrics={k: v / rows for k, v in hop["sums"].items()} if rows else {},
         )
 
+    def _worker_lost(self, event: WorkerLost) -> None:
+        """Units on a dead worker: count a hop whose state was written, run the others again
+        from the state they started from (the replacement worker holds the same shards)."""
+        self.busy_workers.discard(event.worker_id)
+        lost = [u for u in self.in_flight.values() if u.worker_id == event.worker_id]
+        self.store.add_event(
+            "worker_lost",
+            worker=event.worker_id,
+            exitcode=event.exitcode,
+            units=[
+                {"model": u.model_id, "kind": u.kind, "epoch": u.epoch, "shard": u.shard}
+                for u in lost
+            ],
+        )
+        for unit in lost:
+            self.in_flight.pop(unit.unit_id)
+            computed = unit.unit_id in self._computed
+            self._computed.discard(unit.unit_id)
+            model = self.models[unit.model_id]
+            if unit.kind == "train":
+                counters = training.load_state(model.state_path)["counters"]
+                if counters["version"] == unit.version + 1:  # written before the worker died
+                    if not computed:
+                        hop = counters["hops"][-1]
+                        self._record_hop(unit.model_id, unit.epoch, "train", hop)
+                        model.train.add(hop["shard"], hop["rows"], hop["sums"])
+                    model.version = unit.version + 1
+                    self._unit_finished(model, unit)
+                    continue
+                if computed:  # recorded, but its state was never written: forget it
+                    self.store.delete_hop(unit.model_id, unit.epoch, "train", unit.shard)
+                    model.train.by_shard.pop(unit.shard, None)
+            model.busy = False
+            model.failures += 1
+            if model.failures >= self.config.max_unit_failures:
+                self._fail(
+                    model,
+                    f"{unit.kind} unit on shard {unit.shard} lost its worker "
+                    f"{model.failures} times in a row (last exit code {event.exitcode})",
+                )
+                continue
+            model.remaining.insert(0, unit.shard)  # it is the model's next shard again
+
     def _unit_finished(self, model: _Model, unit: Unit) -> None:
+        model.failures = 0
         model.busy = False
         model.last_worker = unit.worker_id
         if model.status != "running" or model.remaining:

@@ -50,6 +50,9 @@ class Experiment:
         storage: a SQLAlchemy database URL for the records, e.g.
             ``"postgresql://user:password@host/db"`` (needs ``pip install cerebro[postgres]``).
             Default: the SQLite file ``<path>/cerebro.db``. Checkpoints stay under ``path``.
+        max_unit_failures: a model whose unit loses its worker (the process dies, e.g. out of
+            memory) this many times in a row is marked failed; before that the unit runs again
+            from the state it started from, on a replacement worker.
 
     Example:
         >>> exp = cerebro.Experiment(build, dataset=ds, search=cerebro.GridSearch(space),
@@ -76,6 +79,7 @@ class Experiment:
         name: str | None = None,
         deterministic: bool = False,
         storage: str | None = None,
+        max_unit_failures: int = 3,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -101,6 +105,9 @@ class Experiment:
             )
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ConfigError("seed", seed, "an integer")
+        if not isinstance(max_unit_failures, int) or max_unit_failures < 1:
+            raise ConfigError("max_unit_failures", max_unit_failures, "an integer >= 1")
+        self.max_unit_failures = max_unit_failures
         if not isinstance(deterministic, bool):
             raise ConfigError("deterministic", deterministic, "True or False")
         if backend is None:
@@ -155,6 +162,7 @@ class Experiment:
                 seed=self.seed,
                 checkpoint_dir=self.checkpoint_dir,
                 deterministic=self.deterministic,
+                max_unit_failures=self.max_unit_failures,
             )
             progress = RunProgress(self.progress, self.metric, self.mode)
             driver = Driver(config, self.backend, progress)

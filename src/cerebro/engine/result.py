@@ -81,6 +81,8 @@ class Result:
             )
             for row in records.models
         ]
+        self.events: list[dict[str, Any]] = records.events
+        """Run-level events, oldest first: e.g. ``{"kind": "worker_lost", "detail": {...}}``."""
         self.hops: pd.DataFrame = records.hops
         """Every unit run: model_id, epoch, kind ("train"/"eval"), shard, worker, start, end
         (seconds since the experiment started), rows, load_s, save_s, metrics."""

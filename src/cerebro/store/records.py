@@ -88,6 +88,16 @@ hops = Table(
     Column("metrics", JSON, nullable=False),
 )
 
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("experiment_id", Integer, nullable=False, index=True),
+    Column("time", Float, nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("detail", JSON, nullable=False),
+)
+
 MODEL_STATUSES = ("pending", "running", "completed", "failed")
 HOP_COLUMNS = [
     "model_id",
@@ -112,6 +122,7 @@ class Snapshot:
     models: list[dict[str, Any]]
     epochs: list[dict[str, Any]]
     hops: pd.DataFrame
+    events: list[dict[str, Any]]
 
 
 def sqlite_url(path: str) -> str:
@@ -189,7 +200,7 @@ class RecordStore:
     def delete_experiment(engine: Engine, experiment_id: int) -> None:
         """Remove one experiment and all of its records."""
         with engine.begin() as conn:
-            for table in (hops, epochs, models):
+            for table in (hops, epochs, models, events):
                 conn.execute(delete(table).where(table.c.experiment_id == experiment_id))
             conn.execute(delete(experiments).where(experiments.c.id == experiment_id))
 
@@ -249,6 +260,30 @@ class RecordStore:
         with self.engine.begin() as conn:
             conn.execute(insert(hops).values(experiment_id=self.experiment_id, **values))
 
+    def add_event(self, kind: str, **detail: Any) -> None:
+        """Something that happened to the run as a whole (e.g. a worker was lost)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(events).values(
+                    experiment_id=self.experiment_id,
+                    time=time.time(),
+                    kind=kind,
+                    detail=_jsonable(detail),
+                )
+            )
+
+    def delete_hop(self, model_id: int, epoch: int, kind: str, shard: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(hops).where(
+                    hops.c.experiment_id == self.experiment_id,
+                    hops.c.model_id == model_id,
+                    hops.c.epoch == epoch,
+                    hops.c.kind == kind,
+                    hops.c.shard == shard,
+                )
+            )
+
     def delete_hops(self, model_id: int, epoch: int, keep_train_shards: list[int]) -> None:
         """Forget a model's hops from ``epoch`` on, except the training hops of those shards."""
         with self.engine.begin() as conn:
@@ -305,6 +340,15 @@ class RecordStore:
                 .mappings()
                 .all()
             )
+            event_rows = (
+                conn.execute(
+                    select(events.c.time, events.c.kind, events.c.detail)
+                    .where(events.c.experiment_id == self.experiment_id)
+                    .order_by(events.c.id)
+                )
+                .mappings()
+                .all()
+            )
             hop_rows = conn.execute(
                 select(*(hops.c[c] for c in HOP_COLUMNS))
                 .where(hops.c.experiment_id == self.experiment_id)
@@ -318,6 +362,7 @@ class RecordStore:
             models=[dict(r) for r in model_rows],
             epochs=[dict(r) for r in epoch_rows],
             hops=frame,
+            events=[dict(r) for r in event_rows],
         )
 
     def models(self) -> list[dict[str, Any]]:

@@ -1,0 +1,90 @@
+"""A worker process that dies mid-hop is replaced, the interrupted unit runs again from the state
+it started from, and the experiment ends as if nothing had happened (deterministic mode)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import builders
+import pandas as pd
+from conftest import state_equal
+
+import cerebro
+
+
+def _experiment(digits, path, backend, build=builders.slow_mlp, space=None):
+    space = space or {"lr": cerebro.choice([0.003, 0.03]), "dropout": cerebro.choice([0.0, 0.2])}
+    return cerebro.Experiment(
+        build,
+        digits,
+        cerebro.GridSearch(space),
+        epochs=2,
+        metric="val_accuracy",
+        mode="max",
+        backend=backend,
+        path=path,
+        seed=2,
+        progress=False,
+        deterministic=True,
+    )
+
+
+def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path):
+    reference = _experiment(digits, tmp_path / "ref", cerebro.LocalBackend(workers=2)).run()
+
+    backend = cerebro.LocalBackend(workers=2)
+    path = tmp_path / "killed"
+    killed = []
+
+    def kill_one_worker_mid_run():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                hops = cerebro.load(path).hops
+            except cerebro.ConfigError:
+                time.sleep(0.05)
+                continue
+            if (hops.kind == "train").sum() >= 10:
+                pid = backend.pids()[1]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_worker_mid_run)
+    killer.start()
+    result = _experiment(digits, path, backend).run()
+    killer.join()
+
+    assert killed, "the worker was never killed"
+    lost = [e for e in result.events if e["kind"] == "worker_lost"]
+    assert len(lost) == 1 and lost[0]["detail"]["worker"] == 1
+    assert lost[0]["detail"]["units"], "no unit was in flight on the killed worker"
+    assert {m.status for m in result.models} == {"completed"}
+    pd.testing.assert_frame_equal(result.history, reference.history, check_exact=True)
+    for record in reference.models:
+        assert state_equal(
+            result.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
+        )
+    key = ["model_id", "epoch", "kind", "shard"]
+    assert not result.hops.duplicated(key).any()
+    assert len(result.hops) == len(reference.hops)
+
+
+def test_a_unit_that_keeps_killing_its_worker_fails_its_model_only(digits, tmp_path):
+    space = {"fail": cerebro.choice(["none", "exit"])}
+    result = _experiment(
+        digits,
+        tmp_path / "run",
+        cerebro.LocalBackend(workers=2),
+        build=builders.flaky,
+        space=space,
+    ).run()
+    by_mode = {m.params["fail"]: m for m in result.models}
+    assert by_mode["none"].status == "completed"
+    assert by_mode["exit"].status == "failed"
+    assert "lost its worker 3 times in a row" in by_mode["exit"].error
+    assert len([e for e in result.events if e["kind"] == "worker_lost"]) == 3
