@@ -68,7 +68,8 @@ def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
     return cerebro.load(path)
 
 
-def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_path, digits):
+@pytest.mark.parametrize("how", ["same script", "cerebro resume"])
+def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_path, digits, how):
     total_train_hops = MODELS * EPOCHS * digits.num_shards
     uninterrupted = tmp_path / "uninterrupted"
     _run(script, uninterrupted)
@@ -81,7 +82,17 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
     finished_at_kill = {m.id for m in at_kill.models if m.status == "completed"}
     finished_states = {i: os.stat(training_state(crashed, i)).st_mtime_ns for i in finished_at_kill}
 
-    _run(script, crashed)  # the same script again: it continues the experiment
+    if how == "same script":
+        _run(script, crashed)  # the same script again: it continues the experiment
+    else:
+        done = subprocess.run(
+            [sys.executable, "-m", "cerebro.cli", "resume", str(crashed)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "resuming" in done.stdout
     resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
     assert resumed.experiment["status"] == "completed"
     assert {m.status for m in resumed.models} == {"completed"}
@@ -152,3 +163,26 @@ def test_a_second_driver_on_the_same_path_is_refused(digits, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(cerebro.ConfigError, match="no other process is running"):
             _small(digits, tmp_path / "run").run()
+
+
+def test_resume_of_an_interactive_experiment_says_what_to_do(digits, tmp_path):
+    from cerebro.store import RecordStore, open_engine, sqlite_url
+
+    _small(digits, tmp_path / "run").run()
+    # As if it had been started from a notebook: no command was recorded.
+    engine = open_engine(sqlite_url(str(tmp_path / "run")))
+    with engine.begin() as conn:
+        from cerebro.store.records import experiments
+
+        row = conn.execute(experiments.select()).mappings().one()
+        config = {**row["config"], "command": None}
+        conn.execute(experiments.update().values(config=config))
+    assert RecordStore.list_experiments(engine)[0]["config"]["command"] is None
+    done = subprocess.run(
+        [sys.executable, "-m", "cerebro.cli", "resume", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "interactive session" in done.stdout

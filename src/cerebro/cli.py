@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -28,11 +29,42 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=5, help="epochs per model (default 5)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    resume = commands.add_parser(
+        "resume", help="continue an interrupted experiment by rerunning the script that started it"
+    )
+    resume.add_argument("path", help="the experiment's path (the folder holding cerebro.db)")
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "demo":
         return _demo(args, console)
+    if args.command == "resume":
+        return _resume(args.path, console)
     return 2
+
+
+def _resume(path: str, console: Console) -> int:
+    from .engine import load
+
+    try:
+        result = load(path)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    command = result.experiment["config"].get("command")
+    if not command:
+        console.print(
+            f"[red]error:[/red] path={path!r} was started from an interactive session, so there "
+            "is no script to rerun: run the same code again with the same path to continue"
+        )
+        return 2
+    status = result.experiment["status"]
+    unfinished = sum(m.status not in ("completed", "failed") for m in result.models)
+    console.print(
+        f"resuming {result.experiment['name']!r} ({status}, {unfinished} models unfinished): "
+        f"{' '.join(command['argv'])} (in {command['cwd']})"
+    )
+    done = subprocess.run([sys.executable, *command["argv"]], cwd=command["cwd"])
+    return done.returncode
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:

@@ -25,6 +25,7 @@ from ..search import Search, Trial
 from ..seeding import derive_seed
 from ..spec import ModelSpec
 from ..store import RecordStore
+from ..store.tensorboard import TensorBoardLog
 from .result import state_path
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
 
@@ -92,8 +93,15 @@ class RunConfig:
 class Driver:
     """Runs one experiment: :meth:`prepare`, :meth:`start_workers`, then :meth:`run`."""
 
-    def __init__(self, config: RunConfig, backend: Backend, progress: RunProgress) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        backend: Backend,
+        progress: RunProgress,
+        tensorboard: TensorBoardLog | None = None,
+    ) -> None:
         self.config = config
+        self.tensorboard = tensorboard
         self.backend = backend
         self.progress = progress
         self.store: RecordStore | None = None
@@ -260,6 +268,9 @@ class Driver:
         except BaseException:
             self.backend.shutdown(graceful=False)
             raise
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         self.backend.shutdown()
 
     def _loop(self) -> None:
@@ -389,6 +400,11 @@ class Driver:
             model.version = unit.version + 1
             self._unit_finished(model, unit)
 
+    def _log_hparams(self, model: _Model) -> None:
+        if self.tensorboard is not None and model.history:
+            last = {k: v for k, v in model.history[-1].items() if k != "epoch"}
+            self.tensorboard.finish(model.model_id, model.params, last)
+
     def _record_hop(self, model_id: int, epoch: int, kind: str, hop: dict[str, Any]) -> None:
         rows = hop["rows"]
         self.store.add_hop(
@@ -465,10 +481,13 @@ class Driver:
         self.store.add_epoch(model.model_id, model.epoch, metrics)
         model.history.append({"epoch": model.epoch, **metrics})
         self.progress.epoch_done(model.model_id, metrics.get(self.config.metric))
+        if self.tensorboard is not None:
+            self.tensorboard.epoch(model.model_id, model.epoch, metrics)
         model.train, model.val = _Split(), _Split()
         if model.epoch + 1 >= self.config.epochs:
             model.status = "completed"
             self.store.set_model_status(model.model_id, "completed")
+            self._log_hparams(model)
             return
         model.epoch += 1
         model.phase = "train"
@@ -480,6 +499,7 @@ class Driver:
         model.busy = False
         model.remaining = []
         self.store.set_model_status(model.model_id, "failed", error)
+        self._log_hparams(model)
         self._update_total()
 
     # Display -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,8 @@ from ..progress import RunProgress
 from ..search import Search
 from ..spec import ModelSpec
 from ..store import RecordStore, normalize_url, open_engine, sqlite_url
+from ..store.tensorboard import TensorBoardLog
+from ..store.tensorboard import available as tensorboard_available
 from .driver import Driver, RunConfig
 from .result import BUILD_FILE, Result
 
@@ -50,6 +53,8 @@ class Experiment:
         storage: a SQLAlchemy database URL for the records, e.g.
             ``"postgresql://user:password@host/db"`` (needs ``pip install cerebro[postgres]``).
             Default: the SQLite file ``<path>/cerebro.db``. Checkpoints stay under ``path``.
+        tensorboard: write per-model scalars and HParams under ``<path>/tensorboard/``
+            (``tensorboard --logdir <path>/tensorboard``). Default: if the package is installed.
         max_unit_failures: a model whose unit loses its worker (the process dies, e.g. out of
             memory) this many times in a row is marked failed; before that the unit runs again
             from the state it started from, on a replacement worker.
@@ -80,6 +85,7 @@ class Experiment:
         deterministic: bool = False,
         storage: str | None = None,
         max_unit_failures: int = 3,
+        tensorboard: bool | None = None,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -108,6 +114,16 @@ class Experiment:
         if not isinstance(max_unit_failures, int) or max_unit_failures < 1:
             raise ConfigError("max_unit_failures", max_unit_failures, "an integer >= 1")
         self.max_unit_failures = max_unit_failures
+        if tensorboard not in (None, True, False):
+            raise ConfigError("tensorboard", tensorboard, "True, False or None (log if installed)")
+        if tensorboard and not tensorboard_available():
+            raise ConfigError(
+                "tensorboard",
+                True,
+                "the tensorboard package installed",
+                hint="pip install cerebro[tensorboard], or pass tensorboard=False",
+            )
+        self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
         if not isinstance(deterministic, bool):
             raise ConfigError("deterministic", deterministic, "True or False")
         if backend is None:
@@ -165,7 +181,9 @@ class Experiment:
                 max_unit_failures=self.max_unit_failures,
             )
             progress = RunProgress(self.progress, self.metric, self.mode)
-            driver = Driver(config, self.backend, progress)
+            logdir = os.path.join(self.path, "tensorboard")
+            board = TensorBoardLog(logdir) if self.tensorboard else None
+            driver = Driver(config, self.backend, progress, board)
             store = None
             if earlier is not None:
                 store = RecordStore(open_engine(self.storage_url), earlier["id"])
@@ -267,6 +285,7 @@ class Experiment:
             "mode": self.mode,
             "seed": self.seed,
             "deterministic": self.deterministic,
+            "command": _launch_command(),
             "path": os.path.abspath(self.path),
             "checkpoint_dir": os.path.abspath(self.checkpoint_dir),
             "backend": repr(self.backend),
@@ -291,3 +310,17 @@ def _write_atomically(path: str, payload: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(payload)
     os.replace(tmp, path)
+
+
+def _launch_command() -> dict[str, Any] | None:
+    """How this process was started, so that ``cerebro resume`` can start it again (None from
+    an interactive session, which has no script to rerun)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        argv = ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    elif getattr(main, "__file__", None):
+        argv = [os.path.abspath(main.__file__), *sys.argv[1:]]
+    else:
+        return None
+    return {"argv": argv, "cwd": os.getcwd()}

@@ -61,6 +61,7 @@ class Result:
         self.mode = mode
         self.checkpoint_dir = checkpoint_dir
         self._build = build
+        self._build_path: str | None = None  # read on first use by load_model
         self._store = store
         records = store.snapshot()
         self.experiment: dict[str, Any] = records.experiment
@@ -135,15 +136,29 @@ class Result:
                 raise ConfigError("model_id", None, "an explicit id: no model completed")
             model_id = self.best.id
         record = self.model(model_id)
-        if self._build is None:
-            raise ConfigError("build", None, "the experiment's build function to rebuild the model")
+        build = self._build or self._load_build()
         path = state_path(self.checkpoint_dir, record.id)
         if not os.path.exists(path):
             raise ConfigError("model_id", model_id, "a model with a saved state", hint=path)
-        spec = training.build_spec(self._build, record.params, init_seed=None)
+        spec = training.build_spec(build, record.params, init_seed=None)
         spec.model.load_state_dict(training.load_state(path)["model"])
         spec.model.eval()
         return spec.model
+
+    def _load_build(self) -> Callable[[dict[str, Any]], Any]:
+        if not self._build_path or not os.path.isfile(self._build_path):
+            raise ConfigError("build", None, "the experiment's build function to rebuild the model")
+        try:
+            with open(self._build_path, "rb") as f:
+                self._build = cloudpickle.load(f)
+        except Exception as e:
+            raise ConfigError(
+                "build",
+                self._build_path,
+                "a build function this process can load",
+                hint=f"{first_line(e)}; run where the experiment's own modules import",
+            ) from e
+        return self._build
 
     def __repr__(self) -> str:
         counts: dict[str, int] = {}
@@ -209,10 +224,7 @@ def load(path_or_url: str | os.PathLike, experiment: str | int | None = None) ->
         raise ConfigError("experiment", experiment, "an experiment recorded in that database")
     row = max(rows, key=lambda r: r["id"])
     config = row["config"]
-    build = None
-    build_path = os.path.join(config.get("path", ""), BUILD_FILE)
-    if os.path.isfile(build_path):
-        with open(build_path, "rb") as f:
-            build = cloudpickle.load(f)
     store = RecordStore(engine, row["id"])
-    return Result(store, config["metric"], config["mode"], config["checkpoint_dir"], build)
+    result = Result(store, config["metric"], config["mode"], config["checkpoint_dir"], None)
+    result._build_path = os.path.join(config.get("path", ""), BUILD_FILE)
+    return result
