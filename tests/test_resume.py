@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import builders
 import pandas as pd
@@ -186,3 +187,46 @@ def test_resume_of_an_interactive_experiment_says_what_to_do(digits, tmp_path):
     )
     assert done.returncode == 2
     assert "interactive session" in done.stdout
+
+
+@pytest.mark.parametrize("also_break_newest_checkpoint", [False, True])
+def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
+    script, tmp_path, digits, also_break_newest_checkpoint
+):
+    """After a crash, one model's state file is gone (and maybe its newest epoch checkpoint is
+    corrupt): it restarts from the newest checkpoint whose checksum matches, with a warning,
+    and the results still equal an uninterrupted run (deterministic mode)."""
+    total_train_hops = MODELS * EPOCHS * digits.num_shards
+    uninterrupted = tmp_path / "uninterrupted"
+    _run(script, uninterrupted)
+    crashed = tmp_path / "crashed"
+    at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
+    victim = max(
+        (m for m in at_kill.models if m.status != "completed"), key=lambda m: len(m.history)
+    )
+    os.remove(training_state(crashed, victim.id))
+    model_dir = os.path.dirname(training_state(crashed, victim.id))
+    epochs_on_disk = sorted(f for f in os.listdir(model_dir) if f.startswith("epoch-"))
+    if also_break_newest_checkpoint and epochs_on_disk:
+        newest = os.path.join(model_dir, epochs_on_disk[-1])
+        data = bytearray(Path(newest).read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte: only the checksum can tell
+        os.remove(newest)  # (it may be a hard link to another file)
+        Path(newest).write_bytes(bytes(data))
+
+    done = subprocess.run(
+        [sys.executable, str(script), str(crashed)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"model {victim.id}: state file" in done.stderr and "restarts from" in done.stderr
+    resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
+    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
+    for record in reference.models:
+        assert state_equal(
+            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
+        ), record.id
+    recovered = [e for e in resumed.events if e["kind"] == "state_recovered"]
+    assert [e["detail"]["model"] for e in recovered] == [victim.id]
+    if also_break_newest_checkpoint and epochs_on_disk:
+        broken_epoch = int(epochs_on_disk[-1][6:10])
+        assert recovered[0]["detail"]["from_epoch"] < broken_epoch

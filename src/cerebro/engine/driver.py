@@ -8,8 +8,11 @@ are recorded and it starts the next epoch at once (no barrier with other models)
 
 from __future__ import annotations
 
+import os
 import traceback
+import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +22,12 @@ import torch
 from .. import training
 from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo, WorkerLost
 from ..data import Dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..progress import RunProgress
 from ..search import Search, Trial
 from ..seeding import derive_seed
 from ..spec import ModelSpec
-from ..store import RecordStore
+from ..store import RecordStore, checkpoints
 from ..store.tensorboard import TensorBoardLog
 from .result import state_path
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
@@ -88,6 +91,7 @@ class RunConfig:
     checkpoint_dir: str
     deterministic: bool = False
     max_unit_failures: int = 3
+    keep_checkpoints: str | int = "last_and_best"
 
 
 class Driver:
@@ -112,6 +116,9 @@ class Driver:
         self.models: dict[int, _Model] = {}
         self.in_flight: dict[int, Unit] = {}
         self._computed: set[int] = set()  # in-flight training units whose UnitDone arrived
+        # Epoch checkpoints whose checksum is being computed: (model, epoch, path) -> future.
+        self._checksums: dict[tuple[int, int, str], Future[str]] = {}
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerebro-checksum")
         self.busy_workers: set[int] = set()
         self._next_unit = 0
 
@@ -202,14 +209,17 @@ class Driver:
             model.history = history.get(model_id, [])
             self.models[model_id] = model
             if model.status == "running":
-                self._restore_progress(model, records.hops)
+                saved = [c for c in records.checkpoints if c["model_id"] == model_id]
+                self._restore_progress(model, records.hops, saved)
 
-    def _restore_progress(self, model: _Model, hops: Any) -> None:
+    def _restore_progress(self, model: _Model, hops: Any, saved: list[dict[str, Any]]) -> None:
         try:
             counters = training.load_state(model.state_path)["counters"]
-        except Exception:
-            self._fail(model, f"its state file could not be read:\n{traceback.format_exc()}")
-            return
+        except Exception as e:
+            counters = self._recover_state(model, saved, first_line(e))
+            if counters is None:
+                return
+            hops = hops.iloc[0:0]  # records of the discarded epochs are gone
         done_hops = counters.get("hops", [])
         model.version = counters["version"]
         model.epoch = counters["epoch"]
@@ -240,6 +250,42 @@ class Driver:
             model.phase = "train"
             model.remaining = [s for s in self._train_order(model) if s not in visited]
 
+    def _recover_state(
+        self, model: _Model, saved: list[dict[str, Any]], problem: str
+    ) -> dict[str, Any] | None:
+        """A model whose state file is missing or unreadable goes back to its newest epoch
+        checkpoint whose checksum matches (or to its initial state), with a warning."""
+        good = next(
+            (
+                c
+                for c in sorted(saved, key=lambda c: -c["epoch"])
+                if not c["pruned"] and checkpoints.verified(c["path"], c["checksum"])
+            ),
+            None,
+        )
+        back_to = good["epoch"] if good else -1
+        where = f"its epoch {back_to} checkpoint" if good else "its initial state"
+        warnings.warn(
+            f"model {model.model_id}: state file {model.state_path} is unusable ({problem}); "
+            f"it restarts from {where}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self.store.add_event(
+            "state_recovered", model=model.model_id, problem=problem, from_epoch=back_to
+        )
+        self.store.forget_epochs_after(model.model_id, back_to)
+        model.history = model.history[: back_to + 1]
+        if good:
+            checkpoints.snapshot(good["path"], model.state_path)
+        else:
+            state, error = self._initial_state(model, strict=False)
+            if state is None:
+                self._fail(model, f"it could not be rebuilt: {error}")
+                return None
+            training.save_state(state, model.state_path)
+        return training.load_state(model.state_path)["counters"]
+
     def trials(self) -> list[Trial]:
         return [
             Trial(m.model_id, dict(m.params), m.status, list(m.history))
@@ -263,8 +309,10 @@ class Driver:
             self.progress.start()
             try:
                 self._loop()
+                self._record_checkpoints(wait=True)
             finally:
                 self.progress.stop()
+                self._hasher.shutdown(wait=True)
         except BaseException:
             self.backend.shutdown(graceful=False)
             raise
@@ -286,6 +334,7 @@ class Driver:
                 continue
             for event in self.backend.poll(_POLL_S):
                 self._handle(event)
+            self._record_checkpoints()
             self._show_status()
 
     def _schedulable(self) -> bool:
@@ -400,6 +449,45 @@ class Driver:
             model.version = unit.version + 1
             self._unit_finished(model, unit)
 
+    def _checkpoint_epoch(self, model: _Model) -> None:
+        """Keep the model's end-of-epoch state; its checksum is computed off the loop."""
+        path = checkpoints.epoch_path(os.path.dirname(model.state_path), model.epoch)
+        checkpoints.snapshot(model.state_path, path)
+        key = (model.model_id, model.epoch, path)
+        self._checksums[key] = self._hasher.submit(checkpoints.checksum, path)
+
+    def _record_checkpoints(self, wait: bool = False) -> None:
+        """Record checkpoints whose checksum is ready, then prune by the keep-policy."""
+        for key in [k for k, f in self._checksums.items() if wait or f.done()]:
+            model_id, epoch, path = key
+            digest = self._checksums.pop(key).result()
+            self.store.add_checkpoint(model_id, epoch, path, digest, os.path.getsize(path))
+            self._prune(self.models[model_id])
+
+    def _prune(self, model: _Model) -> None:
+        model_dir = os.path.dirname(model.state_path)
+        present = [
+            e
+            for e in range(len(model.history))
+            if os.path.exists(checkpoints.epoch_path(model_dir, e))
+        ]
+        pending = {e for (m, e, _) in self._checksums if m == model.model_id}
+        keep = checkpoints.epochs_to_keep(
+            self.config.keep_checkpoints, present, self._best_epoch(model)
+        )
+        dropped = [e for e in present if e not in keep and e not in pending]
+        for epoch in dropped:
+            os.remove(checkpoints.epoch_path(model_dir, epoch))
+        if dropped:
+            self.store.set_checkpoints_pruned(model.model_id, dropped)
+
+    def _best_epoch(self, model: _Model) -> int | None:
+        scored = [h for h in model.history if isinstance(h.get(self.config.metric), float)]
+        if not scored:
+            return None
+        sign = -1.0 if self.config.mode == "max" else 1.0
+        return int(min(scored, key=lambda h: sign * h[self.config.metric])["epoch"])
+
     def _log_hparams(self, model: _Model) -> None:
         if self.tensorboard is not None and model.history:
             last = {k: v for k, v in model.history[-1].items() if k != "epoch"}
@@ -480,6 +568,7 @@ class Driver:
         metrics = {**model.train.means("train"), **model.val.means("val")}
         self.store.add_epoch(model.model_id, model.epoch, metrics)
         model.history.append({"epoch": model.epoch, **metrics})
+        self._checkpoint_epoch(model)
         self.progress.epoch_done(model.model_id, metrics.get(self.config.metric))
         if self.tensorboard is not None:
             self.tensorboard.epoch(model.model_id, model.epoch, metrics)

@@ -21,7 +21,7 @@ from ..errors import ConfigError, first_line, shown_url
 from ..progress import RunProgress
 from ..search import Search
 from ..spec import ModelSpec
-from ..store import RecordStore, normalize_url, open_engine, sqlite_url
+from ..store import RecordStore, checkpoints, normalize_url, open_engine, sqlite_url
 from ..store.tensorboard import TensorBoardLog
 from ..store.tensorboard import available as tensorboard_available
 from .driver import Driver, RunConfig
@@ -53,6 +53,10 @@ class Experiment:
         storage: a SQLAlchemy database URL for the records, e.g.
             ``"postgresql://user:password@host/db"`` (needs ``pip install cerebro[postgres]``).
             Default: the SQLite file ``<path>/cerebro.db``. Checkpoints stay under ``path``.
+        keep_checkpoints: which end-of-epoch checkpoints each model keeps under
+            ``<path>/checkpoints/model-NNNNN/epoch-NNNN.pt``: ``"last_and_best"`` (by ``metric``),
+            ``"last"``, ``"all"``, or k (the last k and the best). Each has a checksum in the
+            records; a model whose state is lost restarts from its newest good one.
         tensorboard: write per-model scalars and HParams under ``<path>/tensorboard/``
             (``tensorboard --logdir <path>/tensorboard``). Default: if the package is installed.
         max_unit_failures: a model whose unit loses its worker (the process dies, e.g. out of
@@ -86,6 +90,7 @@ class Experiment:
         storage: str | None = None,
         max_unit_failures: int = 3,
         tensorboard: bool | None = None,
+        keep_checkpoints: str | int = "last_and_best",
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -114,6 +119,7 @@ class Experiment:
         if not isinstance(max_unit_failures, int) or max_unit_failures < 1:
             raise ConfigError("max_unit_failures", max_unit_failures, "an integer >= 1")
         self.max_unit_failures = max_unit_failures
+        self.keep_checkpoints = checkpoints.check_policy(keep_checkpoints)
         if tensorboard not in (None, True, False):
             raise ConfigError("tensorboard", tensorboard, "True, False or None (log if installed)")
         if tensorboard and not tensorboard_available():
@@ -179,6 +185,7 @@ class Experiment:
                 checkpoint_dir=self.checkpoint_dir,
                 deterministic=self.deterministic,
                 max_unit_failures=self.max_unit_failures,
+                keep_checkpoints=self.keep_checkpoints,
             )
             progress = RunProgress(self.progress, self.metric, self.mode)
             logdir = os.path.join(self.path, "tensorboard")

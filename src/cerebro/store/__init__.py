@@ -1,5 +1,6 @@
 """Experiment records (SQLAlchemy) and model checkpoints."""
 
+from . import checkpoints
 from .records import RecordStore, normalize_url, open_engine, sqlite_url
 
-__all__ = ["RecordStore", "normalize_url", "open_engine", "sqlite_url"]
+__all__ = ["RecordStore", "checkpoints", "normalize_url", "open_engine", "sqlite_url"]

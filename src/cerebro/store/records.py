@@ -88,6 +88,19 @@ hops = Table(
     Column("metrics", JSON, nullable=False),
 )
 
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("experiment_id", Integer, primary_key=True),
+    Column("model_id", Integer, primary_key=True),
+    Column("epoch", Integer, primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("checksum", String(64), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("pruned", Integer, nullable=False, default=0),
+)
+
 events = Table(
     "events",
     metadata,
@@ -123,6 +136,7 @@ class Snapshot:
     epochs: list[dict[str, Any]]
     hops: pd.DataFrame
     events: list[dict[str, Any]]
+    checkpoints: list[dict[str, Any]]
 
 
 def sqlite_url(path: str) -> str:
@@ -200,7 +214,7 @@ class RecordStore:
     def delete_experiment(engine: Engine, experiment_id: int) -> None:
         """Remove one experiment and all of its records."""
         with engine.begin() as conn:
-            for table in (hops, epochs, models, events):
+            for table in (hops, epochs, models, events, checkpoints):
                 conn.execute(delete(table).where(table.c.experiment_id == experiment_id))
             conn.execute(delete(experiments).where(experiments.c.id == experiment_id))
 
@@ -272,6 +286,54 @@ class RecordStore:
                 )
             )
 
+    def add_checkpoint(
+        self, model_id: int, epoch: int, path: str, checksum: str, size: int
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(checkpoints).where(
+                    checkpoints.c.experiment_id == self.experiment_id,
+                    checkpoints.c.model_id == model_id,
+                    checkpoints.c.epoch == epoch,
+                )
+            )
+            conn.execute(
+                insert(checkpoints).values(
+                    experiment_id=self.experiment_id,
+                    model_id=model_id,
+                    epoch=epoch,
+                    path=path,
+                    checksum=checksum,
+                    bytes=size,
+                    created=time.time(),
+                    pruned=0,
+                )
+            )
+
+    def set_checkpoints_pruned(self, model_id: int, epochs: list[int]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(checkpoints)
+                .where(
+                    checkpoints.c.experiment_id == self.experiment_id,
+                    checkpoints.c.model_id == model_id,
+                    checkpoints.c.epoch.in_(epochs),
+                )
+                .values(pruned=1)
+            )
+
+    def forget_epochs_after(self, model_id: int, epoch: int) -> None:
+        """Delete a model's records of epochs after ``epoch`` (it will train them again)."""
+        with self.engine.begin() as conn:
+            for table in (hops, epochs, checkpoints):
+                conn.execute(
+                    delete(table).where(
+                        table.c.experiment_id == self.experiment_id,
+                        table.c.model_id == model_id,
+                        table.c.epoch > epoch,
+                    )
+                )
+
     def delete_hop(self, model_id: int, epoch: int, kind: str, shard: int) -> None:
         with self.engine.begin() as conn:
             conn.execute(
@@ -340,6 +402,15 @@ class RecordStore:
                 .mappings()
                 .all()
             )
+            checkpoint_rows = (
+                conn.execute(
+                    select(checkpoints)
+                    .where(checkpoints.c.experiment_id == self.experiment_id)
+                    .order_by(checkpoints.c.model_id, checkpoints.c.epoch)
+                )
+                .mappings()
+                .all()
+            )
             event_rows = (
                 conn.execute(
                     select(events.c.time, events.c.kind, events.c.detail)
@@ -363,6 +434,7 @@ class RecordStore:
             epochs=[dict(r) for r in epoch_rows],
             hops=frame,
             events=[dict(r) for r in event_rows],
+            checkpoints=[dict(r) for r in checkpoint_rows],
         )
 
     def models(self) -> list[dict[str, Any]]:

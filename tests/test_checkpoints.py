@@ -1,0 +1,57 @@
+"""Epoch checkpoints: kept by policy, checksummed in the records."""
+
+from __future__ import annotations
+
+import os
+
+import builders
+import pytest
+
+import cerebro
+from cerebro.store import RecordStore, checkpoints, open_engine, sqlite_url
+
+
+def test_keep_policy_rules():
+    keep = checkpoints.epochs_to_keep
+    assert keep("last_and_best", [0, 1, 2, 3], best=1) == {1, 3}
+    assert keep("last_and_best", [0, 1, 2, 3], best=3) == {3}
+    assert keep("last", [0, 1, 2, 3], best=1) == {3}
+    assert keep("all", [0, 1, 2], best=0) == {0, 1, 2}
+    assert keep(2, [0, 1, 2, 3], best=0) == {0, 2, 3}
+    for bad in ("best", 0, -1, True):
+        with pytest.raises(cerebro.ConfigError, match="keep_checkpoints="):
+            checkpoints.check_policy(bad)
+
+
+@pytest.mark.parametrize("policy", ["last_and_best", "all"])
+def test_completed_run_keeps_checkpoints_by_policy_with_checksums(digits, tmp_path, policy):
+    path = tmp_path / policy
+    result = cerebro.Experiment(
+        builders.mlp,
+        digits,
+        cerebro.GridSearch({"lr": cerebro.choice([0.002, 0.05])}),
+        epochs=3,
+        metric="val_accuracy",
+        mode="max",
+        backend=cerebro.LocalBackend(workers=2),
+        path=path,
+        progress=False,
+        keep_checkpoints=policy,
+    ).run()
+    rows = RecordStore(open_engine(sqlite_url(str(path))), 1).snapshot().checkpoints
+    for model in result.models:
+        mine = {r["epoch"]: r for r in rows if r["model_id"] == model.id}
+        assert sorted(mine) == [0, 1, 2]  # every epoch was checkpointed and recorded
+        best = max(model.history, key=lambda h: h["val_accuracy"])["epoch"]
+        expected = {0, 1, 2} if policy == "all" else {2, best}
+        kept = {e for e, r in mine.items() if not r["pruned"]}
+        assert kept == expected
+        for epoch, row in mine.items():
+            assert os.path.exists(row["path"]) == (epoch in expected)
+            if epoch in expected:
+                assert checkpoints.verified(row["path"], row["checksum"])
+        # The last epoch's checkpoint is the final state: the same weights load_model returns.
+        last = mine[2]["path"]
+        assert checkpoints.checksum(last) == checkpoints.checksum(
+            os.path.join(path, "checkpoints", f"model-{model.id:05d}", "state.pt")
+        )
