@@ -31,12 +31,12 @@ def _run(dataset, path, workers: int, deterministic: bool = True) -> cerebro.Res
 @pytest.fixture(scope="module")
 def runs(digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("det")
-    return {w: _run(digits, root / f"w{w}", w) for w in (1, 2, 3)}
+    return {w: _run(digits, root / f"w{w}", w) for w in (1, 2, 3, 4)}
 
 
-def test_final_weights_are_bit_identical_on_1_2_and_3_workers(runs):
+def test_final_weights_are_bit_identical_on_1_2_3_and_4_workers(runs):
     one = runs[1]
-    for workers in (2, 3):
+    for workers in (2, 3, 4):
         other = runs[workers]
         assert {m.status for m in other.models} == {"completed"}
         for record in one.models:
@@ -45,8 +45,8 @@ def test_final_weights_are_bit_identical_on_1_2_and_3_workers(runs):
             ), (workers, record.id)
 
 
-def test_metrics_are_bit_identical_on_1_2_and_3_workers(runs):
-    for workers in (2, 3):
+def test_metrics_are_bit_identical_on_1_2_3_and_4_workers(runs):
+    for workers in (2, 3, 4):
         pd.testing.assert_frame_equal(runs[1].history, runs[workers].history, check_exact=True)
 
 
@@ -55,7 +55,7 @@ def test_each_model_visits_shards_in_its_seeded_order(runs):
     for workers, result in runs.items():
         train = result.hops[result.hops.kind == "train"].sort_values("start")
         orders[workers] = train.groupby(["model_id", "epoch"]).shard.apply(list).to_dict()
-    assert orders[1] == orders[2] == orders[3]
+    assert orders[1] == orders[2] == orders[3] == orders[4]
     # The order is a permutation that differs between epochs or models (not always 0, 1, 2, 3).
     assert any(order != sorted(order) for order in orders[1].values())
     # And every hop ran on the worker that holds its shard.
