@@ -379,62 +379,36 @@ class RecordStore:
         """Every record of this experiment, read in one transaction: a consistent view even
         while the run goes on writing."""
         with self.engine.begin() as conn:
-            experiment = (
+            experiment = dict(
                 conn.execute(select(experiments).where(experiments.c.id == self.experiment_id))
                 .mappings()
                 .one()
             )
-            model_rows = (
-                conn.execute(
-                    select(models)
-                    .where(models.c.experiment_id == self.experiment_id)
-                    .order_by(models.c.model_id)
+
+            def rows(table: Table, columns: list[str] | None, *order: str) -> list[dict[str, Any]]:
+                chosen = [table.c[c] for c in columns] if columns else [table]
+                query = (
+                    select(*chosen)
+                    .where(table.c.experiment_id == self.experiment_id)
+                    .order_by(*(table.c[c] for c in order))
                 )
-                .mappings()
-                .all()
-            )
-            epoch_rows = (
-                conn.execute(
-                    select(epochs)
-                    .where(epochs.c.experiment_id == self.experiment_id)
-                    .order_by(epochs.c.model_id, epochs.c.epoch)
-                )
-                .mappings()
-                .all()
-            )
-            checkpoint_rows = (
-                conn.execute(
-                    select(checkpoints)
-                    .where(checkpoints.c.experiment_id == self.experiment_id)
-                    .order_by(checkpoints.c.model_id, checkpoints.c.epoch)
-                )
-                .mappings()
-                .all()
-            )
-            event_rows = (
-                conn.execute(
-                    select(events.c.time, events.c.kind, events.c.detail)
-                    .where(events.c.experiment_id == self.experiment_id)
-                    .order_by(events.c.id)
-                )
-                .mappings()
-                .all()
-            )
-            hop_rows = conn.execute(
-                select(*(hops.c[c] for c in HOP_COLUMNS))
-                .where(hops.c.experiment_id == self.experiment_id)
-                .order_by(hops.c.id)
-            ).all()
+                return [dict(r) for r in conn.execute(query).mappings().all()]
+
+            model_rows = rows(models, None, "model_id")
+            epoch_rows = rows(epochs, None, "model_id", "epoch")
+            checkpoint_rows = rows(checkpoints, None, "model_id", "epoch")
+            event_rows = rows(events, ["time", "kind", "detail"], "id")
+            hop_rows = rows(hops, HOP_COLUMNS, "id")
         frame = pd.DataFrame(hop_rows, columns=HOP_COLUMNS)
         frame["start"] = frame["start"] - experiment["created"]
         frame["end"] = frame["end"] - experiment["created"]
         return Snapshot(
-            experiment=dict(experiment),
-            models=[dict(r) for r in model_rows],
-            epochs=[dict(r) for r in epoch_rows],
+            experiment=experiment,
+            models=model_rows,
+            epochs=epoch_rows,
             hops=frame,
-            events=[dict(r) for r in event_rows],
-            checkpoints=[dict(r) for r in checkpoint_rows],
+            events=event_rows,
+            checkpoints=checkpoint_rows,
         )
 
     def models(self) -> list[dict[str, Any]]:
