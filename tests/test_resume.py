@@ -230,3 +230,12 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     if also_break_newest_checkpoint and epochs_on_disk:
         broken_epoch = int(epochs_on_disk[-1][6:10])
         assert recovered[0]["detail"]["from_epoch"] < broken_epoch
+
+
+def test_a_refused_run_leaves_the_other_experiments_build_alone(digits, tmp_path):
+    first = _small(digits, tmp_path / "run").run()
+    with pytest.raises(cerebro.ConfigError, match="different one"):
+        _small(digits, tmp_path / "run", epochs=2, build=builders.flaky).run()
+    loaded = cerebro.load(tmp_path / "run")
+    assert state_equal(loaded.load_model().state_dict(), first.load_model().state_dict())
+    assert loaded._load_build() is builders.mlp

@@ -168,7 +168,9 @@ class LocalBackend(Backend):
         return infos, others
 
     def submit(self, unit: Unit) -> None:
-        self._conns[unit.worker_id].send(unit)
+        # A worker that died since the last poll: the next poll reports it lost, with this unit.
+        with contextlib.suppress(OSError):
+            self._conns[unit.worker_id].send(unit)
 
     def poll(self, timeout: float) -> list[Event]:
         events: list[Event] = self._pending

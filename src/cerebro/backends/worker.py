@@ -181,7 +181,7 @@ class WorkerRuntime:
             try:
                 training.save_state(snapshot, unit.state_path)
             except Exception:
-                self._cache.pop(unit.model_id, None)
+                # The cache belongs to the main thread; the driver fails this model anyway.
                 return StateSaved(
                     unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
                 )

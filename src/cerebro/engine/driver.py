@@ -8,7 +8,9 @@ are recorded and it starts the next epoch at once (no barrier with other models)
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import traceback
 import warnings
 from collections.abc import Callable
@@ -33,6 +35,9 @@ from .result import state_path
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
 
 _POLL_S = 0.5
+# What a missing or damaged state file raises when read (other errors, such as running out of
+# file handles or permissions, are not evidence that the state is lost, and propagate).
+_UNUSABLE_STATE = (FileNotFoundError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError)
 _CPU = torch.device("cpu")
 
 
@@ -208,15 +213,21 @@ class Driver:
             model.status = row["status"]
             model.history = history.get(model_id, [])
             self.models[model_id] = model
+            _remove_partial_writes(os.path.dirname(model.state_path))
+            saved = [c for c in records.checkpoints if c["model_id"] == model_id]
+            saved += self._record_missing_checkpoints(model, saved)
             if model.status == "running":
-                saved = [c for c in records.checkpoints if c["model_id"] == model_id]
                 self._restore_progress(model, records.hops, saved)
 
     def _restore_progress(self, model: _Model, hops: Any, saved: list[dict[str, Any]]) -> None:
         try:
             counters = training.load_state(model.state_path)["counters"]
-        except Exception as e:
-            counters = self._recover_state(model, saved, first_line(e))
+        except _UNUSABLE_STATE as e:
+            try:
+                counters = self._recover_state(model, saved, first_line(e))
+            except Exception:
+                self._fail(model, f"its state could not be recovered:\n{traceback.format_exc()}")
+                return
             if counters is None:
                 return
             hops = hops.iloc[0:0]  # records of the discarded epochs are gone
@@ -249,6 +260,31 @@ class Driver:
         else:
             model.phase = "train"
             model.remaining = [s for s in self._train_order(model) if s not in visited]
+
+    def _record_missing_checkpoints(
+        self, model: _Model, saved: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Epoch checkpoints written before a crash but never recorded get their checksum now."""
+        recorded = {c["epoch"] for c in saved}
+        model_dir = os.path.dirname(model.state_path)
+        added = []
+        for epoch in range(len(model.history)):
+            path = checkpoints.epoch_path(model_dir, epoch)
+            if epoch not in recorded and os.path.isfile(path):
+                digest = checkpoints.checksum(path)
+                self.store.add_checkpoint(
+                    model.model_id, epoch, path, digest, os.path.getsize(path)
+                )
+                added.append(
+                    {
+                        "model_id": model.model_id,
+                        "epoch": epoch,
+                        "path": path,
+                        "checksum": digest,
+                        "pruned": 0,
+                    }
+                )
+        return added
 
     def _recover_state(
         self, model: _Model, saved: list[dict[str, Any]], problem: str
@@ -309,10 +345,10 @@ class Driver:
             self.progress.start()
             try:
                 self._loop()
-                self._record_checkpoints(wait=True)
             finally:
                 self.progress.stop()
                 self._hasher.shutdown(wait=True)
+                self._record_checkpoints(wait=True)  # also after an error: nothing is lost
         except BaseException:
             self.backend.shutdown(graceful=False)
             raise
@@ -441,6 +477,7 @@ class Driver:
             self.in_flight.pop(unit.unit_id)
             self._computed.discard(unit.unit_id)
             if not event.ok:
+                self.store.delete_hop(unit.model_id, unit.epoch, "train", unit.shard)
                 self._fail(
                     model, f"saving the state after shard {unit.shard} failed:\n{event.error}"
                 )
@@ -450,9 +487,16 @@ class Driver:
             self._unit_finished(model, unit)
 
     def _checkpoint_epoch(self, model: _Model) -> None:
-        """Keep the model's end-of-epoch state; its checksum is computed off the loop."""
+        """Keep the model's end-of-epoch state; its checksum is computed off the loop.
+        A checkpoint that cannot be written is a warning: training goes on without it."""
         path = checkpoints.epoch_path(os.path.dirname(model.state_path), model.epoch)
-        checkpoints.snapshot(model.state_path, path)
+        try:
+            checkpoints.snapshot(model.state_path, path)
+        except OSError as e:
+            warnings.warn(
+                f"model {model.model_id}: epoch checkpoint not written: {e}", stacklevel=2
+            )
+            return
         key = (model.model_id, model.epoch, path)
         self._checksums[key] = self._hasher.submit(checkpoints.checksum, path)
 
@@ -460,9 +504,12 @@ class Driver:
         """Record checkpoints whose checksum is ready, then prune by the keep-policy."""
         for key in [k for k, f in self._checksums.items() if wait or f.done()]:
             model_id, epoch, path = key
-            digest = self._checksums.pop(key).result()
-            self.store.add_checkpoint(model_id, epoch, path, digest, os.path.getsize(path))
-            self._prune(self.models[model_id])
+            try:
+                digest = self._checksums.pop(key).result()
+                self.store.add_checkpoint(model_id, epoch, path, digest, os.path.getsize(path))
+                self._prune(self.models[model_id])
+            except OSError as e:
+                warnings.warn(f"model {model_id}: epoch {epoch} checkpoint: {e}", stacklevel=2)
 
     def _prune(self, model: _Model) -> None:
         model_dir = os.path.dirname(model.state_path)
@@ -529,7 +576,10 @@ class Driver:
             self._computed.discard(unit.unit_id)
             model = self.models[unit.model_id]
             if unit.kind == "train":
-                counters = training.load_state(model.state_path)["counters"]
+                try:
+                    counters = training.load_state(model.state_path)["counters"]
+                except _UNUSABLE_STATE:
+                    counters = {"version": unit.version}  # the write did not complete
                 if counters["version"] == unit.version + 1:  # written before the worker died
                     if not computed:
                         hop = counters["hops"][-1]
@@ -619,3 +669,12 @@ def check_metric(metric: str, spec: ModelSpec, has_validation: bool) -> None:
     accepted = metric_names(spec, has_validation)
     if metric not in accepted:
         raise ConfigError("metric", metric, f"one of the metrics the spec produces: {accepted}")
+
+
+def _remove_partial_writes(model_dir: str) -> None:
+    """Temporary files of writes that a crash interrupted (each may be a full-size state)."""
+    if os.path.isdir(model_dir):
+        for name in os.listdir(model_dir):
+            if ".tmp-" in name:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(model_dir, name))

@@ -195,8 +195,14 @@ class Experiment:
             if earlier is not None:
                 store = RecordStore(open_engine(self.storage_url), earlier["id"])
                 driver.restore(store)
-            driver.prepare()  # raises ConfigError before anything new is written
-            driver.start_workers()
+            try:
+                driver.prepare()  # raises ConfigError before anything new is written
+                driver.start_workers()
+            except BaseException:
+                self.backend.shutdown(graceful=False)
+                if board is not None:
+                    board.close()
+                raise
             try:
                 if store is None:
                     store = RecordStore.create(self.storage_url, self.name, self._record_config())
@@ -241,15 +247,15 @@ class Experiment:
                         RecordStore.delete_experiment(engine, row["id"])
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             earlier = []
-        # Kept beside the records so that cerebro.load(path).load_model() works anywhere.
-        _write_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
         if not earlier:
+            self._keep_build()
             return None
         previous = earlier[-1]
         mine = self._record_config()
+        # The checkpoints must be where the records say (it matters with shared storage).
         different = {
             key: (previous["config"].get(key), mine[key])
-            for key in _IDENTITY
+            for key in (*_IDENTITY, "checkpoint_dir")
             if previous["config"].get(key) != mine[key]
         }
         if different:
@@ -262,7 +268,12 @@ class Experiment:
                 hint=f"it holds a different one ({shown}); choose a new path or name, "
                 "or pass overwrite=True to delete the old records",
             )
+        self._keep_build()
         return previous
+
+    def _keep_build(self) -> None:
+        """Kept beside the records so that cerebro.load(path).load_model() works anywhere."""
+        _write_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
 
     def _earlier_experiments(self) -> list[dict[str, Any]]:
         if self.storage is None and not os.path.exists(os.path.join(self.path, "cerebro.db")):

@@ -378,7 +378,10 @@ class RecordStore:
     def snapshot(self) -> Snapshot:
         """Every record of this experiment, read in one transaction: a consistent view even
         while the run goes on writing."""
-        with self.engine.begin() as conn:
+        options = (
+            {} if self.engine.dialect.name == "sqlite" else {"isolation_level": "REPEATABLE READ"}
+        )
+        with self.engine.connect().execution_options(**options) as conn, conn.begin():
             experiment = dict(
                 conn.execute(select(experiments).where(experiments.c.id == self.experiment_id))
                 .mappings()
