@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import signal
 import threading
 import time
@@ -75,7 +75,6 @@ class LocalBackend(Backend):
         self.model_cache_mb = model_cache_mb
         self._processes: list[Any] = []
         self._conns: list[Any] = []
-        self._events: Any = None
         self._pending: list[Event] = []
 
     @property
@@ -98,9 +97,7 @@ class LocalBackend(Backend):
         build: Callable[..., Any],
         deterministic: bool = False,
     ) -> list[WorkerInfo]:
-        ctx = mp.get_context("spawn")
-        self._ctx = ctx
-        self._events = ctx.Queue()
+        self._ctx = mp.get_context("spawn")
         payload = cloudpickle.dumps(build)
         self._configs = [
             {
@@ -120,15 +117,17 @@ class LocalBackend(Backend):
         self._conns = [None] * self.workers
         for worker_id in range(self.workers):
             self._launch(worker_id)
-        infos, early = self._await_ready(set(range(self.workers)))
-        self._pending = early
+        infos, self._pending = self._await_ready(set(range(self.workers)))
         return [infos[w] for w in sorted(infos)]
 
     def _launch(self, worker_id: int) -> None:
+        # One duplex pipe per worker, for units one way and events the other: a worker that
+        # dies mid-message breaks only its own pipe (a queue shared by all workers has a lock
+        # that a killed writer never releases).
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
             target=_worker_main,
-            args=(self._configs[worker_id], child, self._events),
+            args=(self._configs[worker_id], child),
             daemon=True,
             name=f"cerebro-worker-{worker_id}",
         )
@@ -137,34 +136,53 @@ class LocalBackend(Backend):
         self._processes[worker_id] = process
         self._conns[worker_id] = parent
 
+    def _receive(self, timeout: float, ignore: set[int]) -> tuple[list[tuple[int, Any]], set[int]]:
+        """Messages from the workers (waiting up to ``timeout`` for the first one), and the ids
+        of workers found dead. Workers in ``ignore`` are not waited on."""
+        watched = [w for w in range(self.workers) if w not in ignore]
+        handles = [self._conns[w] for w in watched] + [self._processes[w].sentinel for w in watched]
+        mp_connection.wait(handles, timeout)
+        messages: list[tuple[int, Any]] = []
+        dead: set[int] = set()
+        for worker_id in watched:
+            conn = self._conns[worker_id]
+            try:
+                while conn.poll():
+                    messages.append((worker_id, conn.recv()))
+            except (EOFError, OSError):
+                dead.add(worker_id)
+            if not self._processes[worker_id].is_alive():
+                dead.add(worker_id)
+        return messages, dead
+
     def _await_ready(self, waiting: set[int]) -> tuple[dict[int, WorkerInfo], list[Event]]:
         """Wait for the workers in ``waiting`` to load their shards; other events are kept."""
         infos: dict[int, WorkerInfo] = {}
         others: list[Event] = []
+        ignore: set[int] = set()  # other workers found dead meanwhile: the next poll reports them
         deadline = time.monotonic() + _START_TIMEOUT_S
         while len(infos) < len(waiting):
-            try:
-                message = self._events.get(timeout=0.5)
-            except queue.Empty:
-                for worker_id in waiting - set(infos):
-                    process = self._processes[worker_id]
-                    if not process.is_alive():
-                        self.shutdown(graceful=False)
-                        raise WorkerError(
-                            f"worker {worker_id} (pid {process.pid}) exited with code "
-                            f"{process.exitcode} while starting. {_SPAWN_HINT}"
-                        ) from None
-                if time.monotonic() > deadline:
+            messages, dead = self._receive(0.5, ignore)
+            for worker_id, message in messages:
+                if isinstance(message, _StartFailed):
                     self.shutdown(graceful=False)
-                    raise WorkerError("workers did not start in time") from None
-                continue
-            if isinstance(message, _StartFailed):
+                    raise WorkerError(f"worker {worker_id} could not start:\n{message.error}")
+                if isinstance(message, WorkerInfo) and worker_id in waiting:
+                    infos[worker_id] = message
+                else:
+                    others.append(message)
+            failed = (dead & waiting) - set(infos)
+            if failed:
+                process = self._processes[min(failed)]
                 self.shutdown(graceful=False)
-                raise WorkerError(f"worker {message.worker_id} could not start:\n{message.error}")
-            if isinstance(message, WorkerInfo):
-                infos[message.worker_id] = message
-            else:
-                others.append(message)
+                raise WorkerError(
+                    f"worker {min(failed)} (pid {process.pid}) exited with code "
+                    f"{process.exitcode} while starting. {_SPAWN_HINT}"
+                )
+            ignore |= dead - waiting
+            if time.monotonic() > deadline:
+                self.shutdown(graceful=False)
+                raise WorkerError("workers did not start in time")
         return infos, others
 
     def submit(self, unit: Unit) -> None:
@@ -175,25 +193,18 @@ class LocalBackend(Backend):
     def poll(self, timeout: float) -> list[Event]:
         events: list[Event] = self._pending
         self._pending = []
-        if not events:
-            with contextlib.suppress(queue.Empty):
-                events.append(self._events.get(timeout=timeout))
-        events += self._drain()
-        for worker_id, process in enumerate(self._processes):
-            if not process.is_alive():
-                events += self._drain()  # what it sent before dying comes first
-                exitcode = process.exitcode
-                self._launch(worker_id)
-                _, others = self._await_ready({worker_id})
-                events += [*others, WorkerLost(worker_id, exitcode)]
+        messages, dead = self._receive(0 if events else timeout, ignore=set())
+        events += [message for _, message in messages]  # what a dead worker sent comes first
+        for worker_id in sorted(dead):
+            process = self._processes[worker_id]
+            if process.is_alive():  # its pipe broke: make sure it is gone before replacing it
+                process.kill()
+            process.join(timeout=5)
+            self._conns[worker_id].close()
+            self._launch(worker_id)
+            _, others = self._await_ready({worker_id})
+            events += [*others, WorkerLost(worker_id, process.exitcode)]
         return events
-
-    def _drain(self) -> list[Event]:
-        drained: list[Event] = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                drained.append(self._events.get_nowait())
-        return drained
 
     def pids(self) -> list[int]:
         """Process ids of the current workers."""
@@ -225,31 +236,37 @@ class _StartFailed:
         self.error = error
 
 
-def _worker_main(config: dict[str, Any], conn: Any, events: Any) -> None:
+def _worker_main(config: dict[str, Any], conn: Any) -> None:
     """Entry point of a worker process: load shards, then run units until told to stop."""
     # Ctrl-C reaches the whole process group; the driver alone decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     tune_malloc_for_training()
+    sending = threading.Lock()  # the main thread and state-writing threads share the pipe
+
+    def send(message: Any) -> None:
+        with sending, contextlib.suppress(OSError):  # the driver is gone: this worker ends too
+            conn.send(message)
+
     try:
         runtime = WorkerRuntime(**config)
     except Exception:
-        events.put(_StartFailed(config["worker_id"], traceback.format_exc()))
+        send(_StartFailed(config["worker_id"], traceback.format_exc()))
         return
-    events.put(runtime.info)
+    send(runtime.info)
     # State writes run on a thread so the worker starts its next unit while they finish.
     saves: list[threading.Thread] = []
     while True:
         try:
             unit = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             break
         if unit is None:
             break
         done, save = runtime.run(unit)
-        events.put(done)
+        send(done)
         if save is not None:
-            thread = threading.Thread(target=lambda s=save: events.put(s()), daemon=True)
+            thread = threading.Thread(target=lambda s=save: send(s()), daemon=True)
             thread.start()
             saves.append(thread)
             saves = [t for t in saves if t.is_alive()]
