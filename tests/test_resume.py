@@ -115,7 +115,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
 
 
 def training_state(path, model_id: int) -> str:
-    from cerebro.engine.result import state_path
+    from cerebro.store.checkpoints import state_path
 
     return state_path(os.path.join(path, "checkpoints"), model_id)
 

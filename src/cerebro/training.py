@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 
 from .data import Shard
 from .errors import ConfigError, ModelFailed
+from .files import replace_atomically
 from .seeding import derive_seed
 from .spec import ModelSpec
 
@@ -112,11 +111,12 @@ def save_state(state: dict[str, Any], path: str) -> None:
     CPU (measured: 0.21-0.35 s vs 0.04 s for 113 MB), CPU time a worker's background save takes
     from training. States are written without it.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with _without_zip_crc():
-        torch.save(state, tmp)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with _without_zip_crc():
+            torch.save(state, tmp)
+
+    replace_atomically(path, write)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ are recorded and it starts the next epoch at once (no barrier with other models)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import traceback
@@ -25,13 +24,14 @@ from .. import training
 from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo, WorkerLost
 from ..data import Dataset
 from ..errors import ConfigError, first_line
+from ..files import remove_partial_writes
 from ..progress import RunProgress
 from ..search import Search, Trial
 from ..seeding import derive_seed
 from ..spec import ModelSpec
 from ..store import RecordStore, checkpoints
+from ..store.checkpoints import state_path
 from ..store.tensorboard import TensorBoardLog
-from .result import state_path
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
 
 _POLL_S = 0.5
@@ -80,6 +80,11 @@ class _Model:
     history: list[dict[str, float]] = field(default_factory=list)
     units_done: int = 0
     failures: int = 0  # consecutive units lost with a worker
+
+    @property
+    def folder(self) -> str:
+        """Where the model's state and epoch checkpoints live."""
+        return os.path.dirname(self.state_path)
 
 
 @dataclass
@@ -213,7 +218,7 @@ class Driver:
             model.status = row["status"]
             model.history = history.get(model_id, [])
             self.models[model_id] = model
-            _remove_partial_writes(os.path.dirname(model.state_path))
+            remove_partial_writes(model.folder)
             saved = [c for c in records.checkpoints if c["model_id"] == model_id]
             saved += self._record_missing_checkpoints(model, saved)
             if model.status == "running":
@@ -266,7 +271,7 @@ class Driver:
     ) -> list[dict[str, Any]]:
         """Epoch checkpoints written before a crash but never recorded get their checksum now."""
         recorded = {c["epoch"] for c in saved}
-        model_dir = os.path.dirname(model.state_path)
+        model_dir = model.folder
         added = []
         for epoch in range(len(model.history)):
             path = checkpoints.epoch_path(model_dir, epoch)
@@ -489,7 +494,7 @@ class Driver:
     def _checkpoint_epoch(self, model: _Model) -> None:
         """Keep the model's end-of-epoch state; its checksum is computed off the loop.
         A checkpoint that cannot be written is a warning: training goes on without it."""
-        path = checkpoints.epoch_path(os.path.dirname(model.state_path), model.epoch)
+        path = checkpoints.epoch_path(model.folder, model.epoch)
         try:
             checkpoints.snapshot(model.state_path, path)
         except OSError as e:
@@ -512,7 +517,7 @@ class Driver:
                 warnings.warn(f"model {model_id}: epoch {epoch} checkpoint: {e}", stacklevel=2)
 
     def _prune(self, model: _Model) -> None:
-        model_dir = os.path.dirname(model.state_path)
+        model_dir = model.folder
         present = [
             e
             for e in range(len(model.history))
@@ -669,12 +674,3 @@ def check_metric(metric: str, spec: ModelSpec, has_validation: bool) -> None:
     accepted = metric_names(spec, has_validation)
     if metric not in accepted:
         raise ConfigError("metric", metric, f"one of the metrics the spec produces: {accepted}")
-
-
-def _remove_partial_writes(model_dir: str) -> None:
-    """Temporary files of writes that a crash interrupted (each may be a full-size state)."""
-    if os.path.isdir(model_dir):
-        for name in os.listdir(model_dir):
-            if ".tmp-" in name:
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(model_dir, name))

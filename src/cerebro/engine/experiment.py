@@ -18,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..backends import Backend, LocalBackend
 from ..data import Dataset
 from ..errors import ConfigError, first_line, shown_url
+from ..files import write_bytes_atomically
 from ..progress import RunProgress
 from ..search import Search
 from ..spec import ModelSpec
@@ -273,7 +274,7 @@ class Experiment:
 
     def _keep_build(self) -> None:
         """Kept beside the records so that cerebro.load(path).load_model() works anywhere."""
-        _write_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
+        write_bytes_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
 
     def _earlier_experiments(self) -> list[dict[str, Any]]:
         if self.storage is None and not os.path.exists(os.path.join(self.path, "cerebro.db")):
@@ -321,13 +322,6 @@ def closing_engine(url: str) -> Iterator[Engine]:
 
 # What makes two runs the same experiment (so that the second may continue the first).
 _IDENTITY = ("dataset_fingerprint", "search", "epochs", "metric", "mode", "seed", "deterministic")
-
-
-def _write_atomically(path: str, payload: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
 
 
 def _launch_command() -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import training
 from ..errors import ConfigError, first_line, shown_url
 from ..store import RecordStore, normalize_url, open_engine, sqlite_url
+from ..store.checkpoints import state_path
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,6 @@ class Result:
             f"{self.metric}={best.metrics[self.metric]:.4g} (model {best.id})" if best else "none"
         )
         return f"Result(models={counts}, best {shown})"
-
-
-def state_path(checkpoint_dir: str, model_id: int) -> str:
-    """Where a model's current training state lives."""
-    return os.path.join(checkpoint_dir, f"model-{model_id:05d}", "state.pt")
 
 
 def _last_metrics(history: list[dict[str, float]]) -> dict[str, float]:

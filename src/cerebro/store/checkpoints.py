@@ -14,22 +14,36 @@ import shutil
 from collections.abc import Iterable
 
 from ..errors import ConfigError
+from ..files import replace_atomically
 
 POLICIES = ("last_and_best", "last", "all")
 
 
-def epoch_path(model_dir: str, epoch: int) -> str:
-    return os.path.join(model_dir, f"epoch-{epoch:04d}.pt")
+def model_dir(checkpoint_dir: str, model_id: int) -> str:
+    """The folder of one model's states: ``state.pt`` (current) and ``epoch-NNNN.pt``."""
+    return os.path.join(checkpoint_dir, f"model-{model_id:05d}")
+
+
+def state_path(checkpoint_dir: str, model_id: int) -> str:
+    """Where a model's current training state lives."""
+    return os.path.join(model_dir(checkpoint_dir, model_id), "state.pt")
+
+
+def epoch_path(folder: str, epoch: int) -> str:
+    """An epoch checkpoint in a model's folder."""
+    return os.path.join(folder, f"epoch-{epoch:04d}.pt")
 
 
 def snapshot(state_path: str, target: str) -> None:
     """Make ``target`` hold the current state file (a hard link where the filesystem allows)."""
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        os.link(state_path, tmp)
-    except OSError:
-        shutil.copyfile(state_path, tmp)
-    os.replace(tmp, target)
+
+    def write(tmp: str) -> None:
+        try:
+            os.link(state_path, tmp)
+        except OSError:
+            shutil.copyfile(state_path, tmp)
+
+    replace_atomically(target, write)
 
 
 def checksum(path: str) -> str:
