@@ -47,6 +47,18 @@ class UnitDone:
     load_s: float = 0.0
     error: str | None = None
 
+    def hop(self, shard: int) -> dict[str, Any]:
+        """The record of this hop, as the driver stores it and a model's state carries it."""
+        return {
+            "shard": shard,
+            "rows": self.rows,
+            "sums": dict(self.sums),
+            "worker": self.worker_id,
+            "start": self.start,
+            "end": self.end,
+            "load_s": self.load_s,
+        }
+
 
 @dataclass(frozen=True)
 class StateSaved:

@@ -101,20 +101,12 @@ class WorkerRuntime:
                     unit.end_of_epoch,
                 )
                 end = time.time()
+                done = self._done(unit, stats, start, end, load_s)
                 entry.version = unit.version + 1
                 entry.rng = {"rng": torch.get_rng_state()}
                 if self.device.type == "cuda":
                     entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-                hop = {
-                    "shard": unit.shard,
-                    "rows": stats.rows,
-                    "sums": dict(stats.sums),
-                    "worker": self.worker_id,
-                    "start": start,
-                    "end": end,
-                    "load_s": load_s,
-                }
-                entry.counters = _progress(entry.counters, unit, hop)
+                entry.counters = _progress(entry.counters, unit, done.hop(unit.shard))
                 snapshot = training.capture_state(entry.spec, entry.counters, self.device)
                 self._evict()  # the optimizer state may have just been created
                 save = self._save_job(unit, snapshot)
@@ -124,6 +116,7 @@ class WorkerRuntime:
                     entry.spec, self.data[("val", unit.shard)], self.device
                 )
                 end = time.time()
+                done = self._done(unit, stats, start, end, load_s)
                 save = None
         except Exception:
             # The model's objects may be half-updated: forget them, the last saved state is intact.
@@ -131,17 +124,21 @@ class WorkerRuntime:
             return UnitDone(
                 unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
             ), None
-        done = UnitDone(
+        return done, save
+
+    def _done(
+        self, unit: Unit, stats: training.HopStats, start: float, end: float, load_s: float
+    ) -> UnitDone:
+        return UnitDone(
             unit.unit_id,
             self.worker_id,
             ok=True,
             rows=stats.rows,
-            sums=stats.sums,
+            sums=dict(stats.sums),
             start=start,
             end=end,
             load_s=load_s,
         )
-        return done, save
 
     def _bring_in(self, unit: Unit) -> _CachedModel:
         entry = self._cache.get(unit.model_id)

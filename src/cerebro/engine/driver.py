@@ -32,6 +32,7 @@ from ..spec import ModelSpec
 from ..store import RecordStore, checkpoints
 from ..store.checkpoints import state_path
 from ..store.tensorboard import TensorBoardLog
+from .result import finite, last_metrics, ranking_key
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
 
 _POLL_S = 0.5
@@ -87,6 +88,10 @@ class _Model:
         return os.path.dirname(self.state_path)
 
 
+# A configuration the search proposed: the model, its initial state, or why it has none.
+_Built = tuple[_Model, dict[str, Any] | None, str | None]
+
+
 @dataclass
 class RunConfig:
     """What the driver needs from an Experiment (already validated)."""
@@ -119,7 +124,7 @@ class Driver:
         self.backend = backend
         self.progress = progress
         self.store: RecordStore | None = None
-        self._prepared: list[tuple[_Model, dict[str, Any] | None, str | None]] = []
+        self._prepared: list[_Built] = []
         self.train_shards = frozenset(range(config.dataset.num_shards))
         val_rows = config.dataset.shard_rows("val")
         self.val_shards = frozenset(s for s, n in enumerate(val_rows) if n > 0)
@@ -142,9 +147,7 @@ class Driver:
         """
         self._prepared = self._build_proposals(strict=True)
 
-    def _build_proposals(
-        self, strict: bool
-    ) -> list[tuple[_Model, dict[str, Any] | None, str | None]]:
+    def _build_proposals(self, strict: bool) -> list[_Built]:
         """Ask the search for configurations; build each into (model, initial state, error)."""
         built = []
         for params in self.config.search.propose(self.trials()):
@@ -187,7 +190,7 @@ class Driver:
         model.remaining = self._train_order(model)
         self.store.add_model(model.model_id, model.params, "running", None)
 
-    def _add_models(self, built: list[tuple[_Model, dict[str, Any] | None, str | None]]) -> int:
+    def _add_models(self, built: list[_Built]) -> int:
         for entry in built:
             self._register(*entry)
         self._update_total()
@@ -461,16 +464,7 @@ class Driver:
                 self.in_flight.pop(unit.unit_id)
                 self._fail(model, f"{unit.kind} unit on shard {unit.shard} failed:\n{event.error}")
                 return
-            hop = {
-                "shard": unit.shard,
-                "rows": event.rows,
-                "sums": event.sums,
-                "worker": unit.worker_id,
-                "start": event.start,
-                "end": event.end,
-                "load_s": event.load_s,
-            }
-            self._record_hop(unit.model_id, unit.epoch, unit.kind, hop)
+            self._record_hop(unit.model_id, unit.epoch, unit.kind, event.hop(unit.shard))
             if unit.kind == "train":
                 self._computed.add(unit.unit_id)
             split = model.train if unit.kind == "train" else model.val
@@ -534,16 +528,15 @@ class Driver:
             self.store.set_checkpoints_pruned(model.model_id, dropped)
 
     def _best_epoch(self, model: _Model) -> int | None:
-        scored = [h for h in model.history if isinstance(h.get(self.config.metric), float)]
+        scored = [h for h in model.history if finite(h.get(self.config.metric))]
         if not scored:
             return None
-        sign = -1.0 if self.config.mode == "max" else 1.0
-        return int(min(scored, key=lambda h: sign * h[self.config.metric])["epoch"])
+        rank = ranking_key(self.config.mode)
+        return int(min(scored, key=lambda h: rank(h[self.config.metric]))["epoch"])
 
     def _log_hparams(self, model: _Model) -> None:
         if self.tensorboard is not None and model.history:
-            last = {k: v for k, v in model.history[-1].items() if k != "epoch"}
-            self.tensorboard.finish(model.model_id, model.params, last)
+            self.tensorboard.finish(model.model_id, model.params, last_metrics(model.history))
 
     def _record_hop(self, model_id: int, epoch: int, kind: str, hop: dict[str, Any]) -> None:
         rows = hop["rows"]

@@ -77,7 +77,7 @@ class Result:
                 id=row["model_id"],
                 params=row["params"],
                 status=row["status"],
-                metrics=_last_metrics(epochs_by_model.get(row["model_id"], [])),
+                metrics=last_metrics(epochs_by_model.get(row["model_id"], [])),
                 history=epochs_by_model.get(row["model_id"], []),
                 error=row["error"],
             )
@@ -100,11 +100,10 @@ class Result:
 
     def ranked(self) -> list[ModelRecord]:
         """Models that reported ``metric``, best first (completed models before the others)."""
-        scored = [m for m in self.models if _finite(m.metrics.get(self.metric))]
-        sign = -1.0 if self.mode == "max" else 1.0
+        scored = [m for m in self.models if finite(m.metrics.get(self.metric))]
+        rank = ranking_key(self.mode)
         return sorted(
-            scored,
-            key=lambda m: (m.status != "completed", sign * m.metrics[self.metric], m.id),
+            scored, key=lambda m: (m.status != "completed", rank(m.metrics[self.metric]), m.id)
         )
 
     @property
@@ -172,13 +171,19 @@ class Result:
         return f"Result(models={counts}, best {shown})"
 
 
-def _last_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+def ranking_key(mode: str) -> Callable[[float], float]:
+    """Sort key under which the best value of a metric comes first (``mode`` "min"/"max")."""
+    return (lambda value: -value) if mode == "max" else (lambda value: value)
+
+
+def last_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of a model's last recorded epoch (without the epoch number)."""
     if not history:
         return {}
     return {k: v for k, v in history[-1].items() if k != "epoch"}
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
