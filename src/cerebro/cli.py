@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from rich.table import Table
 
 from .engine import Result
 from .errors import ConfigError
+from .store import sqlite_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +96,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
             f"best: model {best.id}, val_accuracy {best.metrics['val_accuracy']:.4f}, "
             f"{format_params(best.params)}"
         )
-    console.print(f"records:     {os.path.join(path, 'cerebro.db')} (SQLite)")
+    console.print(f"records:     {sqlite_file(path)} (SQLite)")
     console.print(f"checkpoints: {result.checkpoint_dir}")
     return 0
 

@@ -22,7 +22,14 @@ from ..files import write_bytes_atomically
 from ..progress import RunProgress
 from ..search import Search
 from ..spec import ModelSpec
-from ..store import RecordStore, checkpoints, normalize_url, open_engine, sqlite_url
+from ..store import (
+    RecordStore,
+    checkpoints,
+    normalize_url,
+    open_engine,
+    sqlite_file,
+    sqlite_url,
+)
 from ..store.tensorboard import TensorBoardLog
 from ..store.tensorboard import available as tensorboard_available
 from .driver import Driver, RunConfig
@@ -199,17 +206,13 @@ class Experiment:
             try:
                 driver.prepare()  # raises ConfigError before anything new is written
                 driver.start_workers()
-            except BaseException:
-                self.backend.shutdown(graceful=False)
-                if board is not None:
-                    board.close()
-                raise
-            try:
                 if store is None:
                     store = RecordStore.create(self.storage_url, self.name, self._record_config())
                 store.set_experiment_status("running")
             except BaseException:
                 self.backend.shutdown(graceful=False)
+                if board is not None:
+                    board.close()
                 raise
             try:
                 driver.run(store)
@@ -239,9 +242,9 @@ class Experiment:
         earlier = self._earlier_experiments()
         if earlier and self.overwrite:
             if self.storage is None:
-                for name in ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm"):
-                    if os.path.exists(os.path.join(self.path, name)):
-                        os.remove(os.path.join(self.path, name))
+                for suffix in ("", "-wal", "-shm"):  # SQLite's database and its WAL files
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(sqlite_file(self.path) + suffix)
             else:
                 with closing_engine(self.storage_url) as engine:
                     for row in earlier:
@@ -277,7 +280,7 @@ class Experiment:
         write_bytes_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
 
     def _earlier_experiments(self) -> list[dict[str, Any]]:
-        if self.storage is None and not os.path.exists(os.path.join(self.path, "cerebro.db")):
+        if self.storage is None and not os.path.exists(sqlite_file(self.path)):
             return []
         try:
             with closing_engine(self.storage_url) as engine:

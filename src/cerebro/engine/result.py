@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .. import training
 from ..errors import ConfigError, first_line, shown_url
-from ..store import RecordStore, normalize_url, open_engine, sqlite_url
+from ..store import RecordStore, normalize_url, open_engine, sqlite_file, sqlite_url
 from ..store.checkpoints import state_path
 
 
@@ -206,7 +206,7 @@ def load(path_or_url: str | os.PathLike, experiment: str | int | None = None) ->
     text = os.fspath(path_or_url)
     if "://" in text:
         url = normalize_url(text)
-    elif os.path.isfile(os.path.join(text, "cerebro.db")):
+    elif os.path.isfile(sqlite_file(text)):
         url = sqlite_url(text)
     else:
         raise ConfigError(

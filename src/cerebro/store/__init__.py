@@ -1,6 +1,13 @@
 """Experiment records (SQLAlchemy) and model checkpoints."""
 
 from . import checkpoints
-from .records import RecordStore, normalize_url, open_engine, sqlite_url
+from .records import RecordStore, normalize_url, open_engine, sqlite_file, sqlite_url
 
-__all__ = ["RecordStore", "checkpoints", "normalize_url", "open_engine", "sqlite_url"]
+__all__ = [
+    "RecordStore",
+    "checkpoints",
+    "normalize_url",
+    "open_engine",
+    "sqlite_file",
+    "sqlite_url",
+]

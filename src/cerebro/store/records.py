@@ -139,8 +139,13 @@ class Snapshot:
     checkpoints: list[dict[str, Any]]
 
 
+def sqlite_file(path: str) -> str:
+    """The default records of an experiment: ``<path>/cerebro.db``."""
+    return os.path.join(path, "cerebro.db")
+
+
 def sqlite_url(path: str) -> str:
-    return "sqlite:///" + os.path.abspath(os.path.join(path, "cerebro.db"))
+    return "sqlite:///" + os.path.abspath(sqlite_file(path))
 
 
 def normalize_url(url: str) -> str:
