@@ -29,6 +29,7 @@ class _CachedModel:
     version: int
     rng: dict[str, Any]  # "rng" (and "cuda_rng") to restore before the model's next hop
     counters: dict[str, int]
+    nbytes: int = 0  # its tensors' size, measured when it arrives and after each training hop
 
 
 class WorkerRuntime:
@@ -108,7 +109,8 @@ class WorkerRuntime:
                     entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
                 entry.counters = _progress(entry.counters, unit, done.hop(unit.shard))
                 snapshot = training.capture_state(entry.spec, entry.counters, self.device)
-                self._evict()  # the optimizer state may have just been created
+                entry.nbytes = _nbytes(entry.spec)  # the optimizer state may have just been created
+                self._evict()
                 save = self._save_job(unit, snapshot)
             else:
                 start = time.time()
@@ -159,7 +161,7 @@ class WorkerRuntime:
             )
         training.restore_state(spec, state, self.device)
         rng = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
-        entry = _CachedModel(spec, unit.version, rng, dict(state["counters"]))
+        entry = _CachedModel(spec, unit.version, rng, dict(state["counters"]), _nbytes(spec))
         self._cache[unit.model_id] = entry
         self._cache.move_to_end(unit.model_id)
         self._evict()
@@ -167,10 +169,9 @@ class WorkerRuntime:
 
     def _evict(self) -> None:
         """Drop least recently used models until the cache fits its budget (keep the newest)."""
-        while len(self._cache) > 1 and sum(_nbytes(e.spec) for e in self._cache.values()) > (
-            self.cache_budget
-        ):
-            self._cache.popitem(last=False)
+        total = sum(e.nbytes for e in self._cache.values())
+        while len(self._cache) > 1 and total > self.cache_budget:
+            total -= self._cache.popitem(last=False)[1].nbytes
 
     def _save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
         def save() -> StateSaved:
