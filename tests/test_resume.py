@@ -66,6 +66,7 @@ def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before the kill landed"
     return cerebro.load(path)
 
 
@@ -201,9 +202,9 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     _run(script, uninterrupted)
     crashed = tmp_path / "crashed"
     at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
-    victim = max(
-        (m for m in at_kill.models if m.status != "completed"), key=lambda m: len(m.history)
-    )
+    unfinished = [m for m in at_kill.models if m.status != "completed"]
+    assert unfinished, "the kill came too late to test anything"
+    victim = max(unfinished, key=lambda m: len(m.history))
     os.remove(training_state(crashed, victim.id))
     model_dir = os.path.dirname(training_state(crashed, victim.id))
     epochs_on_disk = sorted(f for f in os.listdir(model_dir) if f.startswith("epoch-"))
