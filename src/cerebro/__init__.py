@@ -21,30 +21,49 @@ Example:
 from . import metrics
 from .backends import Backend, LocalBackend
 from .data import Dataset, prepare_data
-from .engine import Experiment, ModelRecord, Result, load
+from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, control, load
 from .errors import CerebroError, ConfigError, ModelFailed, WorkerError
-from .search import GridSearch, RandomSearch, Search
+from .search import (
+    ASHA,
+    PBT,
+    EarlyStopping,
+    GridSearch,
+    Hyperband,
+    MedianStopping,
+    RandomSearch,
+    Search,
+    TPESearch,
+)
 from .space import choice, loguniform, quniform, randint, uniform
 from .spec import ModelSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASHA",
+    "PBT",
     "Backend",
     "CerebroError",
     "ConfigError",
+    "ControlRejected",
+    "Controller",
     "Dataset",
+    "EarlyStopping",
     "Experiment",
     "GridSearch",
+    "Hyperband",
     "LocalBackend",
+    "MedianStopping",
     "ModelFailed",
     "ModelRecord",
     "ModelSpec",
     "RandomSearch",
     "Result",
     "Search",
+    "TPESearch",
     "WorkerError",
     "choice",
+    "control",
     "load",
     "loguniform",
     "metrics",

@@ -185,3 +185,32 @@ def _check_bounds(kind: str, low: Any, high: Any) -> None:
             raise ConfigError(f"{kind}({name})", value, "a finite number")
     if low > high:
         raise ConfigError(f"{kind}(high)", high, f"a number >= low={low}")
+
+
+def describe_space(space: Mapping[str, Dimension]) -> dict[str, dict[str, Any]]:
+    """A normalized space as JSON-able dicts, kept in the records so that another process (the
+    CLI, a controller) can check parameters against it without the user's script.
+
+    >>> describe_space({"lr": loguniform(0.001, 0.1)})
+    {'lr': {'kind': 'loguniform', 'low': 0.001, 'high': 0.1}}
+    """
+    kinds = {Uniform: "uniform", LogUniform: "loguniform", RandInt: "randint", QUniform: "quniform"}
+    described = {}
+    for name, dim in space.items():
+        if isinstance(dim, Choice):
+            described[name] = {"kind": "choice", "values": list(dim.values)}
+        else:
+            described[name] = {"kind": kinds[type(dim)], **dim.__dict__}
+    return described
+
+
+def space_from_description(described: Mapping[str, Mapping[str, Any]]) -> dict[str, Dimension]:
+    """The inverse of :func:`describe_space`."""
+    makers = {
+        "choice": lambda d: Choice(tuple(d["values"])),
+        "uniform": lambda d: Uniform(d["low"], d["high"]),
+        "loguniform": lambda d: LogUniform(d["low"], d["high"]),
+        "randint": lambda d: RandInt(d["low"], d["high"]),
+        "quniform": lambda d: QUniform(d["low"], d["high"], d["q"]),
+    }
+    return {name: makers[d["kind"]](d) for name, d in described.items()}

@@ -94,6 +94,35 @@ def restore_state(spec: ModelSpec, state: dict[str, Any], device: torch.device) 
         spec.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
 
+def warm_start_state(
+    build: BuildFn, params: dict[str, Any], source: dict[str, Any], counters: dict[str, Any]
+) -> dict[str, Any]:
+    """A training state that continues ``source`` (weights, optimizer state such as Adam's
+    moments and step counts, LR-scheduler position, RNG) under new hyper-parameters.
+
+    The optimizer's hyper-parameters (lr, weight_decay, momentum, betas, ...) are those that
+    ``build(params)`` gives its optimizer: loading an optimizer state would otherwise bring the
+    source's back. An LR scheduler keeps the source's position but takes the new base rates.
+    Parameters that change the model's shape cannot be warm-started (loading the weights fails).
+    """
+    spec = build_spec(build, params, init_seed=None)
+    fresh_groups = [
+        {k: v for k, v in group.items() if k != "params"} for group in spec.optimizer.param_groups
+    ]
+    fresh_base_lrs = getattr(spec.lr_scheduler, "base_lrs", None)
+    restore_state(spec, source, _CPU)
+    for group, fresh in zip(spec.optimizer.param_groups, fresh_groups, strict=True):
+        group.update(fresh)
+    if fresh_base_lrs is not None:
+        spec.lr_scheduler.base_lrs = list(fresh_base_lrs)
+    state = capture_state(spec, counters, _CPU)
+    state["rng"] = source["rng"].clone()
+    return state
+
+
+_CPU = torch.device("cpu")
+
+
 def set_rng(state: dict[str, Any], device: torch.device) -> None:
     """Make torch's generators continue the model's own random stream."""
     torch.set_rng_state(state["rng"])

@@ -29,6 +29,7 @@ class _CachedModel:
     version: int
     rng: dict[str, Any]  # "rng" (and "cuda_rng") to restore before the model's next hop
     counters: dict[str, int]
+    params: dict[str, Any]  # what it was built with (PBT may change a model's params)
     nbytes: int = 0  # its tensors' size, measured when it arrives and after each training hop
 
 
@@ -144,6 +145,8 @@ class WorkerRuntime:
 
     def _bring_in(self, unit: Unit) -> _CachedModel:
         entry = self._cache.get(unit.model_id)
+        if entry is not None and entry.params != unit.params:
+            entry = None  # rebuilt: batch size or layers may depend on the new params
         if entry is not None and entry.version == unit.version:
             self._cache.move_to_end(unit.model_id)
             return entry
@@ -161,7 +164,9 @@ class WorkerRuntime:
             )
         training.restore_state(spec, state, self.device)
         rng = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
-        entry = _CachedModel(spec, unit.version, rng, dict(state["counters"]), _nbytes(spec))
+        entry = _CachedModel(
+            spec, unit.version, rng, dict(state["counters"]), dict(unit.params), _nbytes(spec)
+        )
         self._cache[unit.model_id] = entry
         self._cache.move_to_end(unit.model_id)
         self._evict()

@@ -8,8 +8,10 @@ are recorded and it starts the next epoch at once (no barrier with other models)
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -27,15 +29,27 @@ from ..errors import ConfigError, first_line
 from ..files import remove_partial_writes
 from ..progress import RunProgress
 from ..search import Search, Trial
+from ..search.base import (
+    COMPLETED,
+    FAILED,
+    PAUSED,
+    PRUNED,
+    RUNNING,
+    STOPPED,
+    Decision,
+    EarlyStopping,
+)
 from ..seeding import derive_seed
 from ..spec import ModelSpec
 from ..store import RecordStore, checkpoints
 from ..store.checkpoints import state_path
 from ..store.tensorboard import TensorBoardLog
+from .control import ControlRejected
 from .result import finite, last_metrics, ranking_key
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
 
 _POLL_S = 0.5
+_CONTROL_POLL_S = 0.25  # how often the records are checked for a person's requests
 # What a missing or damaged state file raises when read (other errors, such as running out of
 # file handles or permissions, are not evidence that the state is lost, and propagate).
 _UNUSABLE_STATE = (FileNotFoundError, EOFError, RuntimeError, pickle.UnpicklingError, KeyError)
@@ -81,6 +95,10 @@ class _Model:
     history: list[dict[str, float]] = field(default_factory=list)
     units_done: int = 0
     failures: int = 0  # consecutive units lost with a worker
+    origin: str = "search"  # or "add" / "clone" (a person's)
+    parent: int | None = None  # a clone's source
+    max_epochs: int | None = None  # its own budget; None: the experiment's epochs
+    stop_request: dict[str, Any] | None = None  # a stop control waiting for the hop to end
 
     @property
     def folder(self) -> str:
@@ -107,6 +125,7 @@ class RunConfig:
     deterministic: bool = False
     max_unit_failures: int = 3
     keep_checkpoints: str | int = "last_and_best"
+    early_stopping: EarlyStopping | None = None
 
 
 class Driver:
@@ -136,12 +155,15 @@ class Driver:
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerebro-checksum")
         self.busy_workers: set[int] = set()
         self._next_unit = 0
+        self._roster_changed = True  # ask the search for configurations at the next chance
+        self._controls_checked = 0.0
 
     # Models ------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Build the search's first configurations and check them; writes nothing.
 
+        The search (and early-stopping rule) must be attached to the experiment already.
         A ``build`` that returns something other than a ModelSpec, or a spec that cannot produce
         the experiment's metric, raises ConfigError here, before any record or state is written.
         """
@@ -151,11 +173,17 @@ class Driver:
         """Ask the search for configurations; build each into (model, initial state, error)."""
         built = []
         for params in self.config.search.propose(self.trials()):
-            model_id = len(self.models)
-            model = _Model(model_id, dict(params), state_path(self.config.checkpoint_dir, model_id))
-            self.models[model_id] = model
+            model = self._new_model(dict(params), origin="search")
             built.append((model, *self._initial_state(model, strict)))
         return built
+
+    def _new_model(self, params: dict[str, Any], origin: str, **fields: Any) -> _Model:
+        model_id = len(self.models)
+        path = state_path(self.config.checkpoint_dir, model_id)
+        model = _Model(model_id, params, path, origin=origin, **fields)
+        self.models[model_id] = model
+        self._roster_changed = True
+        return model
 
     def _initial_state(
         self, model: _Model, strict: bool
@@ -184,11 +212,18 @@ class Driver:
             except Exception:
                 error = traceback.format_exc()
         if error is not None:
-            model.status = "failed"
-            self.store.add_model(model.model_id, model.params, "failed", error)
-            return
-        model.remaining = self._train_order(model)
-        self.store.add_model(model.model_id, model.params, "running", None)
+            model.status = FAILED
+        else:
+            model.remaining = self._train_order(model)
+        self.store.add_model(
+            model.model_id,
+            model.params,
+            model.status,
+            error,
+            origin=model.origin,
+            parent=model.parent,
+            max_epochs=model.max_epochs,
+        )
 
     def _add_models(self, built: list[_Built]) -> int:
         for entry in built:
@@ -219,12 +254,15 @@ class Driver:
                 model_id, dict(row["params"]), state_path(self.config.checkpoint_dir, model_id)
             )
             model.status = row["status"]
+            model.origin = row["origin"] or "search"
+            model.parent = row["parent"]
+            model.max_epochs = row["max_epochs"]
             model.history = history.get(model_id, [])
             self.models[model_id] = model
             remove_partial_writes(model.folder)
             saved = [c for c in records.checkpoints if c["model_id"] == model_id]
             saved += self._record_missing_checkpoints(model, saved)
-            if model.status == "running":
+            if model.status not in (COMPLETED, FAILED):  # stopped ones may be resumed later
                 self._restore_progress(model, records.hops, saved)
 
     def _restore_progress(self, model: _Model, hops: Any, saved: list[dict[str, Any]]) -> None:
@@ -239,6 +277,11 @@ class Driver:
             if counters is None:
                 return
             hops = hops.iloc[0:0]  # records of the discarded epochs are gone
+        if "params" in counters and _as_json(counters["params"]) != _as_json(model.params):
+            # An exploit wrote the state, then the run died before recording its params.
+            model.params = dict(counters["params"])
+            self.store.update_model(model.model_id, params=model.params)
+            self.store.add_event("exploit_recovered", model=model.model_id, params=model.params)
         done_hops = counters.get("hops", [])
         model.version = counters["version"]
         model.epoch = counters["epoch"]
@@ -247,9 +290,9 @@ class Driver:
             model.epoch, done_hops, epoch_trained = 0, [], False
         elif epoch_trained and len(model.history) > model.epoch:
             model.epoch, done_hops, epoch_trained = model.epoch + 1, [], False  # epoch recorded
-        if model.epoch >= self.config.epochs:
-            model.status = "completed"
-            self.store.set_model_status(model.model_id, "completed")
+        if model.epoch >= self._budget(model):
+            model.status = COMPLETED
+            self.store.set_model_status(model.model_id, COMPLETED)
             return
         visited = [h["shard"] for h in done_hops]
         self.store.delete_hops(model.model_id, model.epoch, keep_train_shards=visited)
@@ -332,9 +375,24 @@ class Driver:
 
     def trials(self) -> list[Trial]:
         return [
-            Trial(m.model_id, dict(m.params), m.status, list(m.history))
+            Trial(
+                m.model_id,
+                dict(m.params),
+                m.status,
+                list(m.history),
+                origin=m.origin,
+                max_epochs=self._budget(m),
+            )
             for m in self.models.values()
         ]
+
+    def _budget(self, model: _Model) -> int:
+        """The epochs a model trains: its own (set by a person), its search's, the experiment's."""
+        if model.max_epochs is not None:
+            return model.max_epochs
+        if model.origin == "search" and self.config.search.max_epochs is not None:
+            return min(self.config.search.max_epochs, self.config.epochs)
+        return self.config.epochs
 
     # Main loop ---------------------------------------------------------------------------------
 
@@ -367,32 +425,39 @@ class Driver:
 
     def _loop(self) -> None:
         while True:
+            self._apply_controls()
+            if self._roster_changed:
+                # Models started, ended or paused: paused ones may go on, the search may add.
+                self._roster_changed = False
+                self._review_paused()
+                if not self.config.search.is_finished(self.trials()):
+                    self._add_models(self._build_proposals(strict=False))
             for assignment in schedule(self._model_slots(), self._worker_slots()):
                 self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
             if not self.in_flight:
-                added = 0
-                if not self.config.search.is_finished(self.trials()):
-                    added = self._add_models(self._build_proposals(strict=False))
-                if added == 0 and not self._schedulable():
-                    return
-                continue
+                if self._roster_changed or self._schedulable():
+                    continue
+                if self._prune_waiting():  # nothing else can change what they wait for
+                    continue
+                self._apply_controls(now=True)  # a last look before the run ends
+                if self._roster_changed or self._schedulable():
+                    continue
+                return
             for event in self.backend.poll(_POLL_S):
                 self._handle(event)
             self._record_checkpoints()
             self._show_status()
 
     def _schedulable(self) -> bool:
-        return any(
-            m.status == "running" and not m.busy and m.remaining for m in self.models.values()
-        )
+        return any(m.status == RUNNING and not m.busy and m.remaining for m in self.models.values())
 
     def _model_slots(self) -> list[ModelSlot]:
         per_epoch = len(self.train_shards) + len(self.val_shards)
         slots = []
         for m in self.models.values():
-            if m.status != "running":
+            if m.status != RUNNING:
                 continue
-            later = (self.config.epochs - m.epoch - 1) * per_epoch
+            later = max(self._budget(m) - m.epoch - 1, 0) * per_epoch
             this = len(m.remaining) + (len(self.val_shards) if m.phase == "train" else 0)
             slots.append(
                 ModelSlot(m.model_id, self._eligible(m), m.busy, later + this, m.last_worker)
@@ -604,48 +669,373 @@ class Driver:
         model.failures = 0
         model.busy = False
         model.last_worker = unit.worker_id
-        if model.status != "running" or model.remaining:
+        if model.status != RUNNING:
             return
-        if model.phase == "train" and self.val_shards:
-            model.phase = "eval"
-            model.remaining = sorted(self.val_shards)
-        else:
-            self._finish_epoch(model)
+        if not model.remaining:
+            if model.phase == "train" and self.val_shards:
+                model.phase = "eval"
+                model.remaining = sorted(self.val_shards)
+            else:
+                self._finish_epoch(model)
+        if model.stop_request is not None:
+            request, model.stop_request = model.stop_request, None
+            if model.status in (RUNNING, PAUSED):
+                self._stop(model, request)
+            else:
+                self._settle(request, f"model {model.model_id} is {model.status}: nothing to stop")
 
     def _finish_epoch(self, model: _Model) -> None:
+        """Record the epoch and what the model does next (one transaction), then go on.
+
+        The model is left at the start of its next epoch whatever is decided, so that a paused,
+        stopped or pruned model can later resume from there.
+        """
         metrics = {**model.train.means("train"), **model.val.means("val")}
-        self.store.add_epoch(model.model_id, model.epoch, metrics)
-        model.history.append({"epoch": model.epoch, **metrics})
-        self._checkpoint_epoch(model)
+        epoch = model.epoch
+        model.history.append({"epoch": epoch, **metrics})
+        self._checkpoint_epoch(model)  # before an exploit replaces the state file
         self.progress.epoch_done(model.model_id, metrics.get(self.config.metric))
         if self.tensorboard is not None:
-            self.tensorboard.epoch(model.model_id, model.epoch, metrics)
+            self.tensorboard.epoch(model.model_id, epoch, metrics)
         model.train, model.val = _Split(), _Split()
-        if model.epoch + 1 >= self.config.epochs:
-            model.status = "completed"
-            self.store.set_model_status(model.model_id, "completed")
-            self._log_hparams(model)
-            return
         model.epoch += 1
-        model.phase = "train"
-        model.remaining = self._train_order(model)
+        model.phase, model.remaining = "train", self._train_order(model)
+        self._roster_changed = True
+        decision = None
+        if model.epoch >= self._budget(model):
+            model.status, model.remaining = COMPLETED, []
+            event = None
+        else:
+            decision = self._decide(model, fresh=True)
+            event = self._take(model, decision)
+        recorded = None if model.status == RUNNING else model.status
+        self.store.add_epoch(model.model_id, epoch, metrics, recorded, event)
+        if decision is not None and decision.action == "exploit":
+            self._exploit(model, decision)
+        if model.status != RUNNING:
+            self._model_ended(model)
+
+    def _decide(self, model: _Model, fresh: bool) -> Decision:
+        """Ask the early-stopping rule (after a new epoch only), then the search."""
+        trials = self.trials()
+        trial = next(t for t in trials if t.model_id == model.model_id)
+        rule = self.config.early_stopping
+        if fresh and rule is not None:
+            reason = rule.should_stop(trial, trials)
+            if reason:
+                return Decision("stop", reason=f"{type(rule).__name__}: {reason}")
+        return self.config.search.decide(trial, trials)
+
+    def _take(self, model: _Model, decision: Decision) -> tuple[str, dict[str, Any]] | None:
+        """Apply a decision's new status; returns the event that records it."""
+        detail = {"model": model.model_id, "epoch": model.epoch - 1, "reason": decision.reason}
+        if decision.action == "pause":
+            model.status = PAUSED
+            return "paused", detail
+        if decision.action == "stop":
+            model.status = PRUNED
+            return "pruned", detail
+        model.status = RUNNING
+        return None
+
+    def _review_paused(self) -> None:
+        """Ask the search again about every paused model (new results may decide them)."""
+        for model in [m for m in self.models.values() if m.status == PAUSED]:
+            decision = self._decide(model, fresh=False)
+            if decision.action == "pause":
+                continue
+            event = self._take(model, decision)
+            if event is None:
+                event = ("continued", {"model": model.model_id, "reason": decision.reason})
+            self.store.update_model(model.model_id, status=model.status)
+            self.store.add_event(event[0], **event[1])
+            if decision.action == "exploit":
+                self._exploit(model, decision)
+            if model.status != RUNNING:
+                self._model_ended(model)
+
+    def _prune_waiting(self) -> bool:
+        """Prune models still paused when no running model or new proposal can decide them."""
+        waiting = [m for m in self.models.values() if m.status == PAUSED]
+        for model in waiting:
+            model.status = PRUNED
+            self.store.update_model(model.model_id, status=PRUNED)
+            self.store.add_event(
+                "pruned",
+                model=model.model_id,
+                epoch=model.epoch - 1,
+                reason="still paused when the search had nothing left to run",
+            )
+            self._model_ended(model)
+        return bool(waiting)
+
+    def _exploit(self, model: _Model, decision: Decision) -> None:
+        """PBT: take the weights and optimizer state of ``decision.source`` as of its last
+        finished epoch, under ``decision.params``.
+
+        The state file is written before the records change: if the run dies in between, the
+        resumed driver sees new params in the state and records them (see ``restore``).
+        """
+        source = self.models[decision.source]
+        if not source.history:
+            warnings.warn(
+                f"model {model.model_id}: exploit skipped, source has no epoch", stacklevel=2
+            )
+            return
+        source_epoch = int(source.history[-1]["epoch"])
+        path = checkpoints.epoch_path(source.folder, source_epoch)
+        try:
+            own = training.load_state(model.state_path)["counters"]
+            counters = {**own, "version": model.version + 1, "params": dict(decision.params)}
+            state = training.warm_start_state(
+                self.config.build, decision.params, training.load_state(path), counters
+            )
+            training.save_state(state, model.state_path)
+        except Exception:
+            warnings.warn(
+                f"model {model.model_id}: could not exploit model {source.model_id} "
+                f"({first_line(traceback.format_exc())}); it goes on with its own state",
+                stacklevel=2,
+            )
+            return
+        before = model.params
+        model.params = dict(decision.params)
+        model.version += 1
+        self.store.update_model(model.model_id, params=model.params)
+        self.store.add_event(
+            "exploit",
+            model=model.model_id,
+            epoch=model.epoch - 1,
+            source=source.model_id,
+            source_epoch=source_epoch,
+            params_before=before,
+            params=model.params,
+            reason=decision.reason,
+        )
+
+    def _model_ended(self, model: _Model) -> None:
+        """A model left the running set: completed, paused, stopped, pruned or failed."""
+        self._roster_changed = True
+        if model.status in (COMPLETED, PRUNED, FAILED):
+            self._log_hparams(model)
+        if model.status in (PRUNED, STOPPED, FAILED):
+            self._update_total()
+        if model.stop_request is not None and model.status != RUNNING and not model.busy:
+            request, model.stop_request = model.stop_request, None
+            self._settle(request, f"model {model.model_id} is {model.status}: nothing to stop")
 
     def _fail(self, model: _Model, error: str) -> None:
         """Mark a model failed; its last saved state stays on disk, the others go on."""
-        model.status = "failed"
+        model.status = FAILED
         model.busy = False
         model.remaining = []
-        self.store.set_model_status(model.model_id, "failed", error)
-        self._log_hparams(model)
+        self.store.set_model_status(model.model_id, FAILED, error)
+        self._model_ended(model)
+
+    # Controls: a person's requests, applied at the model's next hop boundary -----------------
+
+    def _apply_controls(self, now: bool = False) -> None:
+        """Apply pending control requests in the order they were made (checked a few times a
+        second; ``now`` skips the wait)."""
+        clock = time.monotonic()
+        if not now and clock - self._controls_checked < _CONTROL_POLL_S:
+            return
+        self._controls_checked = clock
+        waiting = {m.stop_request["id"] for m in self.models.values() if m.stop_request}
+        for request in self.store.controls(pending_only=True):
+            if request["id"] in waiting:
+                continue  # a stop waiting for its model's hop to end
+            try:
+                outcome = self._control(request)
+            except ControlRejected as e:
+                self._settle(request, str(e))
+                continue
+            if outcome is not None:
+                self._settle(request, None, outcome)
+
+    def _settle(
+        self, request: dict[str, Any], error: str | None, outcome: dict[str, Any] | None = None
+    ) -> None:
+        state = "rejected" if error is not None else "applied"
+        self.store.settle_control(request["id"], state, outcome, error)
+        self.store.add_event(
+            "control",
+            control=request["id"],
+            op=request["op"],
+            who=request["who"],
+            requested=request["requested"],
+            model=request["model_id"],
+            state=state,
+            outcome=outcome,
+            error=error,
+        )
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply one request; returns its outcome, or None if it waits for a hop to end."""
+        op, options = request["op"], request["options"] or {}
+        if op == "add":
+            return self._add_by_hand(request["params"] or {}, options.get("epochs"))
+        model = self._control_target(request)
+        if op == "stop":
+            if model.status not in (RUNNING, PAUSED):
+                raise ControlRejected(
+                    f"model {model.model_id} is {model.status}: only running or paused models "
+                    "can be stopped"
+                )
+            if model.busy:
+                if model.stop_request is not None:
+                    raise ControlRejected(f"model {model.model_id} is already being stopped")
+                model.stop_request = request
+                return None
+            return self._stop(model, request, settle=False)
+        if op == "resume":
+            return self._resume(model)
+        if op == "set_epochs":
+            return self._set_epochs(model, options.get("epochs"))
+        if op == "clone":
+            return self._clone(
+                model, request["params"] or {}, options.get("warm_start", True), options
+            )
+        raise ControlRejected(f"unknown control {op!r}")
+
+    def _control_target(self, request: dict[str, Any]) -> _Model:
+        model = self.models.get(request["model_id"])
+        if model is None:
+            raise ControlRejected(
+                f"model_id={request['model_id']!r} is not a model of this experiment "
+                f"(ids 0-{len(self.models) - 1})"
+            )
+        return model
+
+    def _stop(
+        self, model: _Model, request: dict[str, Any], settle: bool = True
+    ) -> dict[str, Any] | None:
+        model.status = STOPPED
+        self.store.update_model(model.model_id, status=STOPPED)
+        outcome = {"epoch": model.epoch, "phase": model.phase, "version": model.version}
+        self._model_ended(model)
+        if settle:
+            self._settle(request, None, outcome)
+            return None
+        return outcome
+
+    def _resume(self, model: _Model) -> dict[str, Any]:
+        if model.stop_request is not None:  # stop, then resume before the hop ended
+            request, model.stop_request = model.stop_request, None
+            self._settle(request, "cancelled by a later resume")
+            return {"epoch": model.epoch, "cancelled_stop": request["id"]}
+        if model.status not in (STOPPED, PRUNED):
+            raise ControlRejected(
+                f"model {model.model_id} is {model.status}: only stopped or pruned models can "
+                "be resumed (set_epochs reopens a completed one)"
+            )
+        if model.epoch >= self._budget(model):
+            raise ControlRejected(
+                f"model {model.model_id} has trained its {self._budget(model)} epochs: "
+                "use set_epochs to give it more"
+            )
+        model.status = RUNNING
+        self.store.update_model(model.model_id, status=RUNNING)
+        self._roster_changed = True
         self._update_total()
+        return {"epoch": model.epoch}
+
+    def _set_epochs(self, model: _Model, epochs: Any) -> dict[str, Any]:
+        done = len(model.history)
+        started = (
+            model.busy
+            or model.epoch > done
+            or (model.phase != "train" or len(model.remaining) < len(self.train_shards))
+        )
+        least = done + 1 if started and model.status == RUNNING else max(done, 1)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < least:
+            raise ControlRejected(
+                f"epochs={epochs!r} for model {model.model_id}: an integer >= {least} "
+                f"(it has finished {done} epochs)"
+            )
+        if model.status == FAILED:
+            raise ControlRejected(f"model {model.model_id} failed: it cannot train on")
+        model.max_epochs = epochs
+        self.store.update_model(model.model_id, max_epochs=epochs)
+        if model.status == COMPLETED and epochs > done:
+            model.status = RUNNING  # reopened: it trains on from its last epoch
+            model.epoch, model.phase, model.remaining = done, "train", []
+            model.remaining = self._train_order(model)
+            self.store.update_model(model.model_id, status=RUNNING)
+        elif model.status in (RUNNING, PAUSED) and epochs <= done:
+            model.status, model.remaining = COMPLETED, []
+            self.store.update_model(model.model_id, status=COMPLETED)
+            self._model_ended(model)
+        self._roster_changed = True
+        self._update_total()
+        return {"epochs": epochs, "status": model.status}
+
+    def _add_by_hand(self, params: dict[str, Any], epochs: Any) -> dict[str, Any]:
+        self._check_epochs_option(epochs)
+        model = self._new_model(dict(params), origin="add", max_epochs=epochs)
+        state, error = self._initial_state(model, strict=False)
+        self._add_models([(model, state, error)])
+        return {"model_id": model.model_id, "status": model.status}
+
+    def _clone(
+        self, source: _Model, params: dict[str, Any], warm_start: bool, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        epochs = options.get("epochs")
+        self._check_epochs_option(epochs)
+        merged = {**source.params, **params}
+        if not warm_start:
+            model = self._new_model(merged, origin="clone", parent=source.model_id)
+            model.max_epochs = epochs
+            state, error = self._initial_state(model, strict=False)
+            self._add_models([(model, state, error)])
+            return {"model_id": model.model_id, "warm_start": False}
+        # The source's state file always holds a complete state at a hop boundary (it is only
+        # ever replaced), so this is its exact state after its last saved hop.
+        try:
+            source_state = training.load_state(source.state_path)
+            counters = {
+                "version": 0,
+                "epoch": 0,
+                "init_seed": training.init_seed(self.config.seed, len(self.models)),
+            }
+            state = training.warm_start_state(self.config.build, merged, source_state, counters)
+        except Exception as e:
+            raise ControlRejected(
+                f"model {source.model_id} cannot be warm-started with {params}: {first_line(e)}"
+            ) from e
+        model = self._new_model(merged, origin="clone", parent=source.model_id)
+        model.max_epochs = epochs
+        self._add_models([(model, state, None)])
+        if model.status == RUNNING:
+            checkpoints.snapshot(model.state_path, checkpoints.origin_path(model.folder))
+        source_counters = source_state["counters"]
+        return {
+            "model_id": model.model_id,
+            "warm_start": True,
+            "source_version": source_counters["version"],
+            "source_epoch": source_counters.get("epoch", 0),
+            "source_hops_in_epoch": len(source_counters.get("hops", [])),
+        }
+
+    @staticmethod
+    def _check_epochs_option(epochs: Any) -> None:
+        if epochs is not None and (
+            not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1
+        ):
+            raise ControlRejected(f"epochs={epochs!r}: an integer >= 1, or None")
 
     # Display -----------------------------------------------------------------------------------
 
     def _update_total(self) -> None:
-        """Units the run will have done: all of each live model's, what failed ones did."""
-        per_model = self.config.epochs * (len(self.train_shards) + len(self.val_shards))
+        """Units the run will have done: all of each live model's, what ended ones did."""
+        per_epoch = len(self.train_shards) + len(self.val_shards)
         self.progress.set_total(
-            sum(m.units_done if m.status == "failed" else per_model for m in self.models.values())
+            sum(
+                m.units_done
+                if m.status in (FAILED, PRUNED, STOPPED)
+                else self._budget(m) * per_epoch
+                for m in self.models.values()
+            )
         )
 
     def _show_status(self) -> None:
@@ -655,6 +1045,10 @@ class Driver:
         self.progress.status(
             len(statuses), running, statuses.count("completed"), statuses.count("failed"), epoch + 1
         )
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def metric_names(spec: ModelSpec, has_validation: bool) -> list[str]:

@@ -21,6 +21,8 @@ from ..errors import ConfigError, first_line, shown_url
 from ..files import write_bytes_atomically
 from ..progress import RunProgress
 from ..search import Search
+from ..search.base import EarlyStopping, SearchContext
+from ..space import describe_space
 from ..spec import ModelSpec
 from ..store import (
     RecordStore,
@@ -70,6 +72,12 @@ class Experiment:
         max_unit_failures: a model whose unit loses its worker (the process dies, e.g. out of
             memory) this many times in a row is marked failed; before that the unit runs again
             from the state it started from, on a replacement worker.
+        early_stopping: a rule that prunes models at epoch boundaries, with any search, e.g.
+            ``cerebro.MedianStopping()``.
+
+    With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
+    is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
+    command) stops, resumes, clones and adds models.
 
     Example:
         >>> exp = cerebro.Experiment(build, dataset=ds, search=cerebro.GridSearch(space),
@@ -99,6 +107,7 @@ class Experiment:
         max_unit_failures: int = 3,
         tensorboard: bool | None = None,
         keep_checkpoints: str | int = "last_and_best",
+        early_stopping: EarlyStopping | None = None,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -114,6 +123,11 @@ class Experiment:
             )
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             raise ConfigError("epochs", epochs, "an integer >= 1")
+        if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+            raise ConfigError(
+                "early_stopping", early_stopping, "None or a rule such as cerebro.MedianStopping()"
+            )
+        self.early_stopping = early_stopping
         if mode not in ("min", "max"):
             raise ConfigError("mode", mode, "'min' or 'max'")
         if not isinstance(metric, str) or not metric.startswith(("train_", "val_")):
@@ -147,6 +161,11 @@ class Experiment:
                 "backend", backend, "a cerebro backend such as LocalBackend(workers=2)"
             )
         backend.validate(dataset.num_shards)
+        # Adaptive searches check that they fit the experiment (e.g. max_epochs <= epochs).
+        context = SearchContext(metric, mode, epochs, dataset.num_shards, backend.num_workers)
+        search.attach(context)
+        if early_stopping is not None:
+            early_stopping.attach(context)
         self.build = build
         self.dataset = dataset
         self.search = search
@@ -194,6 +213,7 @@ class Experiment:
                 deterministic=self.deterministic,
                 max_unit_failures=self.max_unit_failures,
                 keep_checkpoints=self.keep_checkpoints,
+                early_stopping=self.early_stopping,
             )
             progress = RunProgress(self.progress, self.metric, self.mode)
             logdir = os.path.join(self.path, "tensorboard")
@@ -311,6 +331,8 @@ class Experiment:
             "path": os.path.abspath(self.path),
             "checkpoint_dir": os.path.abspath(self.checkpoint_dir),
             "backend": repr(self.backend),
+            "space": describe_space(self.search.space) if hasattr(self.search, "space") else None,
+            "early_stopping": repr(self.early_stopping) if self.early_stopping else None,
         }
 
 

@@ -26,10 +26,14 @@ class ModelRecord:
     Attributes:
         id: the model's id within the experiment.
         params: its hyper-parameters.
-        status: "completed", "failed" (see ``error``), "running" or "pending".
+        status: "completed", "failed" (see ``error``), "running", "paused" (waiting for the
+            search, e.g. at an ASHA rung), "stopped" (by a person) or "pruned" (by the search
+            or early stopping).
         metrics: metrics of its last recorded epoch (e.g. ``{"val_accuracy": 0.97, ...}``).
         history: metrics of every epoch, oldest first (each dict has an "epoch" key).
         error: the traceback of a failed model.
+        origin: "search", or "add"/"clone" for models a person added.
+        parent: the source of a clone.
     """
 
     id: int
@@ -38,6 +42,8 @@ class ModelRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     error: str | None = None
+    origin: str = "search"
+    parent: int | None = None
 
 
 class Result:
@@ -80,9 +86,13 @@ class Result:
                 metrics=last_metrics(epochs_by_model.get(row["model_id"], [])),
                 history=epochs_by_model.get(row["model_id"], []),
                 error=row["error"],
+                origin=row["origin"] or "search",
+                parent=row["parent"],
             )
             for row in records.models
         ]
+        self.controls: list[dict[str, Any]] = records.controls
+        """Requests people made (stop, resume, clone, add, set_epochs): who, when, outcome."""
         self.events: list[dict[str, Any]] = records.events
         """Run-level events, oldest first: e.g. ``{"kind": "worker_lost", "detail": {...}}``."""
         self.hops: pd.DataFrame = records.hops

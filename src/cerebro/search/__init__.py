@@ -1,7 +1,25 @@
-"""Search algorithms: which configurations to train."""
+"""Search algorithms: which configurations to train, and what each model does after an epoch."""
 
-from .base import FixedSearch, Search, Trial
+from .base import Decision, EarlyStopping, FixedSearch, Search, SearchContext, Trial
+from .early_stopping import MedianStopping
 from .grid import GridSearch
+from .halving import ASHA, Hyperband
+from .pbt import PBT
 from .random import RandomSearch
+from .tpe import TPESearch
 
-__all__ = ["FixedSearch", "GridSearch", "RandomSearch", "Search", "Trial"]
+__all__ = [
+    "ASHA",
+    "PBT",
+    "Decision",
+    "EarlyStopping",
+    "FixedSearch",
+    "GridSearch",
+    "Hyperband",
+    "MedianStopping",
+    "RandomSearch",
+    "Search",
+    "SearchContext",
+    "TPESearch",
+    "Trial",
+]

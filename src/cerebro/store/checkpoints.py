@@ -78,3 +78,8 @@ def epochs_to_keep(policy: str | int, epochs: Iterable[int], best: int | None) -
     if policy != "last" and best is not None and best in present:
         kept.add(best)
     return kept
+
+
+def origin_path(folder: str) -> str:
+    """A clone's starting state (warm-started from its source), kept for audit."""
+    return os.path.join(folder, "origin.pt")

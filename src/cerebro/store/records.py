@@ -58,6 +58,10 @@ models = Table(
     Column("error", Text),
     Column("created", Float, nullable=False),
     Column("updated", Float, nullable=False),
+    # "search" (proposed by the search), "add" or "clone" (by a person); a clone's source.
+    Column("origin", String(20), nullable=False, default="search"),
+    Column("parent", Integer),
+    Column("max_epochs", Integer),  # this model's own epoch budget (None: the experiment's)
 )
 
 epochs = Table(
@@ -111,7 +115,25 @@ events = Table(
     Column("detail", JSON, nullable=False),
 )
 
-MODEL_STATUSES = ("pending", "running", "completed", "failed")
+# Requests of a person to a running (or finished) experiment, applied by its driver.
+controls = Table(
+    "controls",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("experiment_id", Integer, nullable=False, index=True),
+    Column("requested", Float, nullable=False),
+    Column("who", String(200), nullable=False),
+    Column("op", String(20), nullable=False),
+    Column("model_id", Integer),
+    Column("params", JSON),
+    Column("options", JSON, nullable=False),
+    Column("state", String(20), nullable=False),  # pending, applied, rejected
+    Column("settled", Float),
+    Column("outcome", JSON),  # e.g. {"model_id": 9} for add and clone
+    Column("error", Text),
+)
+
+MODEL_STATUSES = ("running", "paused", "completed", "failed", "stopped", "pruned")
 HOP_COLUMNS = [
     "model_id",
     "epoch",
@@ -137,6 +159,7 @@ class Snapshot:
     hops: pd.DataFrame
     events: list[dict[str, Any]]
     checkpoints: list[dict[str, Any]]
+    controls: list[dict[str, Any]]
 
 
 def sqlite_file(path: str) -> str:
@@ -219,7 +242,7 @@ class RecordStore:
     def delete_experiment(engine: Engine, experiment_id: int) -> None:
         """Remove one experiment and all of its records."""
         with engine.begin() as conn:
-            for table in (hops, epochs, models, events, checkpoints):
+            for table in (hops, epochs, models, events, checkpoints, controls):
                 conn.execute(delete(table).where(table.c.experiment_id == experiment_id))
             conn.execute(delete(experiments).where(experiments.c.id == experiment_id))
 
@@ -239,7 +262,14 @@ class RecordStore:
             )
 
     def add_model(
-        self, model_id: int, params: dict[str, Any], status: str, error: str | None
+        self,
+        model_id: int,
+        params: dict[str, Any],
+        status: str,
+        error: str | None,
+        origin: str = "search",
+        parent: int | None = None,
+        max_epochs: int | None = None,
     ) -> None:
         now = time.time()
         with self.engine.begin() as conn:
@@ -252,7 +282,21 @@ class RecordStore:
                     error=error,
                     created=now,
                     updated=now,
+                    origin=origin,
+                    parent=parent,
+                    max_epochs=max_epochs,
                 )
+            )
+
+    def update_model(self, model_id: int, **values: Any) -> None:
+        """Change a model's params, max_epochs or status (and error) in one transaction."""
+        if "params" in values:
+            values["params"] = _jsonable(values["params"])
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(models)
+                .where(models.c.experiment_id == self.experiment_id, models.c.model_id == model_id)
+                .values(updated=time.time(), **values)
             )
 
     def set_model_status(self, model_id: int, status: str, error: str | None = None) -> None:
@@ -263,7 +307,17 @@ class RecordStore:
                 .values(status=status, error=error, updated=time.time())
             )
 
-    def add_epoch(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
+    def add_epoch(
+        self,
+        model_id: int,
+        epoch: int,
+        metrics: dict[str, float],
+        status: str | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Record an epoch's metrics, with the decision taken on it (a new status and its
+        event) in the same transaction, so that a resumed run never has to decide again."""
+        now = time.time()
         with self.engine.begin() as conn:
             conn.execute(
                 insert(epochs).values(
@@ -271,9 +325,20 @@ class RecordStore:
                     model_id=model_id,
                     epoch=epoch,
                     metrics=metrics,
-                    finished=time.time(),
+                    finished=now,
                 )
             )
+            if status is not None:
+                conn.execute(
+                    update(models)
+                    .where(
+                        models.c.experiment_id == self.experiment_id,
+                        models.c.model_id == model_id,
+                    )
+                    .values(status=status, updated=now)
+                )
+            if event is not None:
+                self._insert_event(conn, *event)
 
     def add_hop(self, **values: Any) -> None:
         with self.engine.begin() as conn:
@@ -282,12 +347,70 @@ class RecordStore:
     def add_event(self, kind: str, **detail: Any) -> None:
         """Something that happened to the run as a whole (e.g. a worker was lost)."""
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(events).values(
+            self._insert_event(conn, kind, detail)
+
+    def _insert_event(self, conn: Any, kind: str, detail: dict[str, Any]) -> None:
+        conn.execute(
+            insert(events).values(
+                experiment_id=self.experiment_id,
+                time=time.time(),
+                kind=kind,
+                detail=_jsonable(detail),
+            )
+        )
+
+    # Controls ----------------------------------------------------------------------------------
+
+    def request_control(
+        self,
+        op: str,
+        who: str,
+        model_id: int | None = None,
+        params: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> int:
+        """Queue a person's request; the experiment's driver applies it. Returns its id."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                insert(controls).values(
                     experiment_id=self.experiment_id,
-                    time=time.time(),
-                    kind=kind,
-                    detail=_jsonable(detail),
+                    requested=time.time(),
+                    who=who,
+                    op=op,
+                    model_id=model_id,
+                    params=_jsonable(params) if params is not None else None,
+                    options=_jsonable(options or {}),
+                    state="pending",
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def controls(self, pending_only: bool = False) -> list[dict[str, Any]]:
+        """Control requests, oldest first."""
+        query = select(controls).where(controls.c.experiment_id == self.experiment_id)
+        if pending_only:
+            query = query.where(controls.c.state == "pending")
+        with self.engine.begin() as conn:
+            rows = conn.execute(query.order_by(controls.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def settle_control(
+        self,
+        control_id: int,
+        state: str,
+        outcome: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Mark a request applied or rejected (only once: a settled request stays settled)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(controls)
+                .where(controls.c.id == control_id, controls.c.state == "pending")
+                .values(
+                    state=state,
+                    settled=time.time(),
+                    outcome=_jsonable(outcome) if outcome is not None else None,
+                    error=error,
                 )
             )
 
@@ -407,6 +530,7 @@ class RecordStore:
             checkpoint_rows = rows(checkpoints, None, "model_id", "epoch")
             event_rows = rows(events, ["time", "kind", "detail"], "id")
             hop_rows = rows(hops, HOP_COLUMNS, "id")
+            control_rows = rows(controls, None, "id")
         frame = pd.DataFrame(hop_rows, columns=HOP_COLUMNS)
         frame["start"] = frame["start"] - experiment["created"]
         frame["end"] = frame["end"] - experiment["created"]
@@ -417,6 +541,7 @@ class RecordStore:
             hops=frame,
             events=event_rows,
             checkpoints=checkpoint_rows,
+            controls=control_rows,
         )
 
     def models(self) -> list[dict[str, Any]]:

@@ -1,0 +1,337 @@
+"""Control of a running (or finished) experiment from another process: stop, resume, clone,
+add models and change their epoch budget.
+
+A request is checked here against the records (model ids, statuses, the search space) and
+queued in the records' ``controls`` table with who asked and when; the experiment's driver
+applies it at the model's next hop boundary and records the outcome. Nothing is changed by a
+request that fails its checks. A request made while no driver runs waits for the next
+``Experiment.run()`` or ``cerebro resume <path>`` on the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import json
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import CerebroError, ConfigError, first_line, shown_url
+from ..space import Dimension, LogUniform, QUniform, RandInt, Uniform, space_from_description
+from ..store import RecordStore, normalize_url, open_engine, sqlite_file, sqlite_url
+
+_LIVE = ("running", "paused")
+
+
+class ControlRejected(CerebroError):
+    """The experiment's driver refused a request (e.g. the model completed before it applied)."""
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A queued request. :meth:`wait` blocks until the driver has applied or rejected it."""
+
+    id: int
+    op: str
+    model_id: int | None
+    _store: RecordStore
+
+    def status(self) -> dict[str, Any]:
+        """The request's row: state ("pending", "applied", "rejected"), outcome, error, ..."""
+        return next(r for r in self._store.controls() if r["id"] == self.id)
+
+    def wait(self, timeout: float = 60.0, poll: float = 0.1) -> dict[str, Any]:
+        """Wait until the driver settles the request; returns its outcome (for ``add`` and
+        ``clone``: ``{"model_id": new_id, ...}``).
+
+        Raises:
+            ControlRejected: the driver refused it (the message says why).
+            TimeoutError: still pending after ``timeout`` seconds (e.g. no driver is running).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.status()
+            if row["state"] == "applied":
+                return row["outcome"] or {}
+            if row["state"] == "rejected":
+                raise ControlRejected(f"control #{self.id} ({self.op}) rejected: {row['error']}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"control #{self.id} ({self.op}) still pending after {timeout:g} s; it is "
+                    "applied when the experiment runs (cerebro resume <path>)"
+                )
+            time.sleep(poll)
+
+
+class Controller:
+    """Requests to one experiment. Get one with :func:`cerebro.control`.
+
+    Example:
+        >>> ctl = cerebro.control("runs/demo")                        # doctest: +SKIP
+        >>> ctl.stop(3)                                               # doctest: +SKIP
+        >>> new = ctl.clone(1, params={"lr": 0.001}).wait()["model_id"]  # doctest: +SKIP
+        >>> ctl.add({"lr": 0.01, "batch_size": 64, "width": 64})       # doctest: +SKIP
+    """
+
+    def __init__(self, store: RecordStore, path: str | None, who: str | None = None) -> None:
+        self._store = store
+        self.path = path
+        self.who = who or f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"
+        config = store.snapshot().experiment["config"]
+        described = config.get("space")
+        self.space: dict[str, Dimension] | None = (
+            space_from_description(described) if described else None
+        )
+        self.epochs: int = config["epochs"]
+        self.metric: str = config["metric"]
+
+    # Reading ---------------------------------------------------------------------------------
+
+    def models(self) -> pd.DataFrame:
+        """One row per model: id, status, origin, parent, epochs done, budget, the ranking
+        metric's last value, params."""
+        records = self._store.snapshot()
+        done: dict[int, int] = {}
+        last: dict[int, float | None] = {}
+        for row in records.epochs:
+            done[row["model_id"]] = done.get(row["model_id"], 0) + 1
+            last[row["model_id"]] = row["metrics"].get(self.metric)
+        rows = [
+            {
+                "model_id": m["model_id"],
+                "status": m["status"],
+                "origin": m["origin"],
+                "parent": m["parent"],
+                "epochs_done": done.get(m["model_id"], 0),
+                "max_epochs": m["max_epochs"] or self.epochs,
+                self.metric: last.get(m["model_id"]),
+                "params": m["params"],
+            }
+            for m in records.models
+        ]
+        return pd.DataFrame(rows)
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request made to this experiment, oldest first, with its state and outcome."""
+        return self._store.controls()
+
+    @property
+    def is_running(self) -> bool | None:
+        """Whether a driver is running the experiment now (None if that cannot be told: records
+        in a database server without the experiment's folder)."""
+        if self.path is None:
+            return None
+        lock = os.path.join(self.path, ".lock")
+        if not os.path.exists(lock):
+            return False
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+    # Requests --------------------------------------------------------------------------------
+
+    def stop(self, model_id: int) -> ControlRequest:
+        """Stop a running or paused model after its current hop; its state is kept."""
+        model = self._model(model_id)
+        if model["status"] not in _LIVE:
+            raise ConfigError(
+                "model_id", model_id, "a running or paused model", hint=f"it is {model['status']}"
+            )
+        return self._request("stop", model_id)
+
+    def resume(self, model_id: int) -> ControlRequest:
+        """Let a stopped (or pruned) model train on from where it stopped."""
+        model = self._model(model_id)
+        stopping = any(
+            r["op"] == "stop" and r["model_id"] == model_id and r["state"] == "pending"
+            for r in self.requests()
+        )
+        if model["status"] not in ("stopped", "pruned") and not stopping:
+            raise ConfigError(
+                "model_id",
+                model_id,
+                "a stopped or pruned model",
+                hint=f"it is {model['status']}; set_epochs gives a completed model more epochs",
+            )
+        return self._request("resume", model_id)
+
+    def set_epochs(self, model_id: int, epochs: int) -> ControlRequest:
+        """Change one model's epoch budget (a completed model given more epochs trains on)."""
+        model = self._model(model_id)
+        done = self.models().set_index("model_id").loc[model_id, "epochs_done"]
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < max(done, 1):
+            raise ConfigError(
+                "epochs", epochs, f"an integer >= {max(done, 1)} (epochs model {model_id} has done)"
+            )
+        if model["status"] == "failed":
+            raise ConfigError("model_id", model_id, "a model that has not failed")
+        return self._request("set_epochs", model_id, options={"epochs": epochs})
+
+    def clone(
+        self,
+        model_id: int,
+        params: Mapping[str, Any] | None = None,
+        warm_start: bool = True,
+        epochs: int | None = None,
+        force: bool = False,
+    ) -> ControlRequest:
+        """A new model with the source's params updated by ``params``.
+
+        With ``warm_start`` (default) it starts from the source's exact training state after
+        its last hop (weights, optimizer state, LR-scheduler position, RNG) under the new
+        hyper-parameters; otherwise from a fresh initialization. ``force`` allows parameters
+        outside the search space (recorded as forced).
+        """
+        self._model(model_id)
+        if not isinstance(warm_start, bool):
+            raise ConfigError("warm_start", warm_start, "True or False")
+        changes = self._check_params(dict(params or {}), force, complete=False)
+        options = {"warm_start": warm_start, "epochs": _check_epochs(epochs), "force": force}
+        return self._request("clone", model_id, changes, options)
+
+    def add(
+        self, params: Mapping[str, Any], epochs: int | None = None, force: bool = False
+    ) -> ControlRequest:
+        """A new model with these params (every parameter of the space), trained from scratch
+        for ``epochs`` (default: the experiment's)."""
+        checked = self._check_params(dict(params), force, complete=True)
+        return self._request(
+            "add", None, checked, {"epochs": _check_epochs(epochs), "force": force}
+        )
+
+    def _request(
+        self,
+        op: str,
+        model_id: int | None,
+        params: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> ControlRequest:
+        control_id = self._store.request_control(op, self.who, model_id, params, options)
+        return ControlRequest(control_id, op, model_id, self._store)
+
+    def _model(self, model_id: Any) -> dict[str, Any]:
+        models = self._store.snapshot().models
+        if not isinstance(model_id, int) or isinstance(model_id, bool):
+            raise ConfigError("model_id", model_id, "an integer model id")
+        found = next((m for m in models if m["model_id"] == model_id), None)
+        if found is None:
+            ids = f"0-{len(models) - 1}" if models else "none yet"
+            raise ConfigError("model_id", model_id, f"a model of this experiment (ids {ids})")
+        return found
+
+    def _check_params(self, params: dict[str, Any], force: bool, complete: bool) -> dict[str, Any]:
+        if self.space is None:
+            return params
+        checked = {}
+        for name, value in params.items():
+            dim = self.space.get(name)
+            if dim is None:
+                if not force:
+                    raise ConfigError(
+                        "params",
+                        f"{name}={value!r}",
+                        f"a parameter of the search space: {sorted(self.space)}",
+                        hint="force=True (--force) allows it",
+                    )
+                checked[name] = value
+                continue
+            value = coerce(dim, value)
+            if not dim.contains(value) and not force:
+                raise ConfigError(
+                    "params",
+                    f"{name}={value!r}",
+                    f"a value in {dim}",
+                    hint="force=True (--force) allows it",
+                )
+            checked[name] = value
+        missing = sorted(set(self.space) - set(checked))
+        if complete and missing:
+            raise ConfigError(
+                "params",
+                params,
+                "a value for every parameter of the space",
+                hint=f"missing {missing}",
+            )
+        return checked
+
+
+def coerce(dim: Dimension, value: Any) -> Any:
+    """A value as its dimension's type: "0.01" or 1 for a float dimension, "64" for an int one,
+    "cnn" for a choice holding "cnn" (what ``--set name=value`` on the command line gives)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
+    continuous = isinstance(dim, (Uniform, LogUniform, QUniform))
+    if continuous and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(dim, RandInt) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    values = getattr(dim, "values", None)
+    if values is not None and not any(value == v for v in values):
+        by_text = [v for v in values if str(v) == str(value)]
+        if len(by_text) == 1:
+            return by_text[0]
+    return value
+
+
+def _check_epochs(epochs: Any) -> int | None:
+    if epochs is not None and (
+        not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1
+    ):
+        raise ConfigError("epochs", epochs, "an integer >= 1, or None (the experiment's)")
+    return epochs
+
+
+def control(
+    path_or_url: str | os.PathLike, experiment: str | int | None = None, who: str | None = None
+) -> Controller:
+    """Control an experiment, running or finished, from any process.
+
+    Args:
+        path_or_url: the experiment's ``path`` or its database URL.
+        experiment: name or id of the experiment in that database (default: the newest).
+        who: recorded with each request (default: ``user@host (pid N)``).
+
+    Example:
+        >>> ctl = cerebro.control("runs/demo")                      # doctest: +SKIP
+        >>> ctl.models()                                            # doctest: +SKIP
+        >>> ctl.stop(2).wait()                                      # doctest: +SKIP
+    """
+    text = os.fspath(path_or_url)
+    path: str | None = None
+    if "://" in text:
+        url = normalize_url(text)
+    elif os.path.isfile(sqlite_file(text)):
+        url, path = sqlite_url(text), text
+    else:
+        raise ConfigError(
+            "path_or_url", text, "an experiment folder holding cerebro.db, or a database URL"
+        )
+    try:
+        engine = open_engine(url)  # creates the controls table in records made before it
+        rows = RecordStore.list_experiments(engine)
+    except SQLAlchemyError as e:
+        raise ConfigError(
+            "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
+        ) from e
+    if experiment is not None:
+        rows = [r for r in rows if experiment in (r["id"], r["name"])]
+    if not rows:
+        raise ConfigError("experiment", experiment, "an experiment recorded in that database")
+    row = max(rows, key=lambda r: r["id"])
+    if path is None:
+        path = row["config"].get("path")
+        path = path if path and os.path.isdir(path) else None
+    return Controller(RecordStore(engine, row["id"]), path, who)
