@@ -81,3 +81,8 @@ def slow_mlp(params: dict) -> cerebro.ModelSpec:
     spec = mlp(params)
     spec.model.insert(0, _Slow(params.get("sleep", 0.01)))
     return spec
+
+
+def slow_mlp_30ms(params: dict) -> cerebro.ModelSpec:
+    """An MLP whose training units last about 0.3 s (12 batches), to act between hops."""
+    return slow_mlp({**params, "sleep": 0.03})

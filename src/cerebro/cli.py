@@ -30,16 +30,156 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     resume = commands.add_parser(
-        "resume", help="continue an interrupted experiment by rerunning the script that started it"
+        "resume",
+        help="continue an experiment by rerunning the script that started it; "
+        "with a model id, resume that stopped model",
     )
     resume.add_argument("path", help="the experiment's path (the folder holding cerebro.db)")
+    resume.add_argument("model_id", type=int, nargs="?", help="a stopped or pruned model")
+    _add_request_options(resume)
+    models = commands.add_parser("models", help="a table of an experiment's models")
+    models.add_argument("path")
+    stop = commands.add_parser("stop", help="stop a running model after its current hop")
+    stop.add_argument("path")
+    stop.add_argument("model_id", type=int)
+    _add_request_options(stop)
+    clone = commands.add_parser(
+        "clone", help="a new model from a model's exact state, with new hyper-parameters"
+    )
+    clone.add_argument("path")
+    clone.add_argument("model_id", type=int)
+    _add_params_options(clone)
+    clone.add_argument(
+        "--no-warm-start", action="store_true", help="start from fresh weights instead"
+    )
+    add = commands.add_parser("add", help="add a model with the given hyper-parameters")
+    add.add_argument("path")
+    _add_params_options(add)
+    set_epochs = commands.add_parser("set-epochs", help="change one model's epoch budget")
+    set_epochs.add_argument("path")
+    set_epochs.add_argument("model_id", type=int)
+    set_epochs.add_argument("epochs", type=int)
+    _add_request_options(set_epochs)
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "demo":
         return _demo(args, console)
-    if args.command == "resume":
+    if args.command == "resume" and args.model_id is None:
         return _resume(args.path, console)
-    return 2
+    if args.command == "models":
+        return _models(args.path, console)
+    return _request(args, console)
+
+
+def _add_request_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for a running experiment to apply the request (default 30)",
+    )
+
+
+def _add_params_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyper-parameter (repeatable), e.g. --set lr=0.001",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="its epoch budget")
+    parser.add_argument(
+        "--force", action="store_true", help="allow parameters outside the search space"
+    )
+    _add_request_options(parser)
+
+
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError("--set", pair, "NAME=VALUE, e.g. --set lr=0.001")
+        params[name.strip()] = value.strip()
+    return params
+
+
+def _request(args: argparse.Namespace, console: Console) -> int:
+    from .engine import ControlRejected, control
+
+    try:
+        ctl = control(args.path)
+        if args.command == "stop":
+            request = ctl.stop(args.model_id)
+        elif args.command == "resume":
+            request = ctl.resume(args.model_id)
+        elif args.command == "set-epochs":
+            request = ctl.set_epochs(args.model_id, args.epochs)
+        elif args.command == "clone":
+            request = ctl.clone(
+                args.model_id,
+                _parse_params(args.params),
+                warm_start=not args.no_warm_start,
+                epochs=args.epochs,
+                force=args.force,
+            )
+        else:
+            request = ctl.add(_parse_params(args.params), epochs=args.epochs, force=args.force)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    console.print(f"request #{request.id} ({request.op}) recorded by {ctl.who}")
+    if not ctl.is_running:
+        console.print(
+            f"the experiment is not running: `cerebro resume {args.path}` applies it and "
+            "continues the experiment"
+        )
+        return 0
+    try:
+        outcome = request.wait(timeout=args.wait)
+    except ControlRejected as e:
+        console.print(f"[red]rejected:[/red] {e}")
+        return 1
+    except TimeoutError as e:
+        console.print(f"[yellow]pending:[/yellow] {e}")
+        return 0
+    shown = ", ".join(f"{k}={v}" for k, v in outcome.items())
+    console.print(f"applied: {shown}" if shown else "applied")
+    return 0
+
+
+def _models(path: str, console: Console) -> int:
+    from .engine import control
+
+    try:
+        ctl = control(path)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    frame = ctl.models()
+    running = {True: "running", False: "not running", None: "unknown"}[ctl.is_running]
+    table = Table(title=f"{path} ({running})")
+    for name in ("model", "status", "origin", "epochs", ctl.metric):
+        table.add_column(name, justify="right")
+    table.add_column("params", overflow="fold")
+    for row in frame.itertuples(index=False):
+        origin = (
+            row.origin
+            if row.parent is None or row.parent != row.parent
+            else (f"{row.origin} of {int(row.parent)}")
+        )
+        table.add_row(
+            str(row.model_id),
+            row.status,
+            origin,
+            f"{row.epochs_done}/{row.max_epochs}",
+            _number(getattr(row, ctl.metric)),
+            format_params(row.params),
+        )
+    console.print(table)
+    return 0
 
 
 def _resume(path: str, console: Console) -> int:
@@ -58,7 +198,7 @@ def _resume(path: str, console: Console) -> int:
         )
         return 2
     status = result.experiment["status"]
-    unfinished = sum(m.status not in ("completed", "failed") for m in result.models)
+    unfinished = sum(m.status in ("running", "paused") for m in result.models)
     console.print(
         f"resuming {result.experiment['name']!r} ({status}, {unfinished} models unfinished): "
         f"{' '.join(command['argv'])} (in {command['cwd']})"

@@ -29,6 +29,13 @@ class Dimension:
     def contains(self, value: Any) -> bool:
         raise NotImplementedError
 
+    def __str__(self) -> str:
+        """As it is written in a space, e.g. ``loguniform(0.0001, 0.1)``."""
+        if isinstance(self, Choice):
+            return f"choice({list(self.values)!r})"
+        args = ", ".join(f"{v!r}" for v in self.__dict__.values())
+        return f"{type(self).__name__.lower()}({args})"
+
 
 @dataclass(frozen=True)
 class Choice(Dimension):

@@ -791,6 +791,7 @@ class Driver:
                 self.config.build, decision.params, training.load_state(path), counters
             )
             training.save_state(state, model.state_path)
+            checkpoints.snapshot(model.state_path, checkpoints.origin_path(model.folder))
         except Exception:
             warnings.warn(
                 f"model {model.model_id}: could not exploit model {source.model_id} "
@@ -959,7 +960,8 @@ class Driver:
         self.store.update_model(model.model_id, max_epochs=epochs)
         if model.status == COMPLETED and epochs > done:
             model.status = RUNNING  # reopened: it trains on from its last epoch
-            model.epoch, model.phase, model.remaining = done, "train", []
+            model.version = training.load_state(model.state_path)["counters"]["version"]
+            model.epoch, model.phase = done, "train"
             model.remaining = self._train_order(model)
             self.store.update_model(model.model_id, status=RUNNING)
         elif model.status in (RUNNING, PAUSED) and epochs <= done:

@@ -81,5 +81,6 @@ def epochs_to_keep(policy: str | int, epochs: Iterable[int], best: int | None) -
 
 
 def origin_path(folder: str) -> str:
-    """A clone's starting state (warm-started from its source), kept for audit."""
+    """The state a model last took from another model (a clone's warm start, or a PBT
+    exploit), kept so that its training can be audited and replayed from there."""
     return os.path.join(folder, "origin.pt")
