@@ -55,3 +55,47 @@ def test_completed_run_keeps_checkpoints_by_policy_with_checksums(digits, tmp_pa
         assert checkpoints.checksum(last) == checkpoints.checksum(
             os.path.join(path, "checkpoints", f"model-{model.id:05d}", "state.pt")
         )
+
+
+def test_a_mirror_copies_prunes_and_fetches_checkpoints_by_checksum(digits, tmp_path):
+    import fsspec
+
+    url = f"memory://cerebro-tests/{tmp_path.name}"
+    path = tmp_path / "run"
+    result = cerebro.Experiment(
+        builders.mlp,
+        digits,
+        cerebro.GridSearch({"lr": cerebro.choice([0.002, 0.05])}),
+        epochs=3,
+        backend=cerebro.LocalBackend(workers=2),
+        path=path,
+        progress=False,
+        keep_checkpoints="last",
+        checkpoint_url=url,
+    ).run()
+    memory = fsspec.filesystem("memory")
+    mirror = checkpoints.Mirror(url, str(path / "checkpoints"))
+    for model in result.models:
+        local = os.path.join(path, "checkpoints", f"model-{model.id:05d}", "epoch-0002.pt")
+        copies = memory.ls(mirror.url_of(os.path.dirname(local)).split("://")[1], detail=False)
+        assert [c.rsplit("/", 1)[1] for c in copies] == ["epoch-0002.pt"]  # pruned with it
+        digest = checkpoints.checksum(local)
+        os.remove(local)
+        assert mirror.fetch(local, digest) and checkpoints.checksum(local) == digest
+        assert not mirror.fetch(local, "0" * 64)  # a copy that does not match is not kept
+        assert not os.path.exists(local)
+    assert result.experiment["config"]["checkpoint_url"] == url
+
+
+def test_an_unusable_checkpoint_url_fails_before_any_work(digits, tmp_path):
+    for bad in ("nosuchfs://bucket/run", 42):
+        with pytest.raises(cerebro.ConfigError, match="checkpoint_url="):
+            cerebro.Experiment(
+                builders.mlp,
+                digits,
+                cerebro.GridSearch({"lr": cerebro.choice([0.01])}),
+                path=tmp_path / "run",
+                progress=False,
+                checkpoint_url=bad,
+            )
+    assert not (tmp_path / "run").exists()

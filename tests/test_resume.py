@@ -4,6 +4,7 @@ path, and get exactly what an uninterrupted run gives (deterministic mode)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,14 +31,16 @@ if __name__ == "__main__":
     cerebro.Experiment(builders.mlp, {data!r}, cerebro.RandomSearch(space, num_models={models}),
                        epochs={epochs}, metric="val_accuracy", mode="max",
                        backend=cerebro.LocalBackend(workers=2), path=sys.argv[1], seed=11,
-                       progress=False, deterministic=True).run()
+                       progress=False, deterministic=True{extra}).run()
 """
 
 
 @pytest.fixture
 def script(digits, tmp_path):
     path = tmp_path / "run.py"
-    path.write_text(SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS))
+    path.write_text(
+        SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra="")
+    )
     return path
 
 
@@ -201,7 +204,9 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     uninterrupted = tmp_path / "uninterrupted"
     _run(script, uninterrupted)
     crashed = tmp_path / "crashed"
-    at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
+    # At a third, the kill usually lands between an epoch's end and the record of its
+    # checkpoint's checksum: a checkpoint corrupted then must not be trusted on resume.
+    at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 3)
     unfinished = [m for m in at_kill.models if m.status != "completed"]
     assert unfinished, "the kill came too late to test anything"
     victim = max(unfinished, key=lambda m: len(m.history))
@@ -231,6 +236,51 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     if also_break_newest_checkpoint and epochs_on_disk:
         broken_epoch = int(epochs_on_disk[-1][6:10])
         assert recovered[0]["detail"]["from_epoch"] < broken_epoch
+
+
+def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mirror(
+    script, tmp_path, digits
+):
+    """With ``checkpoint_url``, epoch checkpoints are also kept at an fsspec URL: a model whose
+    whole local folder is gone after a crash restarts from the mirror's newest good copy."""
+    mirror = tmp_path / "mirror"
+    mirrored = tmp_path / "mirrored.py"
+    extra = f", checkpoint_url={'file://' + str(mirror)!r}"
+    mirrored.write_text(
+        SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=extra)
+    )
+    uninterrupted = tmp_path / "uninterrupted"
+    _run(script, uninterrupted)
+    crashed = tmp_path / "crashed"
+    total_train_hops = MODELS * EPOCHS * digits.num_shards
+    at_kill = _kill_mid_run(mirrored, crashed, min_train_hops=total_train_hops * 2 // 3)
+    unfinished = [m for m in at_kill.models if m.status != "completed"]
+    assert unfinished, "the kill came too late to test anything"
+    victim = max(unfinished, key=lambda m: len(m.history))
+    folder = os.path.dirname(training_state(crashed, victim.id))
+    shutil.rmtree(folder)
+
+    done = subprocess.run(
+        [sys.executable, str(mirrored), str(crashed)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
+    [event] = [e["detail"] for e in resumed.events if e["kind"] == "state_recovered"]
+    if len(victim.history) >= 2:  # its first checkpoint was surely copied before the kill
+        assert event["from_epoch"] >= 0
+    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
+    for record in reference.models:
+        assert state_equal(
+            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
+        ), record.id
+    # The mirror holds what the keep-policy keeps locally, byte for byte.
+    for model in resumed.models:
+        local = Path(os.path.dirname(training_state(crashed, model.id)))
+        copies = mirror / local.name
+        kept = sorted(p.name for p in local.glob("epoch-*.pt"))
+        assert sorted(p.name for p in copies.glob("epoch-*.pt")) == kept
+        for name in kept:
+            assert (copies / name).read_bytes() == (local / name).read_bytes()
 
 
 def test_a_refused_run_leaves_the_other_experiments_build_alone(digits, tmp_path):

@@ -126,6 +126,7 @@ class RunConfig:
     max_unit_failures: int = 3
     keep_checkpoints: str | int = "last_and_best"
     early_stopping: EarlyStopping | None = None
+    checkpoint_mirror: checkpoints.Mirror | None = None
 
 
 class Driver:
@@ -261,7 +262,9 @@ class Driver:
             self.models[model_id] = model
             remove_partial_writes(model.folder)
             saved = [c for c in records.checkpoints if c["model_id"] == model_id]
-            saved += self._record_missing_checkpoints(model, saved)
+            # A checksum first taken now vouches for nothing (the file may have been damaged
+            # since it was written): a lost state goes back only to checkpoints recorded before.
+            self._record_missing_checkpoints(model, saved)
             if model.status not in (COMPLETED, FAILED):  # stopped ones may be resumed later
                 self._restore_progress(model, records.hops, saved)
 
@@ -312,13 +315,10 @@ class Driver:
             model.phase = "train"
             model.remaining = [s for s in self._train_order(model) if s not in visited]
 
-    def _record_missing_checkpoints(
-        self, model: _Model, saved: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    def _record_missing_checkpoints(self, model: _Model, saved: list[dict[str, Any]]) -> None:
         """Epoch checkpoints written before a crash but never recorded get their checksum now."""
         recorded = {c["epoch"] for c in saved}
         model_dir = model.folder
-        added = []
         for epoch in range(len(model.history)):
             path = checkpoints.epoch_path(model_dir, epoch)
             if epoch not in recorded and os.path.isfile(path):
@@ -326,16 +326,6 @@ class Driver:
                 self.store.add_checkpoint(
                     model.model_id, epoch, path, digest, os.path.getsize(path)
                 )
-                added.append(
-                    {
-                        "model_id": model.model_id,
-                        "epoch": epoch,
-                        "path": path,
-                        "checksum": digest,
-                        "pruned": 0,
-                    }
-                )
-        return added
 
     def _recover_state(
         self, model: _Model, saved: list[dict[str, Any]], problem: str
@@ -346,7 +336,7 @@ class Driver:
             (
                 c
                 for c in sorted(saved, key=lambda c: -c["epoch"])
-                if not c["pruned"] and checkpoints.verified(c["path"], c["checksum"])
+                if not c["pruned"] and self._usable_checkpoint(c["path"], c["checksum"])
             ),
             None,
         )
@@ -372,6 +362,17 @@ class Driver:
                 return None
             training.save_state(state, model.state_path)
         return training.load_state(model.state_path)["counters"]
+
+    def _usable_checkpoint(self, path: str, expected: str) -> bool:
+        """The local copy matches its checksum, or the mirror's copy does (and is fetched)."""
+        if checkpoints.verified(path, expected):
+            return True
+        mirror = self.config.checkpoint_mirror
+        try:
+            return mirror is not None and mirror.fetch(path, expected)
+        except Exception as e:  # an unreachable mirror: recover from what is left locally
+            warnings.warn(f"checkpoint mirror: {path} not fetched: {e}", stacklevel=2)
+            return False
 
     def trials(self) -> list[Trial]:
         return [
@@ -562,7 +563,23 @@ class Driver:
             )
             return
         key = (model.model_id, model.epoch, path)
-        self._checksums[key] = self._hasher.submit(checkpoints.checksum, path)
+        self._checksums[key] = self._hasher.submit(self._checksum_and_copy, path)
+
+    def _checksum_and_copy(self, path: str) -> str:
+        """(On the checksum thread.) A checkpoint's checksum; then its copy on the mirror."""
+        digest = checkpoints.checksum(path)
+        if self.config.checkpoint_mirror is not None:
+            try:
+                self.config.checkpoint_mirror.upload(path)
+            except Exception as e:  # the local checkpoint is still there: warn, go on
+                warnings.warn(f"checkpoint mirror: {path} not copied: {e}", stacklevel=2)
+        return digest
+
+    def _remove_copy(self, path: str) -> None:
+        try:
+            self.config.checkpoint_mirror.remove(path)
+        except Exception as e:
+            warnings.warn(f"checkpoint mirror: copy of {path} not pruned: {e}", stacklevel=2)
 
     def _record_checkpoints(self, wait: bool = False) -> None:
         """Record checkpoints whose checksum is ready, then prune by the keep-policy."""
@@ -588,7 +605,10 @@ class Driver:
         )
         dropped = [e for e in present if e not in keep and e not in pending]
         for epoch in dropped:
-            os.remove(checkpoints.epoch_path(model_dir, epoch))
+            path = checkpoints.epoch_path(model_dir, epoch)
+            os.remove(path)
+            if self.config.checkpoint_mirror is not None:
+                self._hasher.submit(self._remove_copy, path)
         if dropped:
             self.store.set_checkpoints_pruned(model.model_id, dropped)
 

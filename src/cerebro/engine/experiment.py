@@ -74,6 +74,10 @@ class Experiment:
             from the state it started from, on a replacement worker.
         early_stopping: a rule that prunes models at epoch boundaries, with any search, e.g.
             ``cerebro.MedianStopping()``.
+        checkpoint_url: an fsspec URL (``s3://bucket/run``, ``gs://...``, ``file:///backup``)
+            that keeps a copy of every epoch checkpoint (pruned with the local ones). A model
+            whose local state and checkpoints are lost recovers from it. The states models carry
+            between hops stay under ``path`` (a local or mounted filesystem).
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -108,6 +112,7 @@ class Experiment:
         tensorboard: bool | None = None,
         keep_checkpoints: str | int = "last_and_best",
         early_stopping: EarlyStopping | None = None,
+        checkpoint_url: str | None = None,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -180,6 +185,13 @@ class Experiment:
         self.name = name or os.path.basename(os.path.normpath(self.path))
         self.deterministic = deterministic
         self._storage_given = storage
+        if checkpoint_url is not None and not isinstance(checkpoint_url, str):
+            raise ConfigError("checkpoint_url", checkpoint_url, "an fsspec URL string or None")
+        self.checkpoint_mirror = (
+            checkpoints.Mirror(checkpoint_url, self.checkpoint_dir) if checkpoint_url else None
+        )
+        if self.checkpoint_mirror is not None:
+            self.checkpoint_mirror.check_writable()
         self.storage = normalize_url(storage) if storage is not None else None
 
     @property
@@ -214,6 +226,7 @@ class Experiment:
                 max_unit_failures=self.max_unit_failures,
                 keep_checkpoints=self.keep_checkpoints,
                 early_stopping=self.early_stopping,
+                checkpoint_mirror=self.checkpoint_mirror,
             )
             progress = RunProgress(self.progress, self.metric, self.mode)
             logdir = os.path.join(self.path, "tensorboard")
@@ -333,6 +346,7 @@ class Experiment:
             "backend": repr(self.backend),
             "space": describe_space(self.search.space) if hasattr(self.search, "space") else None,
             "early_stopping": repr(self.early_stopping) if self.early_stopping else None,
+            "checkpoint_url": self.checkpoint_mirror.url if self.checkpoint_mirror else None,
         }
 
 

@@ -84,3 +84,82 @@ def origin_path(folder: str) -> str:
     """The state a model last took from another model (a clone's warm start, or a PBT
     exploit), kept so that its training can be audited and replayed from there."""
     return os.path.join(folder, "origin.pt")
+
+
+class Mirror:
+    """A second home for epoch checkpoints at any fsspec URL (``s3://bucket/run``,
+    ``gs://...``, ``file:///mnt/backup/run``, ``memory://...``).
+
+    Each checkpoint is copied there once its checksum is known, pruned there with the local one,
+    and fetched back (and checked against its recorded checksum) when a model must be recovered
+    and its local copy is gone or damaged. The state a model carries between hops stays local:
+    workers replace and memory-map it after every hop.
+
+    Example:
+        >>> mirror = Mirror("memory://cerebro-doc/checkpoints", "/tmp/run/checkpoints")
+        >>> mirror.url_of("/tmp/run/checkpoints/model-00001/epoch-0002.pt")
+        'memory://cerebro-doc/checkpoints/model-00001/epoch-0002.pt'
+    """
+
+    def __init__(self, url: str, checkpoint_dir: str) -> None:
+        import fsspec  # imported here: only experiments with a mirror need it
+
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(
+                "checkpoint_url",
+                url,
+                "an fsspec URL whose filesystem is installed, e.g. s3://bucket/run (s3fs)",
+                hint=str(e).splitlines()[0] if str(e) else None,
+            ) from e
+        self.url = url.rstrip("/")
+        self.root = self.root.rstrip("/")
+        self.checkpoint_dir = os.path.abspath(checkpoint_dir)
+
+    def _remote(self, local: str) -> str:
+        relative = os.path.relpath(os.path.abspath(local), self.checkpoint_dir)
+        return f"{self.root}/{relative.replace(os.sep, '/')}"
+
+    def url_of(self, local: str) -> str:
+        """Where the copy of a local checkpoint lives."""
+        relative = os.path.relpath(os.path.abspath(local), self.checkpoint_dir)
+        return f"{self.url}/{relative.replace(os.sep, '/')}"
+
+    def check_writable(self) -> None:
+        """Fail fast (before training) if the URL cannot be written."""
+        probe = f"{self.root}/.cerebro-write-test"
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as e:
+            raise ConfigError(
+                "checkpoint_url", self.url, "a location this process can write", hint=str(e)
+            ) from e
+
+    def upload(self, local: str) -> None:
+        remote = self._remote(local)
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(local, remote)
+
+    def remove(self, local: str) -> None:
+        remote = self._remote(local)
+        if self.fs.exists(remote):
+            self.fs.rm_file(remote)
+
+    def fetch(self, local: str, expected: str) -> bool:
+        """Bring a checkpoint's copy back to ``local`` if it matches ``expected``."""
+        remote = self._remote(local)
+        if not self.fs.exists(remote):
+            return False
+
+        def write(tmp: str) -> None:
+            self.fs.get_file(remote, tmp)
+
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        replace_atomically(local, write)
+        if checksum(local) == expected:
+            return True
+        os.remove(local)
+        return False
