@@ -41,3 +41,23 @@ def state_equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def replay_epoch(digits, build, params, state, seed, model_id, epoch, shards) -> torch.nn.Module:
+    """Train one epoch in this process from ``state``, over ``shards`` in order, seeded as a
+    deterministic MOP run seeds each hop: what the run recorded must come out bit for bit."""
+    from cerebro import training
+    from cerebro.seeding import derive_seed
+
+    spec = training.build_spec(build, params, init_seed=None)
+    training.restore_state(spec, state, torch.device("cpu"))
+    for i, shard in enumerate(shards):
+        torch.manual_seed(derive_seed(seed, "hop-rng", model_id, epoch, shard))
+        training.run_train_hop(
+            spec,
+            digits.load_shard("train", shard),
+            training.shuffle_seed(seed, model_id, epoch, shard),
+            torch.device("cpu"),
+            end_of_epoch=i == len(shards) - 1,
+        )
+    return spec.model

@@ -6,12 +6,10 @@ from __future__ import annotations
 import builders
 import pandas as pd
 import pytest
-import torch
-from conftest import state_equal
+from conftest import replay_epoch, state_equal
 
 import cerebro
 from cerebro import training
-from cerebro.seeding import derive_seed
 from cerebro.store.checkpoints import epoch_path, model_dir, origin_path
 
 SEED = 5
@@ -74,21 +72,6 @@ def test_hyperband_runs_its_brackets_and_epochs_never_exceed_max_epochs(digits, 
     _check_epochs_are_whole(result, digits.num_shards)
 
 
-def _replay_epoch(digits, params, state, model_id, epoch, shards) -> torch.nn.Module:
-    spec = training.build_spec(builders.mlp, params, init_seed=None)
-    training.restore_state(spec, state, torch.device("cpu"))
-    for i, shard in enumerate(shards):
-        torch.manual_seed(derive_seed(SEED, "hop-rng", model_id, epoch, shard))
-        training.run_train_hop(
-            spec,
-            digits.load_shard("train", shard),
-            training.shuffle_seed(SEED, model_id, epoch, shard),
-            torch.device("cpu"),
-            end_of_epoch=i == len(shards) - 1,
-        )
-    return spec.model
-
-
 def test_pbt_exploit_copies_the_source_state_exactly(digits, tmp_path):
     space = {"lr": cerebro.loguniform(1e-4, 3e-1), "width": 32}
     search = cerebro.PBT(space, population=4, perturb_every=1, quantile=0.25, seed=0)
@@ -114,7 +97,9 @@ def test_pbt_exploit_copies_the_source_state_exactly(digits, tmp_path):
     epoch = last["epoch"] + 1
     mine = hops[(hops.model_id == target) & (hops.kind == "train") & (hops.epoch == epoch)]
     shards = list(mine.sort_values("start").shard)
-    replayed = _replay_epoch(digits, last["params"], taken, target, epoch, shards)
+    replayed = replay_epoch(
+        digits, builders.mlp, last["params"], taken, SEED, target, epoch, shards
+    )
     recorded = training.load_state(epoch_path(model_dir(checkpoints, target), epoch))["model"]
     assert state_equal(replayed.state_dict(), recorded)
 

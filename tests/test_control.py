@@ -12,12 +12,10 @@ import time
 import builders
 import pandas as pd
 import pytest
-import torch
-from conftest import state_equal
+from conftest import replay_epoch, state_equal
 
 import cerebro
 from cerebro import training
-from cerebro.seeding import derive_seed
 from cerebro.store.checkpoints import epoch_path, model_dir, origin_path, state_path
 
 SEED = 3
@@ -79,22 +77,6 @@ def _holds(condition) -> bool:
 def _train_hops(path, model_id: int) -> pd.DataFrame:
     hops = cerebro.load(path).hops
     return hops[(hops.model_id == model_id) & (hops.kind == "train")]
-
-
-def _replay_epoch(digits, build, params, state, model_id, epoch, shards) -> torch.nn.Module:
-    """Train one epoch in this process from ``state``, as a deterministic MOP run does."""
-    spec = training.build_spec(build, params, init_seed=None)
-    training.restore_state(spec, state, torch.device("cpu"))
-    for i, shard in enumerate(shards):
-        torch.manual_seed(derive_seed(SEED, "hop-rng", model_id, epoch, shard))
-        training.run_train_hop(
-            spec,
-            digits.load_shard("train", shard),
-            training.shuffle_seed(SEED, model_id, epoch, shard),
-            torch.device("cpu"),
-            end_of_epoch=i == len(shards) - 1,
-        )
-    return spec.model
 
 
 def test_every_control_takes_effect_within_one_hop_on_a_live_run(digits, tmp_path):
@@ -159,8 +141,8 @@ def test_every_control_takes_effect_within_one_hop_on_a_live_run(digits, tmp_pat
     assert clone["source_version"] == frozen["counters"]["version"]
     # ... and its first epoch, replayed here from that state, gives its recorded weights.
     first = train[(train.model_id == clone_id) & (train.epoch == 0)].sort_values("start")
-    replayed = _replay_epoch(
-        digits, builders.slow_mlp_30ms, {"lr": 0.002}, origin, clone_id, 0, list(first.shard)
+    replayed = replay_epoch(
+        digits, builders.slow_mlp_30ms, {"lr": 0.002}, origin, SEED, clone_id, 0, list(first.shard)
     )
     recorded = training.load_state(epoch_path(model_dir(checkpoints, clone_id), 0))["model"]
     assert state_equal(replayed.state_dict(), recorded)

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import CerebroError, ConfigError, first_line, shown_url
+from ..errors import CerebroError, ConfigError
 from ..space import Dimension, LogUniform, QUniform, RandInt, Uniform, space_from_description
-from ..store import RecordStore, normalize_url, open_engine, sqlite_file, sqlite_url
+from ..store import RecordStore
 
 _LIVE = ("running", "paused")
 
@@ -309,29 +308,8 @@ def control(
         >>> ctl.models()                                            # doctest: +SKIP
         >>> ctl.stop(2).wait()                                      # doctest: +SKIP
     """
+    # create: records made before the controls table existed get it.
+    store, row = RecordStore.find(path_or_url, experiment, create=True)
     text = os.fspath(path_or_url)
-    path: str | None = None
-    if "://" in text:
-        url = normalize_url(text)
-    elif os.path.isfile(sqlite_file(text)):
-        url, path = sqlite_url(text), text
-    else:
-        raise ConfigError(
-            "path_or_url", text, "an experiment folder holding cerebro.db, or a database URL"
-        )
-    try:
-        engine = open_engine(url)  # creates the controls table in records made before it
-        rows = RecordStore.list_experiments(engine)
-    except SQLAlchemyError as e:
-        raise ConfigError(
-            "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
-        ) from e
-    if experiment is not None:
-        rows = [r for r in rows if experiment in (r["id"], r["name"])]
-    if not rows:
-        raise ConfigError("experiment", experiment, "an experiment recorded in that database")
-    row = max(rows, key=lambda r: r["id"])
-    if path is None:
-        path = row["config"].get("path")
-        path = path if path and os.path.isdir(path) else None
-    return Controller(RecordStore(engine, row["id"]), path, who)
+    path = text if "://" not in text else row["config"].get("path")
+    return Controller(store, path if path and os.path.isdir(path) else None, who)

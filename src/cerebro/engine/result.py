@@ -11,11 +11,10 @@ from typing import Any
 import cloudpickle
 import pandas as pd
 import torch
-from sqlalchemy.exc import SQLAlchemyError
 
 from .. import training
-from ..errors import ConfigError, first_line, shown_url
-from ..store import RecordStore, normalize_url, open_engine, sqlite_file, sqlite_url
+from ..errors import ConfigError, first_line
+from ..store import RecordStore
 from ..store.checkpoints import state_path
 
 
@@ -213,29 +212,8 @@ def load(path_or_url: str | os.PathLike, experiment: str | int | None = None) ->
         >>> result.history.tail()                          # doctest: +SKIP
         >>> model = result.load_model()                    # doctest: +SKIP
     """
-    text = os.fspath(path_or_url)
-    if "://" in text:
-        url = normalize_url(text)
-    elif os.path.isfile(sqlite_file(text)):
-        url = sqlite_url(text)
-    else:
-        raise ConfigError(
-            "path_or_url", text, "an experiment folder holding cerebro.db, or a database URL"
-        )
-    try:
-        engine = open_engine(url, create=False)
-        rows = RecordStore.list_experiments(engine)
-    except SQLAlchemyError as e:
-        raise ConfigError(
-            "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
-        ) from e
-    if experiment is not None:
-        rows = [r for r in rows if experiment in (r["id"], r["name"])]
-    if not rows:
-        raise ConfigError("experiment", experiment, "an experiment recorded in that database")
-    row = max(rows, key=lambda r: r["id"])
+    store, row = RecordStore.find(path_or_url, experiment)
     config = row["config"]
-    store = RecordStore(engine, row["id"])
     result = Result(store, config["metric"], config["mode"], config["checkpoint_dir"], None)
     result._build_path = os.path.join(config.get("path", ""), BUILD_FILE)
     return result

@@ -32,9 +32,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from ..errors import ConfigError, shown_url
+from ..errors import ConfigError, first_line, shown_url
 
 metadata = MetaData()
 
@@ -237,6 +237,38 @@ class RecordStore:
             )
             experiment_id = int(result.inserted_primary_key[0])
         return cls(engine, experiment_id)
+
+    @classmethod
+    def find(
+        cls, path_or_url: str | os.PathLike, experiment: str | int | None, create: bool = False
+    ) -> tuple[RecordStore, dict[str, Any]]:
+        """The store of a recorded experiment (by name or id; default the newest) found at an
+        experiment folder holding ``cerebro.db`` or at a database URL, and its row.
+
+        ``create`` adds tables missing from records made by an older version (writers only).
+        """
+        text = os.fspath(path_or_url)
+        if "://" in text:
+            url = normalize_url(text)
+        elif os.path.isfile(sqlite_file(text)):
+            url = sqlite_url(text)
+        else:
+            raise ConfigError(
+                "path_or_url", text, "an experiment folder holding cerebro.db, or a database URL"
+            )
+        try:
+            engine = open_engine(url, create=create)
+            rows = cls.list_experiments(engine)
+        except SQLAlchemyError as e:
+            raise ConfigError(
+                "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
+            ) from e
+        if experiment is not None:
+            rows = [r for r in rows if experiment in (r["id"], r["name"])]
+        if not rows:
+            raise ConfigError("experiment", experiment, "an experiment recorded in that database")
+        row = max(rows, key=lambda r: r["id"])
+        return cls(engine, row["id"]), row
 
     @staticmethod
     def delete_experiment(engine: Engine, experiment_id: int) -> None:
