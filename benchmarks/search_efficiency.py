@@ -15,12 +15,13 @@ training shard). Every method gets the same budget B:
 Reported per method (mean and [min, max] over seeds): model-epochs actually spent (train hops /
 shards), configurations tried, the best ``val_loss`` reached by any model at any epoch after
 B/4, B/2 and B model-epochs (epochs taken in the order they finished), the validation accuracy
-of that epoch, the best last-epoch ``val_loss`` of a model trained to max_epochs, and wall time.
+of that epoch, the best last-epoch ``val_loss`` of a model trained to max_epochs, wall time and
+the fraction of it workers were busy.
 
 Usage:
     python benchmarks/search_efficiency.py            # 5 seeds, B = 16 x 27 model-epochs, ~8 min
     python benchmarks/search_efficiency.py --seeds 0 1 2 --budget-models 8
-    python benchmarks/search_efficiency.py --quick    # a smoke run (seconds), writes nothing
+    python benchmarks/search_efficiency.py --quick    # a smoke run (~30 s), writes nothing
                                                       # unless --out is given
 """
 
@@ -162,6 +163,7 @@ def run_one(
     wall = time.perf_counter() - started
     hops = result.hops
     spent = int((hops.kind == "train").sum()) / dataset.num_shards
+    busy = float((hops.end - hops.start).sum() / (workers * (hops.end.max() - hops.start.min())))
     epochs = epoch_order(result)
     best_final = result.best.metrics[METRIC] if result.best is not None else math.nan
     statuses = pd.Series([m.status for m in result.models]).value_counts().to_dict()
@@ -173,6 +175,7 @@ def run_one(
         "failed": statuses.get("failed", 0),
         "spent": spent,
         "wall_s": wall,
+        "busy": busy,
         "best_final": best_final,
         "epochs": epochs,
     }
@@ -217,12 +220,14 @@ def per_seed_table(runs: list[dict[str, Any]], budget: int) -> pd.DataFrame:
             "configs": r["models"],
             "trained_fully": r["full"],
             "model_epochs": r["spent"],
+            "failed": r["failed"],
         }
         for f in FRACTIONS:
             row[f"best_loss@{f:g}B"] = best_within(r["epochs"], f * budget)[0]
         row["acc_at_best"] = best_within(r["epochs"], budget)[1]
         row["best_final_loss"] = r["best_final"]
         row["wall_s"] = r["wall_s"]
+        row["busy"] = r["busy"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -240,6 +245,7 @@ def summary_table(per_seed: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
         row["val_acc at best"] = _spread(group.acc_at_best, "{:.3f}")
         row["best final val_loss"] = _spread(group.best_final_loss, "{:.3f}")
         row["wall_s"] = _spread(group.wall_s, "{:.0f}")
+        row["busy"] = _spread(group.busy, "{:.2f}")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -272,6 +278,7 @@ def _write(
         if column.startswith(("best", "acc")):
             shown[column] = shown[column].map("{:.4f}".format)
     shown["wall_s"] = shown["wall_s"].map("{:.1f}".format)
+    shown["busy"] = shown["busy"].map("{:.3f}".format)
     shown["model_epochs"] = shown["model_epochs"].map("{:g}".format)
     lines = [
         "# Search efficiency",
@@ -298,10 +305,12 @@ def _write(
         "",
         "Columns: `model_epochs` = train hops / shards actually run. `best val_loss @xB` = the "
         "lowest `val_loss` of any model at any epoch among the first x*B model-epochs, taking "
-        "epochs in the order their validation finished (the best checkpoint is kept, so that "
-        "model can be loaded). `val_acc at best` = the validation accuracy of that epoch. "
+        "epochs in the order their validation finished (each model keeps its best epoch's "
+        "checkpoint by default). `val_acc at best` = the validation accuracy of that epoch. "
         "`best final val_loss` = the best last-epoch `val_loss` of a model trained to "
-        f"{args.max_epochs} epochs (what `result.best` returns). Summary cells: mean "
+        f"{args.max_epochs} epochs (what `result.best` returns). `wall_s` = the whole "
+        "`Experiment.run()` call, starting the workers included; `busy` = time workers spent "
+        "in units / (workers x first unit start to last unit end). Summary cells: mean "
         "[min, max] over seeds.",
         "",
         "## Summary",
@@ -345,6 +354,9 @@ def _plot(runs: list[dict[str, Any]], per_seed: pd.DataFrame, budget: int, path:
         title="Best val_loss vs compute (thin: one seed, thick: mean)",
     )
     axes[0].axvline(budget, color="k", ls="--", lw=0.8)
+    low = np.nanmin([np.nanmin(r["epochs"].best_so_far) for r in runs])
+    top = np.nanmax([np.nanmax(r["epochs"].best_so_far) for r in runs])
+    axes[0].set_ylim(0.95 * low, min(top * 1.05, 5 * low))
     axes[0].legend()
     column = "best_loss@1B"
     for i, method in enumerate(methods):

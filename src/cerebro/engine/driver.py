@@ -375,17 +375,17 @@ class Driver:
             return False
 
     def trials(self) -> list[Trial]:
-        return [
-            Trial(
-                m.model_id,
-                dict(m.params),
-                m.status,
-                list(m.history),
-                origin=m.origin,
-                max_epochs=self._budget(m),
-            )
-            for m in self.models.values()
-        ]
+        return [self._trial(m) for m in self.models.values()]
+
+    def _trial(self, m: _Model) -> Trial:
+        return Trial(
+            m.model_id,
+            dict(m.params),
+            m.status,
+            list(m.history),
+            origin=m.origin,
+            max_epochs=self._budget(m),
+        )
 
     def _budget(self, model: _Model) -> int:
         """The epochs a model trains: its own (set by a person), its search's, the experiment's."""
@@ -735,9 +735,9 @@ class Driver:
         if model.status != RUNNING:
             self._model_ended(model)
 
-    def _decide(self, model: _Model, fresh: bool) -> Decision:
+    def _decide(self, model: _Model, fresh: bool, trials: list[Trial] | None = None) -> Decision:
         """Ask the early-stopping rule (after a new epoch only), then the search."""
-        trials = self.trials()
+        trials = self.trials() if trials is None else trials
         trial = next(t for t in trials if t.model_id == model.model_id)
         rule = self.config.early_stopping
         if fresh and rule is not None:
@@ -760,8 +760,15 @@ class Driver:
 
     def _review_paused(self) -> None:
         """Ask the search again about every paused model (new results may decide them)."""
-        for model in [m for m in self.models.values() if m.status == PAUSED]:
-            decision = self._decide(model, fresh=False)
+        paused = [m for m in self.models.values() if m.status == PAUSED]
+        if not paused:
+            return
+        # One list for the whole review, updated where a decision changes a model: rebuilding
+        # it per question made ASHA's reviews cost O(paused x models x epochs) per epoch.
+        trials = self.trials()
+        position = {t.model_id: i for i, t in enumerate(trials)}
+        for model in paused:
+            decision = self._decide(model, fresh=False, trials=trials)
             if decision.action == "pause":
                 continue
             event = self._take(model, decision)
@@ -773,6 +780,7 @@ class Driver:
                 self._exploit(model, decision)
             if model.status != RUNNING:
                 self._model_ended(model)
+            trials[position[model.model_id]] = self._trial(model)
 
     def _prune_waiting(self) -> bool:
         """Prune models still paused when no running model or new proposal can decide them."""
