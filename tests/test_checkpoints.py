@@ -71,7 +71,7 @@ def test_a_mirror_copies_prunes_and_fetches_checkpoints_by_checksum(digits, tmp_
         path=path,
         progress=False,
         keep_checkpoints="last",
-        checkpoint_url=url,
+        checkpoint_mirror=url,
     ).run()
     memory = fsspec.filesystem("memory")
     mirror = checkpoints.Mirror(url, str(path / "checkpoints"))
@@ -84,18 +84,66 @@ def test_a_mirror_copies_prunes_and_fetches_checkpoints_by_checksum(digits, tmp_
         assert mirror.fetch(local, digest) and checkpoints.checksum(local) == digest
         assert not mirror.fetch(local, "0" * 64)  # a copy that does not match is not kept
         assert not os.path.exists(local)
-    assert result.experiment["config"]["checkpoint_url"] == url
+    assert result.experiment["config"]["checkpoint_mirror"] == url
 
 
-def test_an_unusable_checkpoint_url_fails_before_any_work(digits, tmp_path):
-    for bad in ("nosuchfs://bucket/run", 42):
-        with pytest.raises(cerebro.ConfigError, match="checkpoint_url="):
+def test_an_unusable_checkpoint_mirror_fails_before_any_work(digits, tmp_path):
+    bad_options = [
+        ("checkpoint_mirror", "nosuchfs://bucket/run"),
+        ("checkpoint_mirror", 42),
+        ("checkpoint_dir", "nosuchfs://bucket/run"),
+        ("checkpoint_dir", 42),
+    ]
+    for argument, bad in bad_options:
+        with pytest.raises(cerebro.ConfigError, match=f"{argument}="):
             cerebro.Experiment(
                 builders.mlp,
                 digits,
                 cerebro.GridSearch({"lr": cerebro.choice([0.01])}),
                 path=tmp_path / "run",
                 progress=False,
-                checkpoint_url=bad,
+                **{argument: bad},
             )
     assert not (tmp_path / "run").exists()
+
+
+def _deterministic(digits, path, **options):
+    return cerebro.Experiment(
+        builders.mlp,
+        digits,
+        cerebro.GridSearch({"lr": cerebro.choice([0.002, 0.05])}),
+        epochs=2,
+        backend=cerebro.LocalBackend(workers=2),
+        path=path,
+        progress=False,
+        deterministic=True,
+        keep_checkpoints="all",
+        **options,
+    ).run()
+
+
+def test_checkpoints_at_an_fsspec_url_give_the_same_results(digits, tmp_path):
+    """Hop states and epoch checkpoints at a URL go through fsspec (uploads and downloads, no
+    memory map, no hard links); ``local://`` is fsspec's local filesystem, reachable from the
+    worker processes, so the whole path runs as it would against an object store."""
+    import torch
+
+    from cerebro import files
+
+    url = f"local://{tmp_path}/store/checkpoints"
+    at_url = _deterministic(digits, tmp_path / "url", checkpoint_dir=url)
+    on_disk = _deterministic(digits, tmp_path / "disk")
+    assert at_url.history.equals(on_disk.history)
+    rows = RecordStore(open_engine(sqlite_url(str(tmp_path / "url"))), 1).snapshot().checkpoints
+    assert len(rows) == 4 and all(r["path"].startswith(url) for r in rows)
+    for row in rows:
+        assert files.is_url(row["path"]) and checkpoints.verified(row["path"], row["checksum"])
+    assert not (tmp_path / "url" / "checkpoints").exists()
+    for model in on_disk.models:
+        a, b = at_url.load_model(model.id), on_disk.load_model(model.id)
+        assert all(
+            torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
+        )
+    # Running it again continues from the records: nothing is trained twice.
+    again = _deterministic(digits, tmp_path / "url", checkpoint_dir=url)
+    assert len(again.hops) == len(at_url.hops)

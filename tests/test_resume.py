@@ -241,11 +241,11 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
 def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mirror(
     script, tmp_path, digits
 ):
-    """With ``checkpoint_url``, epoch checkpoints are also kept at an fsspec URL: a model whose
+    """With ``checkpoint_mirror``, epoch checkpoints are also kept at an fsspec URL: a model whose
     whole local folder is gone after a crash restarts from the mirror's newest good copy."""
     mirror = tmp_path / "mirror"
     mirrored = tmp_path / "mirrored.py"
-    extra = f", checkpoint_url={'file://' + str(mirror)!r}"
+    extra = f", checkpoint_mirror={'file://' + str(mirror)!r}"
     mirrored.write_text(
         SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=extra)
     )
@@ -281,6 +281,29 @@ def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mir
         assert sorted(p.name for p in copies.glob("epoch-*.pt")) == kept
         for name in kept:
             assert (copies / name).read_bytes() == (local / name).read_bytes()
+
+
+def test_sigkill_then_rerun_with_checkpoints_at_an_fsspec_url(script, tmp_path, digits):
+    """The same crash and resume with every state at an fsspec URL (uploads, no renames)."""
+    at_url = tmp_path / "at_url.py"
+    extra = f", checkpoint_dir={'local://' + str(tmp_path / 'store')!r}"
+    at_url.write_text(
+        SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=extra)
+    )
+    uninterrupted = tmp_path / "uninterrupted"
+    _run(script, uninterrupted)
+    crashed = tmp_path / "crashed"
+    total_train_hops = MODELS * EPOCHS * digits.num_shards
+    at_kill = _kill_mid_run(at_url, crashed, min_train_hops=total_train_hops // 2)
+    assert any(m.status != "completed" for m in at_kill.models), "the kill came too late"
+    _run(at_url, crashed)
+    resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
+    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
+    for record in reference.models:
+        assert state_equal(
+            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
+        ), record.id
+    assert not (crashed / "checkpoints").exists()
 
 
 def test_a_refused_run_leaves_the_other_experiments_build_alone(digits, tmp_path):

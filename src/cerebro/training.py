@@ -9,6 +9,7 @@ bit (MOP invariant 4).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import files
 from .data import Shard
 from .errors import ConfigError, ModelFailed
 from .files import replace_atomically
@@ -163,7 +165,11 @@ def _without_zip_crc() -> Iterator[None]:
 
 
 def load_state(path: str) -> dict[str, Any]:
-    """Read a state file (memory-mapped: only the bytes used are read)."""
+    """Read a state file (memory-mapped: only the bytes used are read), or one at an fsspec URL."""
+    if files.is_url(path):
+        with files.open_for_reading(path) as f:
+            payload = io.BytesIO(f.read())
+        return torch.load(payload, map_location="cpu", weights_only=True)
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 

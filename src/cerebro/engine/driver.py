@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import training
+from .. import files, training
 from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo, WorkerLost
 from ..data import Dataset
 from ..errors import ConfigError, first_line
@@ -321,11 +321,9 @@ class Driver:
         model_dir = model.folder
         for epoch in range(len(model.history)):
             path = checkpoints.epoch_path(model_dir, epoch)
-            if epoch not in recorded and os.path.isfile(path):
+            if epoch not in recorded and files.exists(path):
                 digest = checkpoints.checksum(path)
-                self.store.add_checkpoint(
-                    model.model_id, epoch, path, digest, os.path.getsize(path)
-                )
+                self.store.add_checkpoint(model.model_id, epoch, path, digest, files.size(path))
 
     def _recover_state(
         self, model: _Model, saved: list[dict[str, Any]], problem: str
@@ -587,7 +585,7 @@ class Driver:
             model_id, epoch, path = key
             try:
                 digest = self._checksums.pop(key).result()
-                self.store.add_checkpoint(model_id, epoch, path, digest, os.path.getsize(path))
+                self.store.add_checkpoint(model_id, epoch, path, digest, files.size(path))
                 self._prune(self.models[model_id])
             except OSError as e:
                 warnings.warn(f"model {model_id}: epoch {epoch} checkpoint: {e}", stacklevel=2)
@@ -597,7 +595,7 @@ class Driver:
         present = [
             e
             for e in range(len(model.history))
-            if os.path.exists(checkpoints.epoch_path(model_dir, e))
+            if files.exists(checkpoints.epoch_path(model_dir, e))
         ]
         pending = {e for (m, e, _) in self._checksums if m == model.model_id}
         keep = checkpoints.epochs_to_keep(
@@ -606,7 +604,7 @@ class Driver:
         dropped = [e for e in present if e not in keep and e not in pending]
         for epoch in dropped:
             path = checkpoints.epoch_path(model_dir, epoch)
-            os.remove(path)
+            files.remove(path)
             if self.config.checkpoint_mirror is not None:
                 self._hasher.submit(self._remove_copy, path)
         if dropped:

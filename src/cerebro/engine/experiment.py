@@ -15,6 +15,7 @@ import cloudpickle
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import files
 from ..backends import Backend, LocalBackend
 from ..data import Dataset
 from ..errors import ConfigError, first_line, shown_url
@@ -74,10 +75,14 @@ class Experiment:
             from the state it started from, on a replacement worker.
         early_stopping: a rule that prunes models at epoch boundaries, with any search, e.g.
             ``cerebro.MedianStopping()``.
-        checkpoint_url: an fsspec URL (``s3://bucket/run``, ``gs://...``, ``file:///backup``)
-            that keeps a copy of every epoch checkpoint (pruned with the local ones). A model
-            whose local state and checkpoints are lost recovers from it. The states models carry
-            between hops stay under ``path`` (a local or mounted filesystem).
+        checkpoint_dir: where each model's training state (between hops) and its epoch
+            checkpoints live: default ``<path>/checkpoints``; any fsspec URL works too
+            (``s3://bucket/run/checkpoints``, needs the filesystem's package, e.g. ``s3fs``).
+            At a URL, every hop uploads and downloads the model's whole state: for large models
+            prefer a local folder with ``checkpoint_mirror``.
+        checkpoint_mirror: an fsspec URL (``s3://bucket/run``, ``file:///backup/run``) that
+            keeps a copy of every epoch checkpoint (pruned with the local ones). A model whose
+            own state and checkpoints are lost recovers from it.
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -112,7 +117,8 @@ class Experiment:
         tensorboard: bool | None = None,
         keep_checkpoints: str | int = "last_and_best",
         early_stopping: EarlyStopping | None = None,
-        checkpoint_url: str | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_mirror: str | None = None,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -185,18 +191,28 @@ class Experiment:
         self.name = name or os.path.basename(os.path.normpath(self.path))
         self.deterministic = deterministic
         self._storage_given = storage
-        if checkpoint_url is not None and not isinstance(checkpoint_url, str):
-            raise ConfigError("checkpoint_url", checkpoint_url, "an fsspec URL string or None")
+        if checkpoint_dir is None:
+            self._checkpoint_dir = os.path.join(self.path, "checkpoints")
+        elif isinstance(checkpoint_dir, (str, os.PathLike)):
+            self._checkpoint_dir = files.as_local(os.fspath(checkpoint_dir)).rstrip("/")
+        else:
+            raise ConfigError("checkpoint_dir", checkpoint_dir, "a folder or an fsspec URL")
+        if files.is_url(self._checkpoint_dir):
+            checkpoints.check_writable("checkpoint_dir", self._checkpoint_dir)
+        if checkpoint_mirror is not None and not isinstance(checkpoint_mirror, str):
+            raise ConfigError("checkpoint_mirror", checkpoint_mirror, "an fsspec URL or None")
         self.checkpoint_mirror = (
-            checkpoints.Mirror(checkpoint_url, self.checkpoint_dir) if checkpoint_url else None
+            checkpoints.Mirror(checkpoint_mirror, self.checkpoint_dir)
+            if checkpoint_mirror
+            else None
         )
         if self.checkpoint_mirror is not None:
-            self.checkpoint_mirror.check_writable()
+            checkpoints.check_writable("checkpoint_mirror", self.checkpoint_mirror.url)
         self.storage = normalize_url(storage) if storage is not None else None
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.path, "checkpoints")
+        return self._checkpoint_dir
 
     @property
     def storage_url(self) -> str:
@@ -282,7 +298,12 @@ class Experiment:
                 with closing_engine(self.storage_url) as engine:
                     for row in earlier:
                         RecordStore.delete_experiment(engine, row["id"])
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            if files.is_url(self.checkpoint_dir):
+                fs, inner = files.filesystem(self.checkpoint_dir)
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(inner, recursive=True)
+            else:
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             earlier = []
         if not earlier:
             self._keep_build()
@@ -342,11 +363,15 @@ class Experiment:
             "deterministic": self.deterministic,
             "command": _launch_command(),
             "path": os.path.abspath(self.path),
-            "checkpoint_dir": os.path.abspath(self.checkpoint_dir),
+            "checkpoint_dir": (
+                self.checkpoint_dir
+                if files.is_url(self.checkpoint_dir)
+                else os.path.abspath(self.checkpoint_dir)
+            ),
             "backend": repr(self.backend),
             "space": describe_space(self.search.space) if hasattr(self.search, "space") else None,
             "early_stopping": repr(self.early_stopping) if self.early_stopping else None,
-            "checkpoint_url": self.checkpoint_mirror.url if self.checkpoint_mirror else None,
+            "checkpoint_mirror": self.checkpoint_mirror.url if self.checkpoint_mirror else None,
         }
 
 

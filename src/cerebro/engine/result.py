@@ -12,7 +12,7 @@ import cloudpickle
 import pandas as pd
 import torch
 
-from .. import training
+from .. import files, training
 from ..errors import ConfigError, first_line
 from ..store import RecordStore
 from ..store.checkpoints import state_path
@@ -147,7 +147,7 @@ class Result:
         record = self.model(model_id)
         build = self._build or self._load_build()
         path = state_path(self.checkpoint_dir, record.id)
-        if not os.path.exists(path):
+        if not files.exists(path):
             raise ConfigError("model_id", model_id, "a model with a saved state", hint=path)
         spec = training.build_spec(build, record.params, init_seed=None)
         spec.model.load_state_dict(training.load_state(path)["model"])

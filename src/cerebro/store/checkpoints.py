@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterable
 
+from .. import files
 from ..errors import ConfigError
 from ..files import replace_atomically
 
@@ -35,7 +36,12 @@ def epoch_path(folder: str, epoch: int) -> str:
 
 
 def snapshot(state_path: str, target: str) -> None:
-    """Make ``target`` hold the current state file (a hard link where the filesystem allows)."""
+    """Make ``target`` hold the current state file (a hard link where the filesystem allows,
+    a copy within the store at an fsspec URL)."""
+    if files.is_url(state_path):
+        fs, source = files.filesystem(state_path)
+        fs.copy(source, files.filesystem(target)[1])
+        return
 
     def write(tmp: str) -> None:
         try:
@@ -49,14 +55,14 @@ def snapshot(state_path: str, target: str) -> None:
 def checksum(path: str) -> str:
     """BLAKE2b of a file's bytes (hashlib releases the GIL, so this can run on a thread)."""
     digest = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
+    with files.open_for_reading(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def verified(path: str, expected: str | None) -> bool:
-    return bool(expected) and os.path.isfile(path) and checksum(path) == expected
+    return bool(expected) and files.exists(path) and checksum(path) == expected
 
 
 def check_policy(keep: object) -> str | int:
@@ -108,7 +114,7 @@ class Mirror:
             self.fs, self.root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as e:
             raise ConfigError(
-                "checkpoint_url",
+                "checkpoint_mirror",
                 url,
                 "an fsspec URL whose filesystem is installed, e.g. s3://bucket/run (s3fs)",
                 hint=str(e).splitlines()[0] if str(e) else None,
@@ -125,18 +131,6 @@ class Mirror:
         """Where the copy of a local checkpoint lives."""
         relative = os.path.relpath(os.path.abspath(local), self.checkpoint_dir)
         return f"{self.url}/{relative.replace(os.sep, '/')}"
-
-    def check_writable(self) -> None:
-        """Fail fast (before training) if the URL cannot be written."""
-        probe = f"{self.root}/.cerebro-write-test"
-        try:
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(probe, b"ok")
-            self.fs.rm_file(probe)
-        except Exception as e:
-            raise ConfigError(
-                "checkpoint_url", self.url, "a location this process can write", hint=str(e)
-            ) from e
 
     def upload(self, local: str) -> None:
         remote = self._remote(local)
@@ -163,3 +157,20 @@ class Mirror:
             return True
         os.remove(local)
         return False
+
+
+def check_writable(argument: str, url: str) -> None:
+    """Fail fast, before any training, if checkpoints cannot be written at ``url``."""
+    try:
+        fs, root = files.filesystem(url)
+        probe = f"{root.rstrip('/')}/.cerebro-write-test"
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as e:
+        raise ConfigError(
+            argument,
+            url,
+            "an fsspec URL this process can write (its filesystem package installed)",
+            hint=str(e).splitlines()[0] if str(e) else type(e).__name__,
+        ) from e
