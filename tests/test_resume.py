@@ -244,11 +244,7 @@ def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mir
     """With ``checkpoint_mirror``, epoch checkpoints are also kept at an fsspec URL: a model whose
     whole local folder is gone after a crash restarts from the mirror's newest good copy."""
     mirror = tmp_path / "mirror"
-    mirrored = tmp_path / "mirrored.py"
-    extra = f", checkpoint_mirror={'file://' + str(mirror)!r}"
-    mirrored.write_text(
-        SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=extra)
-    )
+    mirrored = _script_with(tmp_path, digits, f"checkpoint_mirror={'file://' + str(mirror)!r}")
     uninterrupted = tmp_path / "uninterrupted"
     _run(script, uninterrupted)
     crashed = tmp_path / "crashed"
@@ -264,15 +260,10 @@ def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mir
         [sys.executable, str(mirrored), str(crashed)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
+    resumed = _assert_same_results(crashed, uninterrupted)
     [event] = [e["detail"] for e in resumed.events if e["kind"] == "state_recovered"]
     if len(victim.history) >= 2:  # its first checkpoint was surely copied before the kill
         assert event["from_epoch"] >= 0
-    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
-    for record in reference.models:
-        assert state_equal(
-            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
-        ), record.id
     # The mirror holds what the keep-policy keeps locally, byte for byte.
     for model in resumed.models:
         local = Path(os.path.dirname(training_state(crashed, model.id)))
@@ -285,11 +276,7 @@ def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mir
 
 def test_sigkill_then_rerun_with_checkpoints_at_an_fsspec_url(script, tmp_path, digits):
     """The same crash and resume with every state at an fsspec URL (uploads, no renames)."""
-    at_url = tmp_path / "at_url.py"
-    extra = f", checkpoint_dir={'local://' + str(tmp_path / 'store')!r}"
-    at_url.write_text(
-        SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=extra)
-    )
+    at_url = _script_with(tmp_path, digits, f"checkpoint_dir={'local://' + str(tmp_path)!r}")
     uninterrupted = tmp_path / "uninterrupted"
     _run(script, uninterrupted)
     crashed = tmp_path / "crashed"
@@ -297,13 +284,29 @@ def test_sigkill_then_rerun_with_checkpoints_at_an_fsspec_url(script, tmp_path, 
     at_kill = _kill_mid_run(at_url, crashed, min_train_hops=total_train_hops // 2)
     assert any(m.status != "completed" for m in at_kill.models), "the kill came too late"
     _run(at_url, crashed)
-    resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
+    _assert_same_results(crashed, uninterrupted)
+    assert not (crashed / "checkpoints").exists()
+
+
+def _script_with(tmp_path, digits, option: str) -> Path:
+    """The test script with one more Experiment argument, e.g. ``checkpoint_dir='...'``."""
+    path = tmp_path / "with_option.py"
+    path.write_text(
+        SCRIPT.format(
+            tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=f", {option}"
+        )
+    )
+    return path
+
+
+def _assert_same_results(resumed_path, reference_path) -> cerebro.Result:
+    resumed, reference = cerebro.load(resumed_path), cerebro.load(reference_path)
     pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
     for record in reference.models:
         assert state_equal(
             resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
         ), record.id
-    assert not (crashed / "checkpoints").exists()
+    return resumed
 
 
 def test_a_refused_run_leaves_the_other_experiments_build_alone(digits, tmp_path):

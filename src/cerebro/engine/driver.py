@@ -157,6 +157,7 @@ class Driver:
         self.busy_workers: set[int] = set()
         self._next_unit = 0
         self._roster_changed = True  # ask the search for configurations at the next chance
+        self._copies_removed: dict[int, set[int]] = {}  # mirror copies pruned, by model
         self._controls_checked = 0.0
 
     # Models ------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ class Driver:
         for epoch in range(len(model.history)):
             path = checkpoints.epoch_path(model_dir, epoch)
             if epoch not in recorded and files.exists(path):
-                digest = checkpoints.checksum(path)
+                digest = self._checksum_and_copy(path)  # the copy may not have been made
                 self.store.add_checkpoint(model.model_id, epoch, path, digest, files.size(path))
 
     def _recover_state(
@@ -603,12 +604,25 @@ class Driver:
         )
         dropped = [e for e in present if e not in keep and e not in pending]
         for epoch in dropped:
-            path = checkpoints.epoch_path(model_dir, epoch)
-            files.remove(path)
-            if self.config.checkpoint_mirror is not None:
-                self._hasher.submit(self._remove_copy, path)
+            files.remove(checkpoints.epoch_path(model_dir, epoch))
         if dropped:
             self.store.set_checkpoints_pruned(model.model_id, dropped)
+        if self.config.checkpoint_mirror is not None:
+            self._prune_copies(model, pending)
+
+    def _prune_copies(self, model: _Model, pending: set[int]) -> None:
+        """Apply the keep-policy to the mirror's copies, over every epoch rather than the local
+        files (a copy may outlive its local file: a crash between the two removals, or a
+        model folder lost and recovered). Each copy is looked at once per run."""
+        wanted = checkpoints.epochs_to_keep(
+            self.config.keep_checkpoints, range(len(model.history)), self._best_epoch(model)
+        )
+        removed = self._copies_removed.setdefault(model.model_id, set())
+        for epoch in range(len(model.history)):
+            if epoch not in wanted and epoch not in pending and epoch not in removed:
+                removed.add(epoch)
+                path = checkpoints.epoch_path(model.folder, epoch)
+                self._hasher.submit(self._remove_copy, path)
 
     def _best_epoch(self, model: _Model) -> int | None:
         scored = [h for h in model.history if finite(h.get(self.config.metric))]
