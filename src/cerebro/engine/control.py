@@ -45,7 +45,7 @@ class ControlRequest:
 
     def status(self) -> dict[str, Any]:
         """The request's row: state ("pending", "applied", "rejected"), outcome, error, ..."""
-        return next(r for r in self._store.controls() if r["id"] == self.id)
+        return self._store.controls(control_id=self.id)[0]
 
     def wait(self, timeout: float = 60.0, poll: float = 0.1) -> dict[str, Any]:
         """Wait until the driver settles the request; returns its outcome (for ``add`` and
@@ -84,7 +84,7 @@ class Controller:
         self._store = store
         self.path = path
         self.who = who or f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"
-        config = store.snapshot().experiment["config"]
+        config = store.experiment()["config"]
         described = config.get("space")
         self.space: dict[str, Dimension] | None = (
             space_from_description(described) if described else None
@@ -169,7 +169,7 @@ class Controller:
     def set_epochs(self, model_id: int, epochs: int) -> ControlRequest:
         """Change one model's epoch budget (a completed model given more epochs trains on)."""
         model = self._model(model_id)
-        done = self.models().set_index("model_id").loc[model_id, "epochs_done"]
+        done = sum(row["model_id"] == model_id for row in self._store.epochs())
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < max(done, 1):
             raise ConfigError(
                 "epochs", epochs, f"an integer >= {max(done, 1)} (epochs model {model_id} has done)"
@@ -221,7 +221,7 @@ class Controller:
         return ControlRequest(control_id, op, model_id, self._store)
 
     def _model(self, model_id: Any) -> dict[str, Any]:
-        models = self._store.snapshot().models
+        models = self._store.models()
         if not isinstance(model_id, int) or isinstance(model_id, bool):
             raise ConfigError("model_id", model_id, "an integer model id")
         found = next((m for m in models if m["model_id"] == model_id), None)

@@ -8,7 +8,6 @@ are recorded and it starts the next epoch at once (no barrier with other models)
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import time
@@ -43,6 +42,7 @@ from ..seeding import derive_seed
 from ..spec import ModelSpec
 from ..store import RecordStore, checkpoints
 from ..store.checkpoints import state_path
+from ..store.records import jsonable
 from ..store.tensorboard import TensorBoardLog
 from .control import ControlRejected
 from .result import finite, last_metrics, ranking_key
@@ -281,7 +281,7 @@ class Driver:
             if counters is None:
                 return
             hops = hops.iloc[0:0]  # records of the discarded epochs are gone
-        if "params" in counters and _as_json(counters["params"]) != _as_json(model.params):
+        if "params" in counters and jsonable(counters["params"]) != jsonable(model.params):
             # An exploit wrote the state, then the run died before recording its params.
             model.params = dict(counters["params"])
             self.store.update_model(model.model_id, params=model.params)
@@ -696,25 +696,19 @@ class Driver:
                 )
                 continue
             model.remaining.insert(0, unit.shard)  # it is the model's next shard again
+            self._answer_stop_request(model)
 
     def _unit_finished(self, model: _Model, unit: Unit) -> None:
         model.failures = 0
         model.busy = False
         model.last_worker = unit.worker_id
-        if model.status != RUNNING:
-            return
-        if not model.remaining:
+        if model.status == RUNNING and not model.remaining:
             if model.phase == "train" and self.val_shards:
                 model.phase = "eval"
                 model.remaining = sorted(self.val_shards)
             else:
                 self._finish_epoch(model)
-        if model.stop_request is not None:
-            request, model.stop_request = model.stop_request, None
-            if model.status in (RUNNING, PAUSED):
-                self._stop(model, request)
-            else:
-                self._settle(request, f"model {model.model_id} is {model.status}: nothing to stop")
+        self._answer_stop_request(model)
 
     def _finish_epoch(self, model: _Model) -> None:
         """Record the epoch and what the model does next (one transaction), then go on.
@@ -861,9 +855,6 @@ class Driver:
             self._log_hparams(model)
         if model.status in (PRUNED, STOPPED, FAILED):
             self._update_total()
-        if model.stop_request is not None and model.status != RUNNING and not model.busy:
-            request, model.stop_request = model.stop_request, None
-            self._settle(request, f"model {model.model_id} is {model.status}: nothing to stop")
 
     def _fail(self, model: _Model, error: str) -> None:
         """Mark a model failed; its last saved state stays on disk, the others go on."""
@@ -872,6 +863,7 @@ class Driver:
         model.remaining = []
         self.store.set_model_status(model.model_id, FAILED, error)
         self._model_ended(model)
+        self._answer_stop_request(model)
 
     # Controls: a person's requests, applied at the model's next hop boundary -----------------
 
@@ -928,7 +920,7 @@ class Driver:
                     raise ControlRejected(f"model {model.model_id} is already being stopped")
                 model.stop_request = request
                 return None
-            return self._stop(model, request, settle=False)
+            return self._stop(model)
         if op == "resume":
             return self._resume(model)
         if op == "set_epochs":
@@ -948,17 +940,22 @@ class Driver:
             )
         return model
 
-    def _stop(
-        self, model: _Model, request: dict[str, Any], settle: bool = True
-    ) -> dict[str, Any] | None:
+    def _stop(self, model: _Model) -> dict[str, Any]:
         model.status = STOPPED
         self.store.update_model(model.model_id, status=STOPPED)
-        outcome = {"epoch": model.epoch, "phase": model.phase, "version": model.version}
         self._model_ended(model)
-        if settle:
-            self._settle(request, None, outcome)
-            return None
-        return outcome
+        return {"epoch": model.epoch, "phase": model.phase, "version": model.version}
+
+    def _answer_stop_request(self, model: _Model) -> None:
+        """A stop that waited for the model's unit: apply it now that the unit is over, unless
+        the model has meanwhile completed, been pruned or failed."""
+        if model.stop_request is None or model.busy:
+            return
+        request, model.stop_request = model.stop_request, None
+        if model.status in (RUNNING, PAUSED):
+            self._settle(request, None, self._stop(model))
+        else:
+            self._settle(request, f"model {model.model_id} is {model.status}: nothing to stop")
 
     def _resume(self, model: _Model) -> dict[str, Any]:
         if model.stop_request is not None:  # stop, then resume before the hop ended
@@ -1087,10 +1084,6 @@ class Driver:
         self.progress.status(
             len(statuses), running, statuses.count("completed"), statuses.count("failed"), epoch + 1
         )
-
-
-def _as_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def metric_names(spec: ModelSpec, has_validation: bool) -> list[str]:

@@ -54,21 +54,12 @@ class Trial:
     def epochs_done(self) -> int:
         return len(self.history)
 
-    def value(self, metric: str, epoch: int | None = None) -> float | None:
-        """The metric at ``epoch`` (default: the last finished one); None if not finite/absent."""
-        if not self.history:
-            return None
-        entry = self.history[-1] if epoch is None else _at_epoch(self.history, epoch)
-        value = None if entry is None else entry.get(metric)
+    def value(self, metric: str) -> float | None:
+        """The metric at the last finished epoch; None if absent or not finite."""
+        value = self.history[-1].get(metric) if self.history else None
         if value is None or not math.isfinite(value):
             return None
         return float(value)
-
-
-def _at_epoch(history: list[dict[str, float]], epoch: int) -> dict[str, float] | None:
-    if 0 <= epoch < len(history) and history[epoch].get("epoch", epoch) == epoch:
-        return history[epoch]
-    return next((h for h in history if h.get("epoch") == epoch), None)
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,8 @@ class Mirror:
     """
 
     def __init__(self, url: str, checkpoint_dir: str) -> None:
-        import fsspec  # imported here: only experiments with a mirror need it
-
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url)
+            self.fs, self.root = files.filesystem(url)
         except (ImportError, ValueError) as e:
             raise ConfigError(
                 "checkpoint_mirror",
@@ -123,14 +121,15 @@ class Mirror:
         self.root = self.root.rstrip("/")
         self.checkpoint_dir = os.path.abspath(checkpoint_dir)
 
+    def _relative(self, local: str) -> str:
+        return os.path.relpath(os.path.abspath(local), self.checkpoint_dir).replace(os.sep, "/")
+
     def _remote(self, local: str) -> str:
-        relative = os.path.relpath(os.path.abspath(local), self.checkpoint_dir)
-        return f"{self.root}/{relative.replace(os.sep, '/')}"
+        return f"{self.root}/{self._relative(local)}"
 
     def url_of(self, local: str) -> str:
         """Where the copy of a local checkpoint lives."""
-        relative = os.path.relpath(os.path.abspath(local), self.checkpoint_dir)
-        return f"{self.url}/{relative.replace(os.sep, '/')}"
+        return f"{self.url}/{self._relative(local)}"
 
     def upload(self, local: str) -> None:
         remote = self._remote(local)

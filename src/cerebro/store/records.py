@@ -232,7 +232,7 @@ class RecordStore:
         with engine.begin() as conn:
             result = conn.execute(
                 insert(experiments).values(
-                    name=name, created=time.time(), status="running", config=_jsonable(config)
+                    name=name, created=time.time(), status="running", config=jsonable(config)
                 )
             )
             experiment_id = int(result.inserted_primary_key[0])
@@ -309,7 +309,7 @@ class RecordStore:
                 insert(models).values(
                     experiment_id=self.experiment_id,
                     model_id=model_id,
-                    params=_jsonable(params),
+                    params=jsonable(params),
                     status=status,
                     error=error,
                     created=now,
@@ -323,7 +323,7 @@ class RecordStore:
     def update_model(self, model_id: int, **values: Any) -> None:
         """Change a model's params, max_epochs or status (and error) in one transaction."""
         if "params" in values:
-            values["params"] = _jsonable(values["params"])
+            values["params"] = jsonable(values["params"])
         with self.engine.begin() as conn:
             conn.execute(
                 update(models)
@@ -387,7 +387,7 @@ class RecordStore:
                 experiment_id=self.experiment_id,
                 time=time.time(),
                 kind=kind,
-                detail=_jsonable(detail),
+                detail=jsonable(detail),
             )
         )
 
@@ -410,21 +410,23 @@ class RecordStore:
                     who=who,
                     op=op,
                     model_id=model_id,
-                    params=_jsonable(params) if params is not None else None,
-                    options=_jsonable(options or {}),
+                    params=jsonable(params) if params is not None else None,
+                    options=jsonable(options or {}),
                     state="pending",
                 )
             )
             return int(result.inserted_primary_key[0])
 
-    def controls(self, pending_only: bool = False) -> list[dict[str, Any]]:
-        """Control requests, oldest first."""
-        query = select(controls).where(controls.c.experiment_id == self.experiment_id)
+    def controls(
+        self, pending_only: bool = False, control_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Control requests (all, the pending ones, or one), oldest first."""
+        query = select(controls).order_by(controls.c.id)
         if pending_only:
             query = query.where(controls.c.state == "pending")
-        with self.engine.begin() as conn:
-            rows = conn.execute(query.order_by(controls.c.id)).mappings().all()
-        return [dict(r) for r in rows]
+        if control_id is not None:
+            query = query.where(controls.c.id == control_id)
+        return self._rows(query, controls)
 
     def settle_control(
         self,
@@ -441,7 +443,7 @@ class RecordStore:
                 .values(
                     state=state,
                     settled=time.time(),
-                    outcome=_jsonable(outcome) if outcome is not None else None,
+                    outcome=jsonable(outcome) if outcome is not None else None,
                     error=error,
                 )
             )
@@ -577,16 +579,28 @@ class RecordStore:
         )
 
     def models(self) -> list[dict[str, Any]]:
-        return self.snapshot().models
+        """This experiment's model rows (one table read, not a whole snapshot)."""
+        return self._rows(select(models).order_by(models.c.model_id), models)
 
     def epochs(self) -> list[dict[str, Any]]:
-        return self.snapshot().epochs
+        return self._rows(select(epochs).order_by(epochs.c.model_id, epochs.c.epoch), epochs)
+
+    def experiment(self) -> dict[str, Any]:
+        """This experiment's own row: name, status, config."""
+        query = select(experiments).where(experiments.c.id == self.experiment_id)
+        with self.engine.begin() as conn:
+            return dict(conn.execute(query).mappings().one())
+
+    def _rows(self, query: Any, table: Table) -> list[dict[str, Any]]:
+        with self.engine.begin() as conn:
+            result = conn.execute(query.where(table.c.experiment_id == self.experiment_id))
+            return [dict(r) for r in result.mappings().all()]
 
     def close(self) -> None:
         self.engine.dispose()
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Parameters as JSON (numpy scalars become Python numbers, other objects their repr)."""
     return json.loads(json.dumps(value, default=_to_builtin))
 
