@@ -171,10 +171,10 @@ class Driver:
         """
         self._prepared = self._build_proposals(strict=True)
 
-    def _build_proposals(self, strict: bool) -> list[_Built]:
+    def _build_proposals(self, strict: bool, trials: list[Trial] | None = None) -> list[_Built]:
         """Ask the search for configurations; build each into (model, initial state, error)."""
         built = []
-        for params in self.config.search.propose(self.trials()):
+        for params in self.config.search.propose(self.trials() if trials is None else trials):
             model = self._new_model(dict(params), origin="search")
             built.append((model, *self._initial_state(model, strict)))
         return built
@@ -430,8 +430,9 @@ class Driver:
                 # Models started, ended or paused: paused ones may go on, the search may add.
                 self._roster_changed = False
                 self._review_paused()
-                if not self.config.search.is_finished(self.trials()):
-                    self._add_models(self._build_proposals(strict=False))
+                trials = self.trials()
+                if not self.config.search.is_finished(trials):
+                    self._add_models(self._build_proposals(strict=False, trials=trials))
             for assignment in schedule(self._model_slots(), self._worker_slots()):
                 self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
             if not self.in_flight:
