@@ -243,6 +243,36 @@ def machine() -> str:
     )
 
 
+def code_version() -> str:
+    """Which cerebro was measured: where it was imported from, and the repository's state."""
+    import subprocess
+
+    import cerebro
+
+    where = os.path.dirname(os.path.abspath(cerebro.__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "?"
+
+    def changed(*paths: str) -> str:
+        out = git("status", "--porcelain", "--", *paths)
+        return str(len(out.splitlines())) if out != "?" else "?"
+
+    inside = where == os.path.join(repo, "src", "cerebro")
+    source = (
+        f"the repository's src/ ({changed('src')} uncommitted file(s) there)"
+        if inside
+        else f"`{where}`, not the repository's src/"
+    )
+    return (
+        f"cerebro imported from {source}; repository HEAD {git('rev-parse', '--short', 'HEAD')}; "
+        f"uncommitted files of this benchmark: "
+        f"{changed('benchmarks/compare.py', 'benchmarks/compare_approaches')}"
+    )
+
+
 def write_markdown(
     path: str,
     command: str,
@@ -262,6 +292,8 @@ def write_markdown(
         f"Command: `{command}`",
         "",
         f"Machine: {machine()}",
+        "",
+        f"Code: {code_version()}",
         "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}; whole run {elapsed_s / 60:.1f} min; "
         f"load average before the run (1, 5, 15 min): "
