@@ -21,6 +21,21 @@ def digits(tmp_path_factory, digits_arrays) -> cerebro.Dataset:
     return cerebro.prepare_data(digits_arrays, path, label="y", num_shards=4, validation=0.2)
 
 
+# The backend-independent tests (MOP invariants, equivalence, failure recovery, determinism) run
+# against every backend. Ray is installed by the dev extra; the first Ray test starts a local
+# Ray instance that the others reuse.
+BACKENDS = ["local", "ray"]
+
+
+def make_backend(kind: str, workers: int = 2, **options) -> cerebro.Backend:
+    """A backend of ``kind`` ("local" or "ray") with ``workers`` workers on this machine."""
+    if kind == "local":
+        return cerebro.LocalBackend(workers=workers, **options)
+    if kind == "ray":
+        return cerebro.RayBackend(workers=workers, **options)
+    raise ValueError(kind)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     # Bit-for-bit comparisons need the same thread count in the test process and the workers.

@@ -1,17 +1,19 @@
 """Deterministic mode: final weights and metrics are bit-identical whatever the number of
-workers (and so whatever the timing)."""
+workers (and so whatever the timing), on local worker processes and on Ray actors alike."""
 
 from __future__ import annotations
 
 import builders
 import pandas as pd
 import pytest
-from conftest import state_equal
+from conftest import make_backend, state_equal
 
 import cerebro
 
 
-def _run(dataset, path, workers: int, deterministic: bool = True) -> cerebro.Result:
+def _run(
+    dataset, path, workers: int, deterministic: bool = True, kind: str = "local"
+) -> cerebro.Result:
     space = {"lr": cerebro.choice([0.003, 0.03]), "dropout": cerebro.choice([0.0, 0.3])}
     return cerebro.Experiment(
         builders.mlp,
@@ -20,7 +22,7 @@ def _run(dataset, path, workers: int, deterministic: bool = True) -> cerebro.Res
         epochs=2,
         metric="val_accuracy",
         mode="max",
-        backend=cerebro.LocalBackend(workers=workers),
+        backend=make_backend(kind, workers=workers),
         path=path,
         seed=5,
         progress=False,
@@ -31,12 +33,14 @@ def _run(dataset, path, workers: int, deterministic: bool = True) -> cerebro.Res
 @pytest.fixture(scope="module")
 def runs(digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("det")
-    return {w: _run(digits, root / f"w{w}", w) for w in (1, 2, 3, 4)}
+    runs = {w: _run(digits, root / f"w{w}", w) for w in (1, 2, 3, 4)}
+    runs["ray-2"] = _run(digits, root / "ray", 2, kind="ray")
+    return runs
 
 
-def test_final_weights_are_bit_identical_on_1_2_3_and_4_workers(runs):
+def test_final_weights_are_bit_identical_on_1_2_3_and_4_workers_and_on_ray(runs):
     one = runs[1]
-    for workers in (2, 3, 4):
+    for workers in (2, 3, 4, "ray-2"):
         other = runs[workers]
         assert {m.status for m in other.models} == {"completed"}
         for record in one.models:
@@ -45,8 +49,8 @@ def test_final_weights_are_bit_identical_on_1_2_3_and_4_workers(runs):
             ), (workers, record.id)
 
 
-def test_metrics_are_bit_identical_on_1_2_3_and_4_workers(runs):
-    for workers in (2, 3, 4):
+def test_metrics_are_bit_identical_on_1_2_3_and_4_workers_and_on_ray(runs):
+    for workers in (2, 3, 4, "ray-2"):
         pd.testing.assert_frame_equal(runs[1].history, runs[workers].history, check_exact=True)
 
 
@@ -55,7 +59,7 @@ def test_each_model_visits_shards_in_its_seeded_order(runs):
     for workers, result in runs.items():
         train = result.hops[result.hops.kind == "train"].sort_values("start")
         orders[workers] = train.groupby(["model_id", "epoch"]).shard.apply(list).to_dict()
-    assert orders[1] == orders[2] == orders[3] == orders[4]
+    assert orders[1] == orders[2] == orders[3] == orders[4] == orders["ray-2"]
     # The order is a permutation that differs between epochs or models (not always 0, 1, 2, 3).
     assert any(order != sorted(order) for order in orders[1].values())
     # And every hop ran on the worker that holds its shard.

@@ -8,7 +8,7 @@ import time
 import builders
 import pytest
 import torch
-from conftest import state_equal
+from conftest import BACKENDS, make_backend, state_equal
 
 import cerebro
 from cerebro import training
@@ -97,13 +97,15 @@ def test_a_different_order_gives_different_weights(three_shards):
     assert not state_equal(a.model.state_dict(), b.model.state_dict())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model_cache_mb", [0, 1024], ids=["state-read-every-hop", "cached"])
 def test_experiment_results_equal_one_process_training_in_the_recorded_order(
-    digits, tmp_path, model_cache_mb
+    digits, tmp_path, model_cache_mb, backend
 ):
     """End to end through the driver: replaying result.hops in one process gives the same
-    weights as the experiment's final checkpoint, for every model, whether workers read each
-    model's state from disk at every hop or keep models built between hops."""
+    weights as the experiment's final checkpoint, for every model, whether workers bring each
+    model's state in at every hop (from disk, or Ray's object store) or keep models built
+    between hops."""
     space = {"lr": cerebro.choice([0.003, 0.03]), "width": cerebro.choice([16, 32])}
     exp = cerebro.Experiment(
         builders.mlp,
@@ -112,8 +114,8 @@ def test_experiment_results_equal_one_process_training_in_the_recorded_order(
         epochs=2,
         metric="val_accuracy",
         mode="max",
-        backend=cerebro.LocalBackend(
-            workers=2, threads_per_worker=1, model_cache_mb=model_cache_mb
+        backend=make_backend(
+            backend, workers=2, threads_per_worker=1, model_cache_mb=model_cache_mb
         ),
         path=tmp_path / "run",
         seed=SEED,

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import BACKENDS, make_backend
 
 import cerebro
 
@@ -27,8 +28,8 @@ def _check_hop_invariants(hops: pd.DataFrame, num_shards: int, val_shards: int) 
     assert hops.groupby("shard").worker.nunique().max() == 1
 
 
-@pytest.fixture(scope="module")
-def run(digits, tmp_path_factory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def run(request, digits, tmp_path_factory):
     space = {
         "lr": cerebro.loguniform(1e-3, 3e-2),
         "batch_size": cerebro.choice([32, 64]),
@@ -43,7 +44,7 @@ def run(digits, tmp_path_factory):
         epochs=3,
         metric="val_accuracy",
         mode="max",
-        backend=cerebro.LocalBackend(workers=2),
+        backend=make_backend(request.param, workers=2),
         path=tmp_path_factory.mktemp("runs") / "random",
         seed=0,
         progress=False,

@@ -1,5 +1,6 @@
-"""A worker process that dies mid-hop is replaced, the interrupted unit runs again from the state
-it started from, and the experiment ends as if nothing had happened (deterministic mode)."""
+"""A worker that dies mid-hop (a local process or a Ray actor) is replaced, the interrupted unit
+runs again from the state it started from, and the experiment ends as if nothing had happened
+(deterministic mode)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import time
 
 import builders
 import pandas as pd
-from conftest import state_equal
+import pytest
+from conftest import BACKENDS, make_backend, state_equal
 
 import cerebro
 
@@ -32,10 +34,11 @@ def _experiment(digits, path, backend, build=builders.slow_mlp, space=None):
     )
 
 
-def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path):
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path, kind):
     reference = _experiment(digits, tmp_path / "ref", cerebro.LocalBackend(workers=2)).run()
 
-    backend = cerebro.LocalBackend(workers=2)
+    backend = make_backend(kind, workers=2)
     path = tmp_path / "killed"
     killed = []
 
@@ -74,12 +77,13 @@ def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path):
     assert len(result.hops) == len(reference.hops)
 
 
-def test_a_unit_that_keeps_killing_its_worker_fails_its_model_only(digits, tmp_path):
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_unit_that_keeps_killing_its_worker_fails_its_model_only(digits, tmp_path, kind):
     space = {"fail": cerebro.choice(["none", "exit"])}
     result = _experiment(
         digits,
         tmp_path / "run",
-        cerebro.LocalBackend(workers=2),
+        make_backend(kind, workers=2),
         build=builders.flaky,
         space=space,
     ).run()

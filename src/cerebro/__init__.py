@@ -19,7 +19,7 @@ Example:
 """
 
 from . import metrics
-from .backends import Backend, LocalBackend
+from .backends import Backend, LocalBackend, RayBackend
 from .data import Dataset, prepare_data
 from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, control, load
 from .errors import CerebroError, ConfigError, ModelFailed, WorkerError
@@ -58,6 +58,7 @@ __all__ = [
     "ModelRecord",
     "ModelSpec",
     "RandomSearch",
+    "RayBackend",
     "Result",
     "Search",
     "TPESearch",

@@ -95,7 +95,7 @@ Event = UnitDone | StateSaved | WorkerLost
 
 
 class Backend(ABC):
-    """Where units run. Implementations: :class:`cerebro.LocalBackend`."""
+    """Where units run: :class:`cerebro.LocalBackend`, :class:`cerebro.RayBackend`."""
 
     @property
     @abstractmethod
@@ -112,11 +112,15 @@ class Backend(ABC):
         placement: dict[int, frozenset[int]],
         build: Callable[..., Any],
         deterministic: bool = False,
+        state_dir: str | None = None,
     ) -> list[WorkerInfo]:
-        """Start the workers; worker ``w`` loads the shards ``placement[w]`` and keeps them.
+        """Start the workers; worker ``w`` loads the shards ``placement[w]`` and keeps them
+        (a backend that knows where data lives may place shards otherwise: the returned
+        :class:`WorkerInfo` list is what holds).
 
         ``deterministic``: workers must compute bit-identical results whatever their number
-        (fixed thread counts, deterministic algorithms)."""
+        (fixed thread counts, deterministic algorithms). ``state_dir``: where model states
+        are written (a backend whose workers run elsewhere checks they can write there)."""
 
     @abstractmethod
     def submit(self, unit: Unit) -> None:

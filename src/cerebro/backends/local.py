@@ -96,6 +96,7 @@ class LocalBackend(Backend):
         placement: dict[int, frozenset[int]],
         build: Callable[..., Any],
         deterministic: bool = False,
+        state_dir: str | None = None,  # on this machine: the experiment already checked it
     ) -> list[WorkerInfo]:
         self._ctx = mp.get_context("spawn")
         payload = cloudpickle.dumps(build)

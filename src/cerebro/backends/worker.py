@@ -83,11 +83,23 @@ class WorkerRuntime:
             bytes_loaded=sum(s.nbytes for s in self.data.values()),
         )
 
-    def run(self, unit: Unit) -> tuple[UnitDone, Callable[[], StateSaved] | None]:
-        """Run one unit. Returns its result and, for training units, the job writing the state."""
+    def needs_state(self, unit: Unit) -> bool:
+        """Whether running ``unit`` will read the model's state (it is not cached here at the
+        unit's version): a backend holding the state elsewhere can hand it to :meth:`run`."""
+        entry = self._cache.get(unit.model_id)
+        return entry is None or entry.params != unit.params or entry.version != unit.version
+
+    def run(
+        self, unit: Unit, state: dict[str, Any] | None = None
+    ) -> tuple[UnitDone, Callable[[], StateSaved] | None]:
+        """Run one unit. Returns its result and, for training units, the job writing the state.
+
+        ``state``: the model's state at ``unit.version`` if the backend already has it (from an
+        object store, say); otherwise it is read from ``unit.state_path`` when needed.
+        """
         received = time.time()
         try:
-            entry = self._bring_in(unit)
+            entry = self._bring_in(unit, state)
             load_s = time.time() - received
             if unit.kind == "train":
                 if unit.rng_seed is not None:
@@ -112,7 +124,7 @@ class WorkerRuntime:
                 snapshot = training.capture_state(entry.spec, entry.counters, self.device)
                 entry.nbytes = _nbytes(entry.spec)  # the optimizer state may have just been created
                 self._evict()
-                save = self._save_job(unit, snapshot)
+                save = self.save_job(unit, snapshot)
             else:
                 start = time.time()
                 stats = training.run_eval_hop(
@@ -143,7 +155,7 @@ class WorkerRuntime:
             load_s=load_s,
         )
 
-    def _bring_in(self, unit: Unit) -> _CachedModel:
+    def _bring_in(self, unit: Unit, state: dict[str, Any] | None) -> _CachedModel:
         entry = self._cache.get(unit.model_id)
         if entry is not None and entry.params != unit.params:
             entry = None  # rebuilt: batch size or layers may depend on the new params
@@ -155,7 +167,8 @@ class WorkerRuntime:
             spec.model.to(self.device)
         else:
             spec = entry.spec
-        state = training.load_state(unit.state_path)
+        if state is None:
+            state = training.load_state(unit.state_path)
         found = state["counters"]["version"]
         if found != unit.version:
             raise RuntimeError(
@@ -178,7 +191,10 @@ class WorkerRuntime:
         while len(self._cache) > 1 and total > self.cache_budget:
             total -= self._cache.popitem(last=False)[1].nbytes
 
-    def _save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
+    def save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
+        """The job that writes a training unit's new state to ``unit.state_path`` (run by the
+        backend, off the unit's critical path). Backends may wrap it to publish the state too."""
+
         def save() -> StateSaved:
             began = time.time()
             try:

@@ -400,7 +400,11 @@ class Driver:
         """Start the backend's workers, each loading its shards (nothing is recorded yet)."""
         placement = place_shards(self.config.dataset.num_shards, self.backend.num_workers)
         self.workers: list[WorkerInfo] = self.backend.start(
-            self.config.dataset.path, placement, self.config.build, self.config.deterministic
+            self.config.dataset.path,
+            placement,
+            self.config.build,
+            self.config.deterministic,
+            state_dir=self.config.checkpoint_dir,
         )
 
     def run(self, store: RecordStore) -> None:

@@ -1,0 +1,697 @@
+"""``RayBackend``: MOP on a Ray cluster, with one long-lived actor per worker.
+
+Each actor loads its shards once, like a local worker process, and runs the same
+:class:`~cerebro.backends.worker.WorkerRuntime`. What Ray adds:
+
+- **Placement across nodes.** Workers are spread over the cluster's nodes, within each node's
+  CPUs and GPUs. Before any actor starts, a probe on every node checks which shards it can read
+  at the dataset's path, and that it can write the experiment's checkpoint folder. Shards that
+  only some nodes hold (node-local disks) go to workers on those nodes.
+- **States through the object store.** After a training unit, the actor publishes the model's
+  new state in Ray's object store (tensors as numpy arrays, which Ray stores without pickling)
+  and writes it to the model's state file. The state file is the durable copy that checkpoints
+  and recovery use. The next worker to train the model reads the state from the object store,
+  node to node, never through the driver. It reads the file only when the object is gone (its
+  node was lost).
+- **Recovery.** A worker whose actor or node dies is replaced by a new actor with the same
+  shards, on the same node if it is alive, otherwise on another node that has room and can read
+  them. The driver then re-runs the interrupted units, exactly as with local workers.
+
+Ray is optional: ``pip install "cerebro[ray]"``. This module imports it only when a backend is
+created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import torch
+
+from ..errors import ConfigError, WorkerError
+from .allocator import tune_malloc_for_training
+from .base import Backend, Event, StateSaved, Unit, UnitDone, WorkerInfo, WorkerLost
+from .worker import WorkerRuntime
+
+_START_TIMEOUT_S = 600.0
+_FETCH_TIMEOUT_S = 120.0  # fetching a state from another node's object store
+_CONNECT_TIMEOUT_S = 5.0  # reaching the head node's address before handing it to Ray
+_REPLACE_TIMEOUT_S = 120.0  # a replacement actor must be placed and loaded by then
+
+
+class RayBackend(Backend):
+    """Run MOP workers as Ray actors, on one machine or across a cluster.
+
+    Args:
+        address: the Ray cluster to join (``"host:port"`` of its head node, ``"auto"`` for the
+            cluster this machine belongs to, or ``"ray://host:10001"``). ``None`` starts a Ray
+            instance on this machine, or uses the one this process already connected to.
+        workers: number of worker actors. ``None``: as many as the cluster can place (and the
+            dataset has shards for).
+        gpus_per_worker: GPUs reserved for each actor (fractions share a GPU); with more than 0
+            the actor trains on its GPU.
+        cpus_per_worker: CPUs reserved for each actor; also its torch thread count, unless
+            ``threads_per_worker`` is given (deterministic experiments use 1 thread by default,
+            so that results do not depend on the cluster).
+        threads_per_worker: torch intra-op threads in each actor.
+        model_cache_mb: memory each actor may use to keep models built between their hops (MiB).
+        runtime_env: Ray runtime environment for the actors (e.g. ``{"working_dir": "."}`` to ship
+            the module that defines ``build``). When this backend starts Ray itself, actors get
+            this process's ``sys.path`` so they import what the driver imports.
+
+    The dataset and the experiment's ``path`` (or ``checkpoint_dir``) must be readable, and the
+    latter writable, by every node: a shared filesystem, or an fsspec URL such as ``s3://``.
+    Cerebro must be installed on every node.
+
+    Example:
+        >>> backend = cerebro.RayBackend()                                # doctest: +SKIP
+        >>> backend = cerebro.RayBackend("10.0.0.5:6379", workers=16,
+        ...                              gpus_per_worker=1)                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        gpus_per_worker: float = 0,
+        cpus_per_worker: float = 1,
+        threads_per_worker: int | None = None,
+        model_cache_mb: int = 1024,
+        runtime_env: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            import ray  # noqa: F401 - only to fail here, with the way to install it
+        except ImportError as e:
+            raise ImportError(
+                'RayBackend needs Ray, which is not installed: pip install "cerebro[ray]"'
+            ) from e
+        if address is not None and (not isinstance(address, str) or not address.strip()):
+            raise ConfigError("address", address, 'None, "auto", "host:port" or "ray://host:port"')
+        if workers is not None and (
+            not isinstance(workers, int) or isinstance(workers, bool) or workers < 1
+        ):
+            raise ConfigError("workers", workers, "an integer >= 1, or None for all that fit")
+        for name, value in (
+            ("gpus_per_worker", gpus_per_worker),
+            ("cpus_per_worker", cpus_per_worker),
+        ):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ConfigError(name, value, "a number >= 0")
+        if cpus_per_worker == 0 and gpus_per_worker == 0:
+            raise ConfigError(
+                "cpus_per_worker", cpus_per_worker, "a number > 0 when gpus_per_worker is 0"
+            )
+        if threads_per_worker is not None and (
+            not isinstance(threads_per_worker, int) or threads_per_worker < 1
+        ):
+            raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
+        if not isinstance(model_cache_mb, int) or model_cache_mb < 0:
+            raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
+        self.address = address
+        self.workers = workers
+        self.gpus_per_worker = gpus_per_worker
+        self.cpus_per_worker = cpus_per_worker
+        self.threads_per_worker = threads_per_worker
+        self.model_cache_mb = model_cache_mb
+        self.runtime_env = dict(runtime_env) if runtime_env is not None else None
+        self._workers: list[_Placed] = []
+        self._pending: dict[
+            Any, tuple[str, int, int, Unit]
+        ] = {}  # ref -> (what, worker, gen, unit)
+        self._states: dict[int, tuple[int, Any]] = {}  # model -> (version, object ref)
+
+    # Cluster -----------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        import ray
+
+        if self.address not in (None, "auto"):
+            _check_reachable(self.address)
+        if ray.is_initialized():
+            # One process joins one cluster: an address naming another one is a mistake.
+            current = str(ray.get_runtime_context().gcs_address)
+            if self.address not in (None, "auto") and not _same_address(self.address, current):
+                raise ConfigError(
+                    "address",
+                    self.address,
+                    f"the Ray cluster this process is connected to ({current}), "
+                    "or call ray.shutdown() first",
+                )
+            return
+        runtime_env = self.runtime_env
+        if runtime_env is None and self.address is None:
+            # A local Ray's workers import what this process imports (like spawned processes).
+            paths = [p for p in sys.path if p and os.path.isdir(p)]
+            runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+        try:
+            ray.init(
+                # "local" starts a new instance; None would join one found in Ray's temp files,
+                # which may be a dead cluster left by another program.
+                address=self.address or "local",
+                runtime_env=runtime_env,
+                include_dashboard=False,
+                logging_level="WARNING",
+                configure_logging=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(
+                "address", self.address, "the address of a running Ray cluster", hint=str(e)
+            ) from e
+
+    def _capacity(self) -> dict[str, int]:
+        """How many workers each alive node can hold (node id -> count)."""
+        import ray
+
+        capacity = {}
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            resources = node.get("Resources", {})
+            fits = []
+            if self.cpus_per_worker:
+                fits.append(int(resources.get("CPU", 0) // self.cpus_per_worker))
+            if self.gpus_per_worker:
+                fits.append(int(resources.get("GPU", 0) // self.gpus_per_worker))
+            capacity[node["NodeID"]] = min(fits)
+        return capacity
+
+    def _describe_cluster(self) -> str:
+        import ray
+
+        total = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        return f"{nodes} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+
+    @property
+    def num_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        self._connect()
+        return max(1, sum(self._capacity().values()))
+
+    def validate(self, num_shards: int) -> None:
+        self._connect()
+        room = sum(self._capacity().values())
+        if self.workers is None:
+            self.workers = max(1, min(room, num_shards))
+        if self.workers > num_shards:
+            raise ConfigError(
+                "workers",
+                self.workers,
+                f"at most the dataset's num_shards ({num_shards})",
+                hint="a worker without a shard could never train; prepare more shards",
+            )
+        if self.workers > room:
+            raise ConfigError(
+                "workers",
+                self.workers,
+                f"at most {room}: what the Ray cluster at {self._where()} can place with "
+                f"cpus_per_worker={self.cpus_per_worker:g}, "
+                f"gpus_per_worker={self.gpus_per_worker:g}",
+                hint=self._describe_cluster(),
+            )
+
+    def _where(self) -> str:
+        import ray
+
+        if self.address not in (None, "auto"):
+            return self.address
+        with contextlib.suppress(Exception):
+            return str(ray.get_runtime_context().gcs_address)
+        return "this machine"
+
+    # Start -------------------------------------------------------------------------------------
+
+    def start(
+        self,
+        dataset_path: str,
+        placement: dict[int, frozenset[int]],
+        build: Callable[..., Any],
+        deterministic: bool = False,
+        state_dir: str | None = None,
+    ) -> list[WorkerInfo]:
+        import ray
+
+        self._connect()
+        if self.workers is None:
+            self.validate(len(set().union(*placement.values())))
+        num_shards = len(set().union(*placement.values()))
+        self._survey = _survey_nodes(dataset_path, num_shards, state_dir)
+        self._nodes_for = _choose_nodes(self.workers, self._capacity(), self._survey)
+        shards = _place_by_locality(placement, self._nodes_for, self._survey, num_shards)
+        payload = cloudpickle.dumps(build)
+        threads = self.threads_per_worker or (
+            1 if deterministic else max(1, int(self.cpus_per_worker))
+        )
+        self._configs = [
+            {
+                "worker_id": w,
+                "dataset_path": dataset_path,
+                "shards": shards[w],
+                "device": "cuda" if self.gpus_per_worker else "cpu",
+                "build": payload,
+                "threads": threads,
+                "model_cache_mb": self.model_cache_mb,
+                "deterministic": deterministic,
+            }
+            for w in range(self.workers)
+        ]
+        self._actor_class = ray.remote(_WorkerActor)
+        self._workers = [
+            self._launch(w, self._nodes_for[w], generation=0) for w in range(self.workers)
+        ]
+        infos = []
+        for w in range(self.workers):
+            infos.append(self._await_ready(w, _START_TIMEOUT_S, shutdown_on_error=True))
+        return infos
+
+    def _launch(self, worker_id: int, node_id: str, generation: int) -> _Placed:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor = self._actor_class.options(
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus_per_worker,
+            # Units and state waits run side by side; a unit never overlaps another one.
+            max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            name=f"cerebro-worker-{worker_id}-{uuid.uuid4().hex[:8]}",
+        ).remote(self._configs[worker_id])
+        return _Placed(actor, node_id, generation, actor.describe.remote())
+
+    def _await_ready(self, worker_id: int, timeout: float, shutdown_on_error: bool) -> WorkerInfo:
+        import ray
+
+        placed = self._workers[worker_id]
+        host = self._survey[placed.node_id].host
+        try:
+            description = ray.get(placed.ready, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as e:
+            if shutdown_on_error:
+                self.shutdown(graceful=False)
+            raise WorkerError(
+                f"worker {worker_id} on node {host} ({placed.node_id[:12]}) did not start "
+                f"within {timeout:g} s"
+            ) from e
+        except ray.exceptions.RayError as e:
+            if shutdown_on_error:
+                self.shutdown(graceful=False)
+            raise WorkerError(
+                f"worker {worker_id} on node {host} ({placed.node_id[:12]}) could not start:\n{e}"
+            ) from e
+        placed.pid = description["pid"]
+        return description["info"]
+
+    # Units -------------------------------------------------------------------------------------
+
+    def submit(self, unit: Unit) -> None:
+        placed = self._workers[unit.worker_id]
+        published = self._states.get(unit.model_id)
+        # Nested in a list, the ref is not fetched before the call: a worker that has the model
+        # cached at this version never transfers it.
+        refs = [published[1]] if published and published[0] == unit.version else []
+        ref = placed.actor.run.remote(unit, refs)
+        self._pending[ref] = ("run", unit.worker_id, placed.generation, unit)
+
+    def poll(self, timeout: float) -> list[Event]:
+        import ray
+
+        if not self._pending:
+            time.sleep(timeout)
+            return []
+        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        events: list[Event] = []
+        dead: set[int] = set()
+        for ref in ready:
+            what, worker_id, generation, unit = self._pending.pop(ref)
+            if generation != self._workers[worker_id].generation:
+                continue  # from a worker already replaced
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayError:
+                dead.add(worker_id)
+                continue
+            if what == "run":
+                events.append(value)
+                if value.ok and unit.kind == "train":
+                    placed = self._workers[worker_id]
+                    saved_ref = placed.actor.saved.remote(unit.unit_id)
+                    self._pending[saved_ref] = ("saved", worker_id, generation, unit)
+            else:
+                saved, published = value
+                if saved.ok and published:
+                    self._states[unit.model_id] = (unit.version + 1, published[0])
+                events.append(saved)
+        for worker_id in sorted(dead):
+            events.append(self._replace(worker_id))
+        return events
+
+    def _replace(self, worker_id: int) -> WorkerLost:
+        """Start a new actor for a dead one, with the same shards; units it ran are lost."""
+        import ray
+
+        old = self._workers[worker_id]
+        with contextlib.suppress(Exception):
+            ray.kill(old.actor)
+        for ref in [r for r, p in self._pending.items() if p[1] == worker_id]:
+            del self._pending[ref]
+        # Ray learns that a node died some seconds after the node's actors: a replacement placed
+        # on it fails to start, and the next candidate is tried.
+        failed: set[str] = set()
+        while True:
+            node_id = self._replacement_node(worker_id, old.node_id, failed)
+            self._workers[worker_id] = self._launch(worker_id, node_id, old.generation + 1)
+            try:
+                self._await_ready(worker_id, _REPLACE_TIMEOUT_S, shutdown_on_error=False)
+            except WorkerError:
+                failed.add(node_id)
+                if len(failed) >= 3:
+                    raise
+                continue
+            return WorkerLost(worker_id, exitcode=None)
+
+    def _replacement_node(self, worker_id: int, previous: str, failed: set[str]) -> str:
+        """The dead worker's node if it is alive, else another that has room and its shards."""
+        capacity = {n: room for n, room in self._capacity().items() if n not in failed}
+        if previous in capacity:
+            return previous
+        shards = self._configs[worker_id]["shards"]
+        used: dict[str, int] = {}
+        for w, placed in enumerate(self._workers):
+            if w != worker_id:
+                used[placed.node_id] = used.get(placed.node_id, 0) + 1
+        candidates = [
+            node
+            for node, room in capacity.items()
+            if room > used.get(node, 0)
+            and node in self._survey
+            and shards <= self._survey[node].shards
+        ]
+        if not candidates:
+            lost = self._survey.get(previous)
+            raise WorkerError(
+                f"worker {worker_id} was lost with its node "
+                f"{lost.host if lost else '?'} ({previous[:12]}), and no other node has room "
+                f"for it (cpus_per_worker={self.cpus_per_worker:g}, "
+                f"gpus_per_worker={self.gpus_per_worker:g}) and can read its shards "
+                f"{sorted(shards)}; {self._describe_cluster()}. Everything trained so far is "
+                "saved: add a node, then resume the experiment"
+            )
+        return min(candidates, key=lambda node: (used.get(node, 0), node))
+
+    def pids(self) -> list[int]:
+        """Process ids of the current worker actors (all on this machine only if Ray is local)."""
+        return [placed.pid for placed in self._workers]
+
+    def nodes(self) -> list[str]:
+        """Node id of each worker's actor."""
+        return [placed.node_id for placed in self._workers]
+
+    def shutdown(self, graceful: bool = True) -> None:
+        import ray
+
+        if graceful:
+            saves = [r for r, p in self._pending.items() if p[0] == "saved"]
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.wait(saves, num_returns=len(saves), timeout=30)
+        for placed in self._workers:
+            with contextlib.suppress(Exception):
+                ray.kill(placed.actor)
+        self._workers, self._pending, self._states = [], {}, {}
+
+    def __repr__(self) -> str:
+        return (
+            f"RayBackend(address={self.address!r}, workers={self.workers}, "
+            f"gpus_per_worker={self.gpus_per_worker:g}, cpus_per_worker={self.cpus_per_worker:g})"
+        )
+
+
+@dataclass
+class _Placed:
+    """A worker's current actor, the node it was placed on, and how many times it was replaced."""
+
+    actor: Any
+    node_id: str
+    generation: int
+    ready: Any  # ref to the actor's description once its shards are loaded
+    pid: int = 0
+
+
+# The actor ---------------------------------------------------------------------------------------
+
+
+class _WorkerActor:
+    """A worker: its shards in memory, units run by a :class:`WorkerRuntime`. Each training unit's
+    state is published in the object store and written to its state file off the unit's path."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        tune_malloc_for_training()
+        self.runtime = _PublishingRuntime(**config)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerebro-save")
+        self._saves: dict[int, Future[StateSaved]] = {}
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        return {"info": self.runtime.info, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def run(self, unit: Unit, published: list[Any]) -> UnitDone:
+        import ray
+
+        state = None
+        if published and self.runtime.needs_state(unit):
+            try:
+                state = from_object_store(ray.get(published[0], timeout=_FETCH_TIMEOUT_S))
+            except ray.exceptions.RayError:
+                state = None  # lost with its node: the state file holds the same state
+        done, save = self.runtime.run(unit, state)
+        if save is not None:
+            with self._lock:
+                self._saves[unit.unit_id] = self._writer.submit(save)
+        return done
+
+    def saved(self, unit_id: int) -> tuple[StateSaved, list[Any]]:
+        """Wait for a unit's state to be published and written; the state's ref, if published."""
+        with self._lock:
+            future = self._saves.pop(unit_id)
+        saved = future.result()
+        ref = self.runtime.published.pop(unit_id, None)
+        return saved, [ref] if ref is not None and saved.ok else []
+
+
+class _PublishingRuntime(WorkerRuntime):
+    """A worker runtime whose state writes also put the state in Ray's object store."""
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.published: dict[int, Any] = {}  # unit id -> ref of the state it produced
+
+    def save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
+        import ray
+
+        write = super().save_job(unit, snapshot)
+
+        def publish_and_write() -> StateSaved:
+            # Published first: the copy into the object store is fast, the file write slower.
+            self.published[unit.unit_id] = ray.put(to_object_store(snapshot))
+            return write()
+
+        return publish_and_write
+
+
+# Nodes and placement -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _NodeSurvey:
+    host: str
+    shards: frozenset[int]  # shards whose training and validation files this node can read
+    problem: str | None  # why the node cannot take workers (dataset or checkpoints unreadable)
+
+
+def _survey_nodes(
+    dataset_path: str, num_shards: int, state_dir: str | None
+) -> dict[str, _NodeSurvey]:
+    """Run a probe on every alive node: which shards it reads, whether it can write states."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(_probe_node)
+    alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = {
+        node: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(dataset_path, num_shards, state_dir)
+        for node in alive
+    }
+    survey = {}
+    for node, ref in refs.items():
+        try:
+            host, shards, problem = ray.get(ref, timeout=_START_TIMEOUT_S)
+        except ray.exceptions.RayError as e:
+            host, shards, problem = "?", frozenset(), f"the probe failed: {e}"
+        survey[node] = _NodeSurvey(host, frozenset(shards), problem)
+    return survey
+
+
+def _probe_node(
+    dataset_path: str, num_shards: int, state_dir: str | None
+) -> tuple[str, list[int], str | None]:
+    from .. import files
+    from ..data import Dataset
+
+    host = socket.gethostname()
+    try:
+        dataset = Dataset.open(dataset_path)
+    except Exception as e:
+        return host, [], f"cannot read the dataset at {dataset_path}: {e}"
+    readable = [
+        shard
+        for shard in range(num_shards)
+        if all(files.exists(dataset.shard_path(split, shard)) for split in ("train", "val"))
+    ]
+    if state_dir is not None:
+        probe = f"{state_dir.rstrip('/')}/.cerebro-probe-{host}-{os.getpid()}"
+        try:
+            files.write_bytes_atomically(probe, b"ok")
+            files.remove(probe)
+        except Exception as e:
+            return host, readable, f"cannot write the checkpoint folder {state_dir}: {e}"
+    return host, readable, None
+
+
+def _choose_nodes(
+    workers: int, capacity: dict[str, int], survey: dict[str, _NodeSurvey]
+) -> list[str]:
+    """A node for each worker: spread over nodes, within each node's room."""
+    unusable = {node: s for node, s in survey.items() if s.problem and capacity.get(node)}
+    if unusable:
+        lines = "; ".join(
+            f"node {s.host} ({node[:12]}): {s.problem}" for node, s in unusable.items()
+        )
+        raise ConfigError(
+            "dataset",
+            "a path these nodes cannot use",
+            "a dataset path and experiment path that every node can read (shared storage or "
+            "an fsspec URL)",
+            hint=lines,
+        )
+    room = {node: n for node, n in sorted(capacity.items()) if n > 0 and node in survey}
+    chosen: list[str] = []
+    while len(chosen) < workers and room:
+        for node in list(room):  # one worker per node per round: spread
+            if len(chosen) == workers:
+                break
+            chosen.append(node)
+            room[node] -= 1
+            if room[node] == 0:
+                del room[node]
+    if len(chosen) < workers:
+        raise WorkerError(f"the cluster has room for {len(chosen)} workers, not {workers}")
+    return chosen
+
+
+def _place_by_locality(
+    placement: dict[int, frozenset[int]],
+    nodes_for: list[str],
+    survey: dict[str, _NodeSurvey],
+    num_shards: int,
+) -> dict[int, frozenset[int]]:
+    """The driver's placement when every worker's node reads its shards; otherwise each shard
+    goes to the least loaded worker on a node that holds it."""
+    if all(placement[w] <= survey[node].shards for w, node in enumerate(nodes_for)):
+        return placement
+    assigned: dict[int, set[int]] = {w: set() for w in range(len(nodes_for))}
+    for shard in range(num_shards):
+        holders = [w for w, node in enumerate(nodes_for) if shard in survey[node].shards]
+        if not holders:
+            have = {s.host: sorted(s.shards) for s in survey.values()}
+            raise ConfigError(
+                "dataset",
+                f"shard {shard}",
+                "every shard readable on a node that has room for a worker",
+                hint=f"shards readable per node: {have}",
+            )
+        assigned[min(holders, key=lambda w: (len(assigned[w]), w))].add(shard)
+    return {w: frozenset(s) for w, s in assigned.items()}
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens there (Ray itself retries for long)."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("address", address, '"host:port", "ray://host:port", "auto" or None')
+    try:
+        with socket.create_connection((host, int(port)), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            "address",
+            address,
+            "the address of a running Ray cluster's head node",
+            hint=f"cannot connect to {host}:{port}: {e}",
+        ) from e
+
+
+def _same_address(given: str, current: str) -> bool:
+    """Whether ``host:port`` addresses name the same server (loopback matches this machine)."""
+
+    def resolve(address: str) -> tuple[str, str]:
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            return socket.gethostbyname(host), port
+        except OSError:
+            return host, port
+
+    (host_a, port_a), (host_b, port_b) = resolve(given), resolve(current)
+    return port_a == port_b and (
+        host_a == host_b or host_a.startswith("127.") or host_b.startswith("127.")
+    )
+
+
+# States in the object store ----------------------------------------------------------------------
+
+
+def to_object_store(state: Any) -> Any:
+    """A state with its tensors as numpy arrays, which Ray stores without pickling and reads
+    without copying. Tensors numpy cannot represent (bfloat16) stay tensors."""
+    if isinstance(state, torch.Tensor):
+        try:
+            return _Array(state.detach().cpu().numpy())
+        except TypeError:
+            return state
+    if isinstance(state, dict):
+        return {k: to_object_store(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_object_store(v) for v in state)
+    return state
+
+
+def from_object_store(state: Any) -> Any:
+    """The state back with tensors (copied: object-store memory is read-only and shared)."""
+    if isinstance(state, _Array):
+        return torch.from_numpy(np.array(state.array, copy=True))
+    if isinstance(state, dict):
+        return {k: from_object_store(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(from_object_store(v) for v in state)
+    return state
+
+
+@dataclass(frozen=True)
+class _Array:
+    """Marks an array that was a tensor (a state may hold plain numpy values too)."""
+
+    array: np.ndarray
