@@ -13,20 +13,29 @@ Two workloads: "scaling" (8 small MLPs) for speedup and busy fraction, and "over
 about 10M parameters) for the per-hop overhead goal. Every process uses 1 torch thread, so that
 sequential and MOP differ only in how models and data are placed.
 
+A second part ("hops") compares backends: the per-hop overhead of MLPs of about 1M, 10M and 100M
+parameters on 2 workers, with LocalBackend (states through files) and RayBackend (states through
+Ray's object store) in the same run. Ray runs on a simulated 2-node cluster
+(``ray.cluster_utils.Cluster``, one worker per node, the driver on a head node with no CPUs), so
+every state that changes worker crosses from one node's object store to the other's.
+
 Usage:
-    python benchmarks/mop_scaling.py                 # 1 and 2 workers (fits a 2-core machine)
-    python benchmarks/mop_scaling.py --workers 1 2 4 8
+    python benchmarks/mop_scaling.py                 # both parts, 1 and 2 workers
+    python benchmarks/mop_scaling.py --workers 1 2 4 8 --part scaling
+    python benchmarks/mop_scaling.py --part hops     # local vs Ray per-hop overhead only
     python benchmarks/mop_scaling.py --quick         # a smoke run (seconds), not for the table
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +70,15 @@ QUICK = {
     "scaling": Workload("scaling", 32, (64,), 256, 4, 4, 1, 64),
     "overhead": Workload("overhead", 64, (256,), 256, 2, 2, 1, 64),
 }
+# The backends part: model sizes of about 1M, 10M and 100M parameters, small shards (the
+# overhead of a hop grows with the state, the unit with the rows).
+HOP_WORKLOADS = {
+    "1M": Workload("hops-1M", 512, (1536, 128), 512, 4, 2, 2, 64),
+    "10M": Workload("hops-10M", 1024, (3072, 2304), 256, 4, 2, 2, 64),
+    "100M": Workload("hops-100M", 1024, (8192, 8192, 3072), 128, 4, 2, 2, 64),
+}
+QUICK_HOPS = {"0.1M": Workload("hops-0.1M", 64, (256, 128), 128, 2, 2, 1, 64)}
+BACKENDS = ("local", "ray")
 
 
 def build(params: dict[str, Any]) -> cerebro.ModelSpec:
@@ -134,7 +152,13 @@ def run_sequential(w: Workload, dataset: cerebro.Dataset, threads: int) -> dict[
 
 
 def run_mop(
-    w: Workload, dataset: cerebro.Dataset, workers: int, root: str, deterministic: bool = False
+    w: Workload,
+    dataset: cerebro.Dataset,
+    workers: int,
+    root: str,
+    deterministic: bool = False,
+    backend: cerebro.Backend | None = None,
+    label: str = "",
 ) -> dict[str, Any]:
     search = cerebro.GridSearch({"cfg": cerebro.choice(list(range(w.num_models)))})
     configs = configurations(w)
@@ -146,8 +170,8 @@ def run_mop(
         epochs=w.epochs,
         metric="val_loss",
         mode="min",
-        backend=cerebro.LocalBackend(workers=workers, threads_per_worker=1),
-        path=os.path.join(root, f"{w.name}-mop-{workers}{'-det' * deterministic}"),
+        backend=backend or cerebro.LocalBackend(workers=workers, threads_per_worker=1),
+        path=os.path.join(root, f"{w.name}-mop-{workers}{'-det' * deterministic}{label}"),
         progress=False,
         deterministic=deterministic,
     ).run()
@@ -199,6 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         "--workload", choices=sorted(WORKLOADS), nargs="+", default=sorted(WORKLOADS)
     )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--part",
+        choices=["scaling", "hops", "all"],
+        default="all",
+        help="scaling: MOP against sequential; hops: per-hop overhead of each backend",
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS,
+        default=list(BACKENDS),
+        help="backends the hops part compares (ray needs the cerebro[ray] extra)",
+    )
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     # The same allocator settings as MOP's workers, so the baseline is not slowed by malloc.
@@ -208,6 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--workers {too_many}: each must be between 1 and this machine's {cores} cores"
         )
+    if "ray" in args.backends and args.part != "scaling":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            parser.error('--backends ray: Ray is not installed (pip install "cerebro[ray]")')
+    if args.part in ("scaling", "all"):
+        run_scaling(args, cores)
+    if args.part in ("hops", "all"):
+        run_hops(args)
+    return 0
+
+
+def run_scaling(args: argparse.Namespace, cores: int) -> None:
+    """MOP on 1..W local workers against sequential training, on the scaling workloads."""
     workloads = QUICK if args.quick else WORKLOADS
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -232,7 +283,66 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         _write(table, workloads, args, os.path.join(args.out, "mop_scaling.md"))
         _plot(table, os.path.join(args.out, "mop_scaling.png"))
-    return 0
+
+
+def run_hops(args: argparse.Namespace) -> None:
+    """Per-hop overhead of each backend on 2 workers, for each model size, in one run."""
+    workloads = QUICK_HOPS if args.quick else HOP_WORKLOADS
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for size, w in workloads.items():
+            dataset = make_dataset(w, root)
+            for kind in args.backends:
+                with _hop_backend(kind) as backend:
+                    r = run_mop(w, dataset, 2, root, backend=backend, label=f"-{kind}")
+                rows.append(
+                    {
+                        "model": size,
+                        "parameters_M": round(parameters(w) / 1e6, 2),
+                        "state_MB": round(parameters(w) * 12 / 1e6),  # weights + Adam's 2 moments
+                        "backend": kind,
+                        "unit_s": round(r["unit_s"], 3),
+                        "hop_overhead_s": round(r["overhead_s"], 4),
+                        "overhead_per_unit": round(r["overhead_s"] / r["unit_s"], 4),
+                        "state_load_s": round(r["load_s"], 4),
+                        "state_save_s": round(r["save_s"], 4),
+                        "span_s": round(r["span_s"], 2),
+                        "busy": round(r["busy"], 3),
+                    }
+                )
+                print(pd.DataFrame(rows).to_string(index=False), flush=True)
+    table = pd.DataFrame(rows)
+    if not args.quick:
+        os.makedirs(args.out, exist_ok=True)
+        _write_hops(table, workloads, args, os.path.join(args.out, "mop_hops.md"))
+        _plot_hops(table, os.path.join(args.out, "mop_hops.png"))
+
+
+@contextlib.contextmanager
+def _hop_backend(kind: str) -> Iterator[cerebro.Backend]:
+    if kind == "local":
+        yield cerebro.LocalBackend(workers=2, threads_per_worker=1)
+        return
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    # The driver's head node has no CPUs: each worker gets a node, and states cross between
+    # the two nodes' object stores (loopback TCP on this machine, the network on a cluster).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cerebro.RayBackend(
+            address=cluster.address,
+            workers=2,
+            threads_per_worker=1,
+            runtime_env={"env_vars": {"PYTHONPATH": HERE}},  # actors import this script's build
+        )
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def _row(
@@ -289,6 +399,71 @@ def _write(
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+def _write_hops(
+    table: pd.DataFrame, workloads: dict[str, Workload], args: argparse.Namespace, path: str
+) -> None:
+    wide = table.pivot(index="model", columns="backend", values="hop_overhead_s")
+    lines = [
+        "# Per-hop overhead by backend",
+        "",
+        "Command: `python benchmarks/mop_scaling.py --part hops --backends "
+        f"{' '.join(args.backends)}`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}; date {time.strftime('%Y-%m-%d')}",
+        "",
+        "2 workers, 1 torch thread each, free mode. Ray: a simulated 2-node cluster on this "
+        "machine (one worker per node), so states cross between object stores. Models "
+        "(synthetic 10-class data, Adam, batch 64):",
+        "",
+    ]
+    for size, w in workloads.items():
+        lines.append(
+            f"- **{size}**: {w.num_models} MLPs {w.features}-{'-'.join(map(str, w.hidden))}-10 "
+            f"({parameters(w) / 1e6:.2f}M parameters), {w.num_shards} shards x "
+            f"{w.rows_per_shard} rows, {w.epochs} epochs"
+        )
+    lines += [
+        "",
+        "`hop_overhead_s`: mean gap between two units on a worker (bringing the next model's "
+        "state in, the driver's round trip); `state_load_s`: the part spent bringing a state in "
+        "(0 when the worker still had the model); `state_save_s`: writing the new state "
+        "(off the unit's path).",
+        "",
+        table.to_markdown(index=False),
+        "",
+    ]
+    if {"local", "ray"} <= set(wide.columns):
+        ratio = (wide["ray"] / wide["local"]).round(2)
+        lines += [
+            "Ray's per-hop overhead over the local backend's: "
+            + ", ".join(f"{size} {ratio[size]}x" for size in workloads if size in ratio.index),
+            "",
+        ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def _plot_hops(table: pd.DataFrame, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = list(dict.fromkeys(table.model))
+    width = 0.8 / table.backend.nunique()
+    for i, (kind, group) in enumerate(table.groupby("backend")):
+        group = group.set_index("model").loc[sizes]
+        xs = np.arange(len(sizes)) + i * width
+        ax.bar(xs, group.overhead_per_unit * 100, width, label=kind)
+    ax.set_xticks(np.arange(len(sizes)) + width * (table.backend.nunique() - 1) / 2, sizes)
+    ax.set(xlabel="model size (parameters)", ylabel="hop overhead, % of a unit")
+    ax.set_title("Per-hop overhead by backend (2 workers)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _plot(table: pd.DataFrame, path: str) -> None:
