@@ -91,3 +91,34 @@ def test_parquet_with_list_column(tmp_path):
     )
     ds = cerebro.prepare_data(str(tmp_path / "t.parquet"), tmp_path / "d", num_shards=2)
     assert ds.load_shard("train", 0).x.shape[1:] == (6,)
+
+
+def test_a_dataset_reopens_from_an_fsspec_url_and_trains(digits, tmp_path):
+    """Workers on other machines read shards from object storage through fsspec; ``local://``
+    is fsspec's local filesystem, reachable from worker processes like a bucket would be."""
+    import builders
+    import torch
+
+    remote = cerebro.Dataset.open(f"local://{digits.path}")
+    assert remote.num_shards == digits.num_shards
+    assert remote.shard_path("train", 1).startswith("local://")
+    for split in ("train", "val"):
+        a, b = remote.load_shard(split, 1), digits.load_shard(split, 1)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    result = cerebro.Experiment(
+        builders.mlp,
+        remote,
+        cerebro.GridSearch({"lr": cerebro.choice([0.01])}),
+        epochs=1,
+        metric="val_loss",
+        mode="min",
+        backend=cerebro.LocalBackend(workers=2),
+        path=tmp_path / "run",
+        progress=False,
+    ).run()
+    assert result.models[0].status == "completed"
+
+
+def test_a_url_without_a_dataset_is_refused(tmp_path):
+    with pytest.raises(cerebro.ConfigError, match="no manifest.json"):
+        cerebro.Dataset.open(f"local://{tmp_path}")

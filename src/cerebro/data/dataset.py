@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .. import files
 from ..errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -63,14 +64,15 @@ class Dataset:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Dataset:
-        """Reopen a dataset written by :func:`cerebro.prepare_data`."""
+        """Reopen a dataset written by :func:`cerebro.prepare_data`: a local folder, or the same
+        folder copied to an fsspec URL (``s3://bucket/digits``) that every worker can read."""
         path = os.fspath(path)
-        manifest_path = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest_path):
+        manifest_path = _join(path, MANIFEST)
+        if not files.exists(manifest_path):
             raise ConfigError(
                 "path", path, "a folder written by cerebro.prepare_data (it has no manifest.json)"
             )
-        with open(manifest_path) as f:
+        with files.open_for_reading(manifest_path) as f:
             manifest = json.load(f)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ConfigError(
@@ -116,12 +118,17 @@ class Dataset:
         return sum(self.shard_rows(split))
 
     def shard_path(self, split: str, shard: int) -> str:
-        files = self.manifest["splits"][_check_split(split)]["files"]
-        return os.path.join(self.path, files[shard])
+        names = self.manifest["splits"][_check_split(split)]["files"]
+        return _join(self.path, names[shard])
 
     def load_shard(self, split: str, shard: int) -> Shard:
         """Read one shard into CPU tensors (inputs as float32)."""
-        table = pq.read_table(self.shard_path(split, shard))
+        path = self.shard_path(split, shard)
+        if files.is_url(path):
+            with files.open_for_reading(path) as f:
+                table = pq.read_table(f)
+        else:
+            table = pq.read_table(files.as_local(path))
         features = self.manifest["features"]
         columns = [_column_to_numpy(table.column(f["name"]), f["shape"]) for f in features]
         n = table.num_rows
@@ -139,6 +146,13 @@ class Dataset:
             f"Dataset(path={self.path!r}, num_rows={self.num_rows}, num_shards={self.num_shards}, "
             f"features={self.features!r}, label={self.label!r})"
         )
+
+
+def _join(folder: str, name: str) -> str:
+    """``folder/name`` for a local path or an fsspec URL (whose separator is always "/")."""
+    if files.is_url(folder):
+        return f"{folder.rstrip('/')}/{name}"
+    return os.path.join(files.as_local(folder), name)
 
 
 def _check_split(split: str) -> str:
