@@ -469,13 +469,14 @@ class _WorkerActor:
     def run(self, unit: Unit, published: list[Any]) -> UnitDone:
         import ray
 
+        received = time.time()
         state = None
         if published and self.runtime.needs_state(unit):
             try:
                 state = from_object_store(ray.get(published[0], timeout=_FETCH_TIMEOUT_S))
             except ray.exceptions.RayError:
                 state = None  # lost with its node: the state file holds the same state
-        done, save = self.runtime.run(unit, state)
+        done, save = self.runtime.run(unit, state, received)
         if save is not None:
             with self._lock:
                 self._saves[unit.unit_id] = self._writer.submit(save)
@@ -504,7 +505,9 @@ class _PublishingRuntime(WorkerRuntime):
 
         def publish_and_write() -> StateSaved:
             # Published first: the copy into the object store is fast, the file write slower.
-            self.published[unit.unit_id] = ray.put(to_object_store(snapshot))
+            # A state that cannot be published (object store full, say) hops through its file.
+            with contextlib.suppress(ray.exceptions.RayError, MemoryError):
+                self.published[unit.unit_id] = ray.put(to_object_store(snapshot))
             return write()
 
         return publish_and_write

@@ -90,14 +90,16 @@ class WorkerRuntime:
         return entry is None or entry.params != unit.params or entry.version != unit.version
 
     def run(
-        self, unit: Unit, state: dict[str, Any] | None = None
+        self, unit: Unit, state: dict[str, Any] | None = None, received: float | None = None
     ) -> tuple[UnitDone, Callable[[], StateSaved] | None]:
         """Run one unit. Returns its result and, for training units, the job writing the state.
 
         ``state``: the model's state at ``unit.version`` if the backend already has it (from an
         object store, say); otherwise it is read from ``unit.state_path`` when needed.
+        ``received``: when the unit reached the worker (``time.time()``), if the backend spent
+        time fetching ``state`` before this call; the hop's ``load_s`` counts from there.
         """
-        received = time.time()
+        received = received or time.time()
         try:
             entry = self._bring_in(unit, state)
             load_s = time.time() - received
