@@ -329,9 +329,14 @@ def _hop_backend(kind: str) -> Iterator[cerebro.Backend]:
     ray.shutdown()
     # The driver's head node has no CPUs: each worker gets a node, and states cross between
     # the two nodes' object stores (loopback TCP on this machine, the network on a cluster).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # Each node's object store gets 4 GiB, room for a few 100M-parameter states (the simulated
+    # nodes' default, about 150 MB, would spill every state to disk; a real node's is 30% of RAM).
+    store = 4 * 2**30
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store}
+    )
     for _ in range(2):
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, object_store_memory=store)
     cluster.wait_for_nodes()
     try:
         yield cerebro.RayBackend(
