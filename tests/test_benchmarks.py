@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_mop_scaling_quick_runs_and_reports_every_approach(tmp_path):
     done = subprocess.run(
         [

@@ -193,7 +193,9 @@ def test_resume_of_an_interactive_experiment_says_what_to_do(digits, tmp_path):
     assert "interactive session" in done.stdout
 
 
-@pytest.mark.parametrize("also_break_newest_checkpoint", [False, True])
+@pytest.mark.parametrize(
+    "also_break_newest_checkpoint", [False, pytest.param(True, marks=pytest.mark.slow)]
+)
 def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     script, tmp_path, digits, also_break_newest_checkpoint
 ):
@@ -238,6 +240,7 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
         assert recovered[0]["detail"]["from_epoch"] < broken_epoch
 
 
+@pytest.mark.slow
 def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mirror(
     script, tmp_path, digits
 ):
@@ -274,6 +277,7 @@ def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mir
             assert (copies / name).read_bytes() == (local / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_with_checkpoints_at_an_fsspec_url(script, tmp_path, digits):
     """The same crash and resume with every state at an fsspec URL (uploads, no renames)."""
     at_url = _script_with(tmp_path, digits, f"checkpoint_dir={'local://' + str(tmp_path)!r}")

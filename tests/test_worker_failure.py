@@ -77,7 +77,7 @@ def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path, kind
     assert len(result.hops) == len(reference.hops)
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("kind", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_a_unit_that_keeps_killing_its_worker_fails_its_model_only(digits, tmp_path, kind):
     space = {"fail": cerebro.choice(["none", "exit"])}
     result = _experiment(
