@@ -24,7 +24,7 @@ validation metrics of every configuration with their distance from sequential's.
 issue 6 are checked against what was measured. Every training process uses one torch thread.
 
 Usage:
-    python benchmarks/compare.py                      # W = 2, all approaches, ~12 min on 2 cores
+    python benchmarks/compare.py                      # W = 2, all approaches, 12-14 min on 2 cores
     python benchmarks/compare.py --workers 4 --out /tmp/cmp   # on a machine with >= 4 cores
     python benchmarks/compare.py --approaches sequential,mop,ddp
     python benchmarks/compare.py --quick --out /tmp/cmp       # smoke run (~1 min); --quick
@@ -56,6 +56,7 @@ from compare_approaches.approaches import Run, Settings, run_approach  # noqa: E
 from compare_approaches.memory import TreeMonitor  # noqa: E402
 from compare_approaches.report import (  # noqa: E402
     Measured,
+    code_version,
     goals,
     history_frame,
     plot_curves,
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     load_before = os.getloadavg()
+    code = code_version()  # now: the repository may move on while this runs
     w = workload(args.quick, args.workers)
     print(
         f"compare: {len(w.configs)} configurations x {w.epochs} epochs, {w.rows} rows, "
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             measured,
             elapsed,
             args.device,
+            code,
         )
         history_frame(measured, w).to_csv(
             os.path.join(args.out, "compare_history.csv"), index=False

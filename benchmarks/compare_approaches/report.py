@@ -284,6 +284,7 @@ def write_markdown(
     measured: list[Measured],
     elapsed_s: float,
     device: str,
+    code: str,
 ) -> None:
     rows_train = int(round(w.rows * (1 - w.validation)))
     lines = [
@@ -293,7 +294,7 @@ def write_markdown(
         "",
         f"Machine: {machine()}",
         "",
-        f"Code: {code_version()}",
+        f"Code: {code}",
         "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M')}; whole run {elapsed_s / 60:.1f} min; "
         f"load average before the run (1, 5, 15 min): "
