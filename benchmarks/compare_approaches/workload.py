@@ -26,13 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 import cerebro
 from cerebro import training
 from cerebro.data import Shard
-from cerebro.seeding import derive_seed
 
 SEED = 0
 
@@ -163,15 +161,13 @@ def make_dataset(w: Workload, root: str) -> cerebro.Dataset:
 
 
 def shard_order(model_id: int, epoch: int, num_shards: int) -> list[int]:
-    """The training shards of one epoch in the order a deterministic MOP run visits them
-    (the same derivation as the driver's; cerebro has no public function for it)."""
-    seed = derive_seed(SEED, "shard-order", model_id, epoch)
-    return [int(i) for i in np.random.default_rng(seed).permutation(num_shards)]
+    """The training shards of one epoch in the order a deterministic MOP run visits them."""
+    return training.shard_order(SEED, model_id, epoch, list(range(num_shards)))
 
 
 def hop_rng_seed(model_id: int, epoch: int, shard: int) -> int:
     """What a deterministic MOP worker seeds torch with before a training hop."""
-    return derive_seed(SEED, "hop-rng", model_id, epoch, shard)
+    return training.hop_rng_seed(SEED, model_id, epoch, shard)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import files
@@ -65,6 +66,24 @@ def init_seed(seed: int, model_id: int) -> int:
 def shuffle_seed(seed: int, model_id: int, epoch: int, shard: int) -> int:
     """Seed of the row order of one hop: a function of (experiment, model, epoch, shard)."""
     return derive_seed(seed, "shuffle", model_id, epoch, shard)
+
+
+def shard_order(seed: int, model_id: int, epoch: int, shards: list[int]) -> list[int]:
+    """The order in which a deterministic experiment's model visits its training shards in an
+    epoch (a seeded permutation of ``shards``); one process replaying it gets the same weights.
+
+    >>> shard_order(0, 1, 0, [0, 1, 2, 3]) == shard_order(0, 1, 0, [0, 1, 2, 3])
+    True
+    """
+    ordered = sorted(shards)
+    rng = np.random.default_rng(derive_seed(seed, "shard-order", model_id, epoch))
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
+def hop_rng_seed(seed: int, model_id: int, epoch: int, shard: int) -> int:
+    """What a deterministic experiment seeds torch with before a training hop (dropout and any
+    other randomness then depend on the hop alone, not on the worker that runs it)."""
+    return derive_seed(seed, "hop-rng", model_id, epoch, shard)
 
 
 def capture_state(

@@ -208,8 +208,8 @@ class LocalBackend(Backend):
         return events
 
     def pids(self) -> list[int]:
-        """Process ids of the current workers."""
-        return [p.pid for p in self._processes]
+        """Process ids of the current workers (those started so far, while starting)."""
+        return [p.pid for p in self._processes if p is not None]
 
     def shutdown(self, graceful: bool = True) -> None:
         self._processes = [p for p in self._processes if p is not None]

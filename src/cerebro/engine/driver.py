@@ -18,7 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import files, training
@@ -38,7 +37,6 @@ from ..search.base import (
     Decision,
     EarlyStopping,
 )
-from ..seeding import derive_seed
 from ..spec import ModelSpec
 from ..store import RecordStore, checkpoints
 from ..store.checkpoints import state_path
@@ -475,8 +473,7 @@ class Driver:
         shards = sorted(self.train_shards)
         if not self.config.deterministic:
             return shards
-        seed = derive_seed(self.config.seed, "shard-order", model.model_id, model.epoch)
-        return [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
+        return training.shard_order(self.config.seed, model.model_id, model.epoch, shards)
 
     def _eligible(self, model: _Model) -> frozenset[int]:
         if self.config.deterministic and model.phase == "train" and model.remaining:
@@ -507,7 +504,7 @@ class Driver:
             shuffle_seed=training.shuffle_seed(self.config.seed, model_id, model.epoch, shard),
             end_of_epoch=model.phase == "train" and not model.remaining,
             rng_seed=(
-                derive_seed(self.config.seed, "hop-rng", model_id, model.epoch, shard)
+                training.hop_rng_seed(self.config.seed, model_id, model.epoch, shard)
                 if self.config.deterministic
                 else None
             ),
