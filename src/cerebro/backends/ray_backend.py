@@ -244,9 +244,9 @@ class RayBackend(Backend):
         import ray
 
         self._connect()
-        if self.workers is None:
-            self.validate(len(set().union(*placement.values())))
         num_shards = len(set().union(*placement.values()))
+        if self.workers is None:
+            self.validate(num_shards)
         self._survey = _survey_nodes(dataset_path, num_shards, state_dir)
         self._nodes_for = _choose_nodes(self.workers, self._capacity(), self._survey)
         shards = _place_by_locality(placement, self._nodes_for, self._survey, num_shards)
