@@ -154,19 +154,27 @@ class RayBackend(Backend):
             # A local Ray's workers import what this process imports (like spawned processes).
             paths = [p for p in sys.path if p and os.path.isdir(p)]
             runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+        options = {
+            # "local" starts a new instance; None would join one found in Ray's temp files,
+            # which may be a dead cluster left by another program.
+            "address": self.address or "local",
+            "runtime_env": runtime_env,
+            "include_dashboard": False,
+            "logging_level": "WARNING",
+            "configure_logging": False,
+        }
         try:
-            ray.init(
-                # "local" starts a new instance; None would join one found in Ray's temp files,
-                # which may be a dead cluster left by another program.
-                address=self.address or "local",
-                runtime_env=runtime_env,
-                include_dashboard=False,
-                logging_level="WARNING",
-                configure_logging=False,
-            )
+            ray.init(**options)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(
-                "address", self.address, "the address of a running Ray cluster", hint=str(e)
+                "address",
+                self.address,
+                "the address of a running Ray cluster",
+                # Ray turns token authentication on by itself only for clusters it finds, not
+                # for an explicit address: the usual reason a live cluster refuses a driver.
+                hint=f"{e}. A cluster started by `ray start` uses token authentication by "
+                "default: run with RAY_AUTH_MODE=token, and the cluster's token in "
+                "RAY_AUTH_TOKEN or ~/.ray/auth_token",
             ) from e
 
     def _capacity(self) -> dict[str, int]:
