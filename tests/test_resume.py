@@ -30,7 +30,7 @@ if __name__ == "__main__":
              "dropout": cerebro.uniform(0.0, 0.3)}}
     cerebro.Experiment(builders.mlp, {data!r}, cerebro.RandomSearch(space, num_models={models}),
                        epochs={epochs}, metric="val_accuracy", mode="max",
-                       backend=cerebro.LocalBackend(workers=2), path=sys.argv[1], seed=11,
+                       backend=cerebro.{backend}(workers=2), path=sys.argv[1], seed=11,
                        progress=False, deterministic=True{extra}).run()
 """
 
@@ -39,7 +39,14 @@ if __name__ == "__main__":
 def script(digits, tmp_path):
     path = tmp_path / "run.py"
     path.write_text(
-        SCRIPT.format(tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra="")
+        SCRIPT.format(
+            tests=HERE,
+            data=digits.path,
+            models=MODELS,
+            epochs=EPOCHS,
+            backend="LocalBackend",
+            extra="",
+        )
     )
     return path
 
@@ -73,12 +80,28 @@ def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
     return cerebro.load(path)
 
 
-@pytest.mark.parametrize("how", ["same script", "cerebro resume"])
+@pytest.mark.parametrize(
+    "how", ["same script", "cerebro resume", pytest.param("on ray", marks=pytest.mark.slow)]
+)
 def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_path, digits, how):
+    """ "on ray": the crashed run and its rerun use RayBackend (its local Ray, actors included,
+    dies with the driver); the reference ran on local worker processes."""
     total_train_hops = MODELS * EPOCHS * digits.num_shards
     uninterrupted = tmp_path / "uninterrupted"
     _run(script, uninterrupted)
 
+    if how == "on ray":
+        script = tmp_path / "run_on_ray.py"
+        script.write_text(
+            SCRIPT.format(
+                tests=HERE,
+                data=digits.path,
+                models=MODELS,
+                epochs=EPOCHS,
+                backend="RayBackend",
+                extra="",
+            )
+        )
     crashed = tmp_path / "crashed"
     at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
     assert at_kill.experiment["status"] == "running"  # it died without saying so
@@ -87,7 +110,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
     finished_at_kill = {m.id for m in at_kill.models if m.status == "completed"}
     finished_states = {i: os.stat(training_state(crashed, i)).st_mtime_ns for i in finished_at_kill}
 
-    if how == "same script":
+    if how in ("same script", "on ray"):
         _run(script, crashed)  # the same script again: it continues the experiment
     else:
         done = subprocess.run(
@@ -297,7 +320,12 @@ def _script_with(tmp_path, digits, option: str) -> Path:
     path = tmp_path / "with_option.py"
     path.write_text(
         SCRIPT.format(
-            tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, extra=f", {option}"
+            tests=HERE,
+            data=digits.path,
+            models=MODELS,
+            epochs=EPOCHS,
+            backend="LocalBackend",
+            extra=f", {option}",
         )
     )
     return path
