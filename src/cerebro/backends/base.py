@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -134,3 +136,24 @@ class Backend(ABC):
     def shutdown(self, graceful: bool = True) -> None:
         """Stop every worker; graceful waits for units and state writes in progress, otherwise
         workers are stopped at once (states on disk stay at their last completed hop)."""
+
+
+def check_worker_options(threads_per_worker: Any, model_cache_mb: Any) -> None:
+    """The options every backend's workers take: refuse bad values before anything starts."""
+    if threads_per_worker is not None and (
+        not isinstance(threads_per_worker, int) or threads_per_worker < 1
+    ):
+        raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
+    if not isinstance(model_cache_mb, int) or model_cache_mb < 0:
+        raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
+
+
+def check_workers_fit_shards(workers: int, num_shards: int) -> None:
+    """Every worker must hold a shard: one without any could never train."""
+    if workers > num_shards:
+        raise ConfigError(
+            "workers",
+            workers,
+            f"at most the dataset's num_shards ({num_shards})",
+            hint="a worker without a shard could never train; prepare more shards",
+        )

@@ -23,7 +23,15 @@ import torch
 
 from ..errors import ConfigError, WorkerError
 from .allocator import tune_malloc_for_training
-from .base import Backend, Event, Unit, WorkerInfo, WorkerLost
+from .base import (
+    Backend,
+    Event,
+    Unit,
+    WorkerInfo,
+    WorkerLost,
+    check_worker_options,
+    check_workers_fit_shards,
+)
 from .lifetime import die_with_parent
 from .worker import WorkerRuntime
 
@@ -63,12 +71,7 @@ class LocalBackend(Backend):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ConfigError("workers", workers, "an integer >= 1")
         self.devices = _check_devices(devices)
-        if threads_per_worker is not None and (
-            not isinstance(threads_per_worker, int) or threads_per_worker < 1
-        ):
-            raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
-        if not isinstance(model_cache_mb, int) or model_cache_mb < 0:
-            raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
+        check_worker_options(threads_per_worker, model_cache_mb)
         self.workers = workers
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self._fixed_threads = threads_per_worker or 1
@@ -82,13 +85,7 @@ class LocalBackend(Backend):
         return self.workers
 
     def validate(self, num_shards: int) -> None:
-        if self.workers > num_shards:
-            raise ConfigError(
-                "workers",
-                self.workers,
-                f"at most the dataset's num_shards ({num_shards})",
-                hint="a worker without a shard could never train; prepare more shards",
-            )
+        check_workers_fit_shards(self.workers, num_shards)
 
     def start(
         self,

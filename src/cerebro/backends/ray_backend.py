@@ -41,7 +41,17 @@ import torch
 
 from ..errors import ConfigError, WorkerError
 from .allocator import tune_malloc_for_training
-from .base import Backend, Event, StateSaved, Unit, UnitDone, WorkerInfo, WorkerLost
+from .base import (
+    Backend,
+    Event,
+    StateSaved,
+    Unit,
+    UnitDone,
+    WorkerInfo,
+    WorkerLost,
+    check_worker_options,
+    check_workers_fit_shards,
+)
 from .worker import WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
@@ -112,12 +122,7 @@ class RayBackend(Backend):
             raise ConfigError(
                 "cpus_per_worker", cpus_per_worker, "a number > 0 when gpus_per_worker is 0"
             )
-        if threads_per_worker is not None and (
-            not isinstance(threads_per_worker, int) or threads_per_worker < 1
-        ):
-            raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
-        if not isinstance(model_cache_mb, int) or model_cache_mb < 0:
-            raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
+        check_worker_options(threads_per_worker, model_cache_mb)
         self.address = address
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
@@ -213,13 +218,7 @@ class RayBackend(Backend):
         room = sum(self._capacity().values())
         if self.workers is None:
             self.workers = max(1, min(room, num_shards))
-        if self.workers > num_shards:
-            raise ConfigError(
-                "workers",
-                self.workers,
-                f"at most the dataset's num_shards ({num_shards})",
-                hint="a worker without a shard could never train; prepare more shards",
-            )
+        check_workers_fit_shards(self.workers, num_shards)
         if self.workers > room:
             raise ConfigError(
                 "workers",
@@ -256,8 +255,8 @@ class RayBackend(Backend):
         if self.workers is None:
             self.validate(num_shards)
         self._survey = _survey_nodes(dataset_path, num_shards, state_dir)
-        self._nodes_for = _choose_nodes(self.workers, self._capacity(), self._survey)
-        shards = _place_by_locality(placement, self._nodes_for, self._survey, num_shards)
+        nodes_for = _choose_nodes(self.workers, self._capacity(), self._survey)
+        shards = _place_by_locality(placement, nodes_for, self._survey, num_shards)
         payload = cloudpickle.dumps(build)
         threads = self.threads_per_worker or (
             1 if deterministic else max(1, int(self.cpus_per_worker))
@@ -276,9 +275,7 @@ class RayBackend(Backend):
             for w in range(self.workers)
         ]
         self._actor_class = ray.remote(_WorkerActor)
-        self._workers = [
-            self._launch(w, self._nodes_for[w], generation=0) for w in range(self.workers)
-        ]
+        self._workers = [self._launch(w, nodes_for[w], generation=0) for w in range(self.workers)]
         infos = []
         for w in range(self.workers):
             infos.append(self._await_ready(w, _START_TIMEOUT_S, shutdown_on_error=True))
@@ -304,19 +301,16 @@ class RayBackend(Backend):
         host = self._survey[placed.node_id].host
         try:
             description = ray.get(placed.ready, timeout=timeout)
-        except ray.exceptions.GetTimeoutError as e:
-            if shutdown_on_error:
-                self.shutdown(graceful=False)
-            raise WorkerError(
-                f"worker {worker_id} on node {host} ({placed.node_id[:12]}) did not start "
-                f"within {timeout:g} s"
-            ) from e
         except ray.exceptions.RayError as e:
             if shutdown_on_error:
                 self.shutdown(graceful=False)
-            raise WorkerError(
-                f"worker {worker_id} on node {host} ({placed.node_id[:12]}) could not start:\n{e}"
-            ) from e
+            why = (
+                f"did not start within {timeout:g} s"
+                if isinstance(e, ray.exceptions.GetTimeoutError)
+                else f"could not start:\n{e}"
+            )
+            where = f"worker {worker_id} on node {host} ({placed.node_id[:12]})"
+            raise WorkerError(f"{where} {why}") from e
         placed.pid = description["pid"]
         return description["info"]
 

@@ -159,11 +159,11 @@ class WorkerRuntime:
 
     def _bring_in(self, unit: Unit, state: dict[str, Any] | None) -> _CachedModel:
         entry = self._cache.get(unit.model_id)
-        if entry is not None and entry.params != unit.params:
-            entry = None  # rebuilt: batch size or layers may depend on the new params
-        if entry is not None and entry.version == unit.version:
+        if not self.needs_state(unit):
             self._cache.move_to_end(unit.model_id)
             return entry
+        if entry is not None and entry.params != unit.params:
+            entry = None  # rebuilt: batch size or layers may depend on the new params
         if entry is None:
             spec = training.build_spec(self.build, unit.params, init_seed=None)
             spec.model.to(self.device)
