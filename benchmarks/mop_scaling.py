@@ -378,22 +378,10 @@ def _write(
     table: pd.DataFrame, workloads: dict[str, Workload], args: argparse.Namespace, path: str
 ) -> None:
     lines = [
-        "# MOP scaling",
-        "",
-        f"Command: `python benchmarks/mop_scaling.py --workers {' '.join(map(str, args.workers))}`",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"Python {sys.version.split()[0]}; date {time.strftime('%Y-%m-%d')}",
-        "",
+        *_header("MOP scaling", f"--workers {' '.join(map(str, args.workers))}"),
         "Workloads (synthetic 10-class data, 20% validation, every process 1 torch thread):",
         "",
-    ]
-    for w in workloads.values():
-        lines.append(
-            f"- **{w.name}**: {w.num_models} MLPs {w.features}-{'-'.join(map(str, w.hidden))}-10 "
-            f"({parameters(w) / 1e6:.2f}M parameters), {w.num_shards} shards x {w.rows_per_shard} "
-            f"rows, {w.epochs} epochs, batch {w.batch_size}"
-        )
-    lines += [
+        *(_describe(w.name, w) for w in workloads.values()),
         "",
         "`span_s` is first unit start to last unit end (what speedup and busy use); `makespan_s` "
         "adds starting the worker processes. `hop_overhead_s` is the mean gap between two units "
@@ -402,34 +390,21 @@ def _write(
         table.to_markdown(index=False),
         "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    _save(lines, path)
 
 
 def _write_hops(
     table: pd.DataFrame, workloads: dict[str, Workload], args: argparse.Namespace, path: str
 ) -> None:
     wide = table.pivot(index="model", columns="backend", values="hop_overhead_s")
+    backends = " ".join(args.backends)
     lines = [
-        "# Per-hop overhead by backend",
-        "",
-        "Command: `python benchmarks/mop_scaling.py --part hops --backends "
-        f"{' '.join(args.backends)}`",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"Python {sys.version.split()[0]}; date {time.strftime('%Y-%m-%d')}",
-        "",
+        *_header("Per-hop overhead by backend", f"--part hops --backends {backends}"),
         "2 workers, 1 torch thread each, free mode. Ray: a simulated 2-node cluster on this "
         "machine (one worker per node), so states cross between object stores. Models "
-        "(synthetic 10-class data, Adam, batch 64):",
+        "(synthetic 10-class data, Adam):",
         "",
-    ]
-    for size, w in workloads.items():
-        lines.append(
-            f"- **{size}**: {w.num_models} MLPs {w.features}-{'-'.join(map(str, w.hidden))}-10 "
-            f"({parameters(w) / 1e6:.2f}M parameters), {w.num_shards} shards x "
-            f"{w.rows_per_shard} rows, {w.epochs} epochs"
-        )
-    lines += [
+        *(_describe(size, w) for size, w in workloads.items()),
         "",
         "`hop_overhead_s`: mean gap between two units on a worker (bringing the next model's "
         "state in, the driver's round trip); `state_load_s`: the part spent bringing a state in "
@@ -446,6 +421,31 @@ def _write_hops(
             + ", ".join(f"{size} {ratio[size]}x" for size in workloads if size in ratio.index),
             "",
         ]
+    _save(lines, path)
+
+
+def _header(title: str, options: str) -> list[str]:
+    """A results file's title, the command that wrote it and the machine it ran on."""
+    return [
+        f"# {title}",
+        "",
+        f"Command: `python benchmarks/mop_scaling.py {options}`",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {sys.version.split()[0]}; date {time.strftime('%Y-%m-%d')}",
+        "",
+    ]
+
+
+def _describe(label: str, w: Workload) -> str:
+    """One workload as a bullet: its models, data and epochs."""
+    return (
+        f"- **{label}**: {w.num_models} MLPs {w.features}-{'-'.join(map(str, w.hidden))}-10 "
+        f"({parameters(w) / 1e6:.2f}M parameters), {w.num_shards} shards x {w.rows_per_shard} "
+        f"rows, {w.epochs} epochs, batch {w.batch_size}"
+    )
+
+
+def _save(lines: list[str], path: str) -> None:
     with open(path, "w") as f:
         f.write("\n".join(lines))
 

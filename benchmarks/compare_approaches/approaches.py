@@ -220,19 +220,24 @@ def _task_worker(rank: int, settings: Settings, tasks: Any, results: Any) -> Non
             history[cfg], seconds, first = train_config(w.configs[cfg], cfg, data, w.epochs, device)
             compute += seconds
             firsts.append(first)
-        results.put(
-            {
-                "rank": rank,
-                "pid": os.getpid(),
-                "history": history,
-                "compute_s": compute,
-                "first_start": min(firsts[1:], default=firsts[0]),
-                "data_bytes": data.nbytes,
-                "rss_kib": peak_rss_kib(),
-            }
-        )
+        results.put(_report(rank, history, compute, min(firsts[1:], default=firsts[0]), data))
     except Exception:
         results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def _report(
+    rank: int, history: dict[int, Any], compute: float, first: float | None, data: Data
+) -> dict[str, Any]:
+    """What a training process sends back: its results, time, data and peak memory."""
+    return {
+        "rank": rank,
+        "pid": os.getpid(),
+        "history": history,
+        "compute_s": compute,
+        "first_start": first,
+        "data_bytes": data.nbytes,
+        "rss_kib": peak_rss_kib(),
+    }
 
 
 # -- 3. DDP ---------------------------------------------------------------------------------
@@ -314,17 +319,8 @@ def _ddp_worker(rank: int, settings: Settings, port: int, results: Any) -> None:
                 compute += time.perf_counter() - start
                 metrics = epoch_metrics(_gather_sums(train), _gather_sums(val), rows)
                 history[cfg].append({"epoch": epoch, **metrics})
-        results.put(
-            {
-                "rank": rank,
-                "pid": os.getpid(),
-                "history": history if rank == 0 else {},
-                "compute_s": compute,
-                "first_start": first,
-                "data_bytes": data.nbytes,
-                "rss_kib": peak_rss_kib(),
-            }
-        )
+        # Every rank holds the same history: rank 0 reports it.
+        results.put(_report(rank, history if rank == 0 else {}, compute, first, data))
         dist.destroy_process_group()
     except Exception:
         results.put({"rank": rank, "error": traceback.format_exc()})
@@ -535,17 +531,8 @@ def _averaging_worker(rank: int, settings: Settings, port: int, results: Any) ->
                 compute += time.perf_counter() - start
                 metrics = epoch_metrics(_gather_sums(train), _gather_sums(val), rows)
                 history[cfg].append({"epoch": epoch, **metrics})
-        results.put(
-            {
-                "rank": rank,
-                "pid": os.getpid(),
-                "history": history if rank == 0 else {},
-                "compute_s": compute,
-                "first_start": first,
-                "data_bytes": data.nbytes,
-                "rss_kib": peak_rss_kib(),
-            }
-        )
+        # Every rank holds the same history: rank 0 reports it.
+        results.put(_report(rank, history if rank == 0 else {}, compute, first, data))
         dist.destroy_process_group()
     except Exception:
         results.put({"rank": rank, "error": traceback.format_exc()})
