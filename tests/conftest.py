@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -76,3 +80,30 @@ def replay_epoch(digits, build, params, state, seed, model_id, epoch, shards) ->
             end_of_epoch=i == len(shards) - 1,
         )
     return spec.model
+
+
+def assert_same_results(result: cerebro.Result, reference: cerebro.Result) -> None:
+    """Equal histories and bit-identical final weights for every model of ``reference``."""
+    pd.testing.assert_frame_equal(result.history, reference.history, check_exact=True)
+    for record in reference.models:
+        assert state_equal(
+            result.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
+        ), record.id
+
+
+def wait_for_train_hops(
+    path, count: int, timeout: float, still: Callable[[], bool] = lambda: True
+) -> bool:
+    """Wait until the experiment at ``path`` has recorded ``count`` training hops (True), the
+    timeout passes or ``still()`` turns False (False). For tests that break a run midway."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and still():
+        try:
+            hops = cerebro.load(path).hops
+        except cerebro.ConfigError:  # no records yet
+            time.sleep(0.05)
+            continue
+        if (hops.kind == "train").sum() >= count:
+            return True
+        time.sleep(0.02)
+    return False

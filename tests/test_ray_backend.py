@@ -12,12 +12,10 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import builders
-import pandas as pd
 import pytest
-from conftest import state_equal
+from conftest import assert_same_results, state_equal, wait_for_train_hops
 from test_experiment import _check_hop_invariants
 
 import cerebro
@@ -75,11 +73,7 @@ def _cluster_backend(cluster, **options) -> cerebro.RayBackend:
 
 def _assert_same_results(result, reference):
     assert {m.status for m in result.models} == {"completed"}
-    pd.testing.assert_frame_equal(result.history, reference.history, check_exact=True)
-    for record in reference.models:
-        assert state_equal(
-            result.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
-        ), record.id
+    assert_same_results(result, reference)
 
 
 def test_a_model_selection_runs_end_to_end_across_three_nodes(cluster, digits, tmp_path, reference):
@@ -111,21 +105,12 @@ def test_losing_a_node_mid_run_gives_identical_results(cluster, digits, tmp_path
     removed = []
 
     def remove_a_workers_node_mid_run():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                hops = cerebro.load(path).hops
-            except cerebro.ConfigError:
-                time.sleep(0.05)
-                continue
-            if (hops.kind == "train").sum() >= 10:
-                head = cluster.head_node.node_id
-                worker_nodes = [n for n in backend.nodes() if n != head]
-                node = next(n for n in cluster.list_all_nodes() if n.node_id == worker_nodes[0])
-                cluster.remove_node(node, allow_graceful=False)
-                removed.append(node.node_id)
-                return
-            time.sleep(0.02)
+        if wait_for_train_hops(path, 10, timeout=180):
+            head = cluster.head_node.node_id
+            worker_nodes = [n for n in backend.nodes() if n != head]
+            node = next(n for n in cluster.list_all_nodes() if n.node_id == worker_nodes[0])
+            cluster.remove_node(node, allow_graceful=False)
+            removed.append(node.node_id)
 
     remover = threading.Thread(target=remove_a_workers_node_mid_run)
     remover.start()
@@ -145,31 +130,13 @@ def test_losing_a_node_mid_run_gives_identical_results(cluster, digits, tmp_path
 
 def test_an_unreachable_address_is_named(digits, tmp_path):
     with pytest.raises(cerebro.ConfigError, match=r"address='127\.0\.0\.1:9'.*cannot connect"):
-        cerebro.Experiment(
-            builders.mlp,
-            digits,
-            cerebro.GridSearch(SPACE),
-            epochs=1,
-            metric="val_loss",
-            mode="min",
-            backend=cerebro.RayBackend(address="127.0.0.1:9"),
-            path=tmp_path / "run",
-        )
+        _experiment(digits, tmp_path / "run", cerebro.RayBackend(address="127.0.0.1:9"))
     assert not (tmp_path / "run").exists()
 
 
 def test_more_workers_than_the_cluster_can_place(cluster, digits, tmp_path):
     with pytest.raises(cerebro.ConfigError, match=r"workers=4.*at most 3.*3 node\(s\), 3 CPUs"):
-        cerebro.Experiment(
-            builders.mlp,
-            digits,
-            cerebro.GridSearch(SPACE),
-            epochs=1,
-            metric="val_loss",
-            mode="min",
-            backend=_cluster_backend(cluster, workers=4),
-            path=tmp_path / "run",
-        )
+        _experiment(digits, tmp_path / "run", _cluster_backend(cluster, workers=4))
 
 
 def test_a_shard_no_node_can_read_is_named_before_training(cluster, digits_arrays, tmp_path):

@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import builders
 import pandas as pd
 import pytest
-from conftest import state_equal
+from conftest import assert_same_results, state_equal, wait_for_train_hops
 
 import cerebro
 
@@ -35,19 +34,17 @@ if __name__ == "__main__":
 """
 
 
+def _script_text(digits, backend: str = "LocalBackend", extra: str = "") -> str:
+    """The test script on ``backend``, with ``extra`` Experiment arguments (", name=value")."""
+    return SCRIPT.format(
+        tests=HERE, data=digits.path, models=MODELS, epochs=EPOCHS, backend=backend, extra=extra
+    )
+
+
 @pytest.fixture
 def script(digits, tmp_path):
     path = tmp_path / "run.py"
-    path.write_text(
-        SCRIPT.format(
-            tests=HERE,
-            data=digits.path,
-            models=MODELS,
-            epochs=EPOCHS,
-            backend="LocalBackend",
-            extra="",
-        )
-    )
+    path.write_text(_script_text(digits))
     return path
 
 
@@ -60,19 +57,12 @@ def _run(script, path) -> None:
 
 def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
     victim = subprocess.Popen([sys.executable, str(script), str(path)])
-    deadline = time.monotonic() + 240
     try:
-        while True:
-            assert victim.poll() is None, "the run finished before it could be killed"
-            assert time.monotonic() < deadline
-            try:
-                seen = cerebro.load(path)
-            except cerebro.ConfigError:
-                time.sleep(0.05)
-                continue
-            if (seen.hops.kind == "train").sum() >= min_train_hops:
-                break
-            time.sleep(0.02)
+        reached = wait_for_train_hops(
+            path, min_train_hops, timeout=240, still=lambda: victim.poll() is None
+        )
+        assert victim.poll() is None, "the run finished before it could be killed"
+        assert reached
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
@@ -92,16 +82,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
 
     if how == "on ray":
         script = tmp_path / "run_on_ray.py"
-        script.write_text(
-            SCRIPT.format(
-                tests=HERE,
-                data=digits.path,
-                models=MODELS,
-                epochs=EPOCHS,
-                backend="RayBackend",
-                extra="",
-            )
-        )
+        script.write_text(_script_text(digits, backend="RayBackend"))
     crashed = tmp_path / "crashed"
     at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
     assert at_kill.experiment["status"] == "running"  # it died without saying so
@@ -124,11 +105,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
     resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
     assert resumed.experiment["status"] == "completed"
     assert {m.status for m in resumed.models} == {"completed"}
-    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
-    for record in reference.models:
-        assert state_equal(
-            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
-        ), record.id
+    assert_same_results(resumed, reference)
     # The records read as if nothing had happened: every shard once per model and epoch.
     key = ["model_id", "epoch", "kind", "shard"]
     assert not resumed.hops.duplicated(key).any()
@@ -251,11 +228,7 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     assert done.returncode == 0, done.stderr
     assert f"model {victim.id}: state file" in done.stderr and "restarts from" in done.stderr
     resumed, reference = cerebro.load(crashed), cerebro.load(uninterrupted)
-    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
-    for record in reference.models:
-        assert state_equal(
-            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
-        ), record.id
+    assert_same_results(resumed, reference)
     recovered = [e for e in resumed.events if e["kind"] == "state_recovered"]
     assert [e["detail"]["model"] for e in recovered] == [victim.id]
     if also_break_newest_checkpoint and epochs_on_disk:
@@ -318,26 +291,13 @@ def test_sigkill_then_rerun_with_checkpoints_at_an_fsspec_url(script, tmp_path, 
 def _script_with(tmp_path, digits, option: str) -> Path:
     """The test script with one more Experiment argument, e.g. ``checkpoint_dir='...'``."""
     path = tmp_path / "with_option.py"
-    path.write_text(
-        SCRIPT.format(
-            tests=HERE,
-            data=digits.path,
-            models=MODELS,
-            epochs=EPOCHS,
-            backend="LocalBackend",
-            extra=f", {option}",
-        )
-    )
+    path.write_text(_script_text(digits, extra=f", {option}"))
     return path
 
 
 def _assert_same_results(resumed_path, reference_path) -> cerebro.Result:
     resumed, reference = cerebro.load(resumed_path), cerebro.load(reference_path)
-    pd.testing.assert_frame_equal(resumed.history, reference.history, check_exact=True)
-    for record in reference.models:
-        assert state_equal(
-            resumed.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
-        ), record.id
+    assert_same_results(resumed, reference)
     return resumed
 
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import builders
-import pandas as pd
 import pytest
-from conftest import BACKENDS, make_backend, state_equal
+from conftest import BACKENDS, assert_same_results, make_backend, wait_for_train_hops
 
 import cerebro
 
@@ -43,19 +41,10 @@ def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path, kind
     killed = []
 
     def kill_one_worker_mid_run():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                hops = cerebro.load(path).hops
-            except cerebro.ConfigError:
-                time.sleep(0.05)
-                continue
-            if (hops.kind == "train").sum() >= 10:
-                pid = backend.pids()[1]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.02)
+        if wait_for_train_hops(path, 10, timeout=120):
+            pid = backend.pids()[1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
     killer = threading.Thread(target=kill_one_worker_mid_run)
     killer.start()
@@ -67,11 +56,7 @@ def test_killing_a_worker_mid_hop_gives_identical_results(digits, tmp_path, kind
     assert len(lost) == 1 and lost[0]["detail"]["worker"] == 1
     assert lost[0]["detail"]["units"], "no unit was in flight on the killed worker"
     assert {m.status for m in result.models} == {"completed"}
-    pd.testing.assert_frame_equal(result.history, reference.history, check_exact=True)
-    for record in reference.models:
-        assert state_equal(
-            result.load_model(record.id).state_dict(), reference.load_model(record.id).state_dict()
-        )
+    assert_same_results(result, reference)
     key = ["model_id", "epoch", "kind", "shard"]
     assert not result.hops.duplicated(key).any()
     assert len(result.hops) == len(reference.hops)
