@@ -171,27 +171,3 @@ def test_train_metric_without_validation_split(digits_arrays, tmp_path):
     assert set(result.hops.kind) == {"train"}
     assert "val_loss" not in result.history.columns
     assert np.isfinite(result.best.metrics["train_loss"])
-
-
-def test_script_without_main_guard_gets_a_clear_error_and_no_records(digits, tmp_path):
-    import subprocess
-    import sys
-
-    script = tmp_path / "unguarded.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(tmp_path.parent)!r})\n"
-        "import torch, cerebro\n"
-        "def build(p):\n"
-        "    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
-        "    return cerebro.ModelSpec(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),\n"
-        "                             loss=torch.nn.CrossEntropyLoss(), batch_size=32)\n"
-        f"cerebro.Experiment(build, {digits.path!r}, cerebro.GridSearch({{'lr': 0.1}}),\n"
-        f"                   path={str(tmp_path / 'run')!r}, progress=False).run()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode != 0
-    assert 'if __name__ == "__main__":' in done.stderr
-    assert not (tmp_path / "run" / "cerebro.db").exists()

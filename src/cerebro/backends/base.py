@@ -107,6 +107,10 @@ class Backend(ABC):
     def validate(self, num_shards: int) -> None:  # noqa: B027 - optional hook
         """Raise ConfigError before any work starts if this backend cannot run the dataset."""
 
+    def prestart(self) -> None:  # noqa: B027 - optional hook
+        """Begin slow set-up that needs no arguments (loading torch in a template process, say)
+        while the driver prepares; :meth:`start` then finishes it. Starts no worker."""
+
     @abstractmethod
     def start(
         self,

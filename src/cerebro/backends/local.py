@@ -1,24 +1,26 @@
 """``LocalBackend``: MOP on one machine with worker processes.
 
-Each worker is a separate process (spawned, so it is safe with CUDA and torch's thread pools)
-that loads its shards once and keeps them for the whole run. Model states move between workers
-as files under the experiment's checkpoint folder, written atomically; data never moves.
+Each worker is a separate process that loads its shards once and keeps them for the whole run.
+Workers are forked from cerebro's template process (:mod:`.process_template`), never started by
+importing the user's main module, so plain scripts, ``python -``/``-c``, IPython and notebooks
+all work. Model states move between workers as files under the experiment's checkpoint folder,
+written atomically; data never moves.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
 import torch
 
 from ..errors import ConfigError, WorkerError
@@ -33,13 +35,12 @@ from .base import (
     check_workers_fit_shards,
 )
 from .lifetime import die_with_parent
-from .worker import WorkerRuntime
+from .process_template import ProcessTemplate, WorkerProcess, join_all
+from .worker import WorkerRuntime, pickle_build
 
 _START_TIMEOUT_S = 600.0
-_SPAWN_HINT = (
-    "Workers are spawned processes that import your main script again: start the experiment "
-    'under `if __name__ == "__main__":` (see the traceback above for other causes)'
-)
+# A worker that dies while it starts (killed, out of memory) is started again this many times.
+_START_ATTEMPTS = 3
 
 
 class LocalBackend(Backend):
@@ -76,8 +77,7 @@ class LocalBackend(Backend):
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self._fixed_threads = threads_per_worker or 1
         self.model_cache_mb = model_cache_mb
-        self._processes: list[Any] = []
-        self._conns: list[Any] = []
+        self._processes: list[WorkerProcess | None] = []
         self._pending: list[Event] = []
 
     @property
@@ -87,6 +87,10 @@ class LocalBackend(Backend):
     def validate(self, num_shards: int) -> None:
         check_workers_fit_shards(self.workers, num_shards)
 
+    def prestart(self) -> None:
+        """Start loading torch in the template process while the driver prepares."""
+        ProcessTemplate.shared()
+
     def start(
         self,
         dataset_path: str,
@@ -95,8 +99,7 @@ class LocalBackend(Backend):
         deterministic: bool = False,
         state_dir: str | None = None,  # on this machine: the experiment already checked it
     ) -> list[WorkerInfo]:
-        self._ctx = mp.get_context("spawn")
-        payload = cloudpickle.dumps(build)
+        payload = pickle_build(build)
         self._configs = [
             {
                 "worker_id": worker_id,
@@ -112,81 +115,86 @@ class LocalBackend(Backend):
             for worker_id in range(self.workers)
         ]
         self._processes = [None] * self.workers
-        self._conns = [None] * self.workers
-        for worker_id in range(self.workers):
-            self._launch(worker_id)
-        infos, self._pending = self._await_ready(set(range(self.workers)))
+        try:
+            for worker_id in range(self.workers):
+                self._launch(worker_id)
+            infos, self._pending = self._await_ready(set(range(self.workers)))
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
         return [infos[w] for w in sorted(infos)]
 
     def _launch(self, worker_id: int) -> None:
         # One duplex pipe per worker, for units one way and events the other: a worker that
         # dies mid-message breaks only its own pipe (a queue shared by all workers has a lock
         # that a killed writer never releases).
-        parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(
-            target=_worker_main,
-            args=(self._configs[worker_id], child),
-            daemon=True,
-            name=f"cerebro-worker-{worker_id}",
-        )
-        process.start()
-        child.close()
+        process = ProcessTemplate.shared().fork()
+        with contextlib.suppress(OSError):  # a worker already dead: the next poll says so
+            process.conn.send(_Boot.of_this_process(self._configs[worker_id]))
         self._processes[worker_id] = process
-        self._conns[worker_id] = parent
 
     def _receive(self, timeout: float, ignore: set[int]) -> tuple[list[tuple[int, Any]], set[int]]:
         """Messages from the workers (waiting up to ``timeout`` for the first one), and the ids
         of workers found dead. Workers in ``ignore`` are not waited on."""
         watched = [w for w in range(self.workers) if w not in ignore]
-        handles = [self._conns[w] for w in watched] + [self._processes[w].sentinel for w in watched]
+        handles: list[Any] = [self._processes[w].conn for w in watched]
+        handles += [p.sentinel for w in watched if (p := self._processes[w]).sentinel is not None]
         mp_connection.wait(handles, timeout)
         messages: list[tuple[int, Any]] = []
         dead: set[int] = set()
         for worker_id in watched:
-            conn = self._conns[worker_id]
+            process = self._processes[worker_id]
             try:
-                while conn.poll():
-                    messages.append((worker_id, conn.recv()))
+                while process.conn.poll():
+                    messages.append((worker_id, process.conn.recv()))
             except (EOFError, OSError):
                 dead.add(worker_id)
-            if not self._processes[worker_id].is_alive():
+            if not process.is_alive():
                 dead.add(worker_id)
         return messages, dead
 
     def _await_ready(self, waiting: set[int]) -> tuple[dict[int, WorkerInfo], list[Event]]:
-        """Wait for the workers in ``waiting`` to load their shards; other events are kept."""
+        """Wait for the workers in ``waiting`` to load their shards; other events are kept.
+
+        A worker that dies while it starts is replaced (and reported lost, so the loss is
+        recorded) up to ``_START_ATTEMPTS`` times; one that fails to start raises at once.
+        """
         infos: dict[int, WorkerInfo] = {}
         others: list[Event] = []
         ignore: set[int] = set()  # other workers found dead meanwhile: the next poll reports them
+        attempts = dict.fromkeys(waiting, 1)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while len(infos) < len(waiting):
             messages, dead = self._receive(0.5, ignore)
             for worker_id, message in messages:
                 if isinstance(message, _StartFailed):
-                    self.shutdown(graceful=False)
                     raise WorkerError(f"worker {worker_id} could not start:\n{message.error}")
                 if isinstance(message, WorkerInfo) and worker_id in waiting:
                     infos[worker_id] = message
                 else:
                     others.append(message)
-            failed = (dead & waiting) - set(infos)
-            if failed:
-                process = self._processes[min(failed)]
-                self.shutdown(graceful=False)
-                raise WorkerError(
-                    f"worker {min(failed)} (pid {process.pid}) exited with code "
-                    f"{process.exitcode} while starting. {_SPAWN_HINT}"
-                )
+            for worker_id in sorted((dead & waiting) - set(infos)):
+                process = self._processes[worker_id]
+                process.join(timeout=5)
+                if attempts[worker_id] >= _START_ATTEMPTS:
+                    raise WorkerError(
+                        f"worker {worker_id} (pid {process.pid}) exited with code "
+                        f"{process.exitcode} while starting, {attempts[worker_id]} times "
+                        "(see the output above; out of memory is a common cause)"
+                    )
+                attempts[worker_id] += 1
+                others.append(WorkerLost(worker_id, process.exitcode))
+                process.close()
+                self._launch(worker_id)
             ignore |= dead - waiting
             if time.monotonic() > deadline:
-                self.shutdown(graceful=False)
                 raise WorkerError("workers did not start in time")
         return infos, others
 
     def submit(self, unit: Unit) -> None:
         # A worker that died since the last poll: the next poll reports it lost, with this unit.
         with contextlib.suppress(OSError):
-            self._conns[unit.worker_id].send(unit)
+            self._processes[unit.worker_id].conn.send(unit)
 
     def poll(self, timeout: float) -> list[Event]:
         events: list[Event] = self._pending
@@ -195,13 +203,13 @@ class LocalBackend(Backend):
         events += [message for _, message in messages]  # what a dead worker sent comes first
         for worker_id in sorted(dead):
             process = self._processes[worker_id]
-            if process.is_alive():  # its pipe broke: make sure it is gone before replacing it
-                process.kill()
+            process.kill()  # its pipe broke: make sure it is gone before replacing it
             process.join(timeout=5)
-            self._conns[worker_id].close()
+            exitcode = process.exitcode
+            process.close()
             self._launch(worker_id)
             _, others = self._await_ready({worker_id})
-            events += [*others, WorkerLost(worker_id, process.exitcode)]
+            events += [*others, WorkerLost(worker_id, exitcode)]
         return events
 
     def pids(self) -> list[int]:
@@ -209,20 +217,18 @@ class LocalBackend(Backend):
         return [p.pid for p in self._processes if p is not None]
 
     def shutdown(self, graceful: bool = True) -> None:
-        self._processes = [p for p in self._processes if p is not None]
-        self._conns = [c for c in self._conns if c is not None]
-        for conn in self._conns:
-            with contextlib.suppress(OSError, ValueError):
-                conn.send(None)
-        for process in self._processes:
-            # Graceful: let the unit in progress finish and its state be written.
-            process.join(timeout=30 if graceful else 1)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        self._processes, self._conns = [], []
+        processes = [p for p in self._processes if p is not None]
+        for process in processes:
+            if graceful:  # the worker finishes its unit and state writes, then exits
+                with contextlib.suppress(OSError, ValueError):
+                    process.conn.send(None)
+            else:
+                process.kill()
+        join_all(processes, timeout=30 if graceful else 5)
+        for process in processes:
+            process.kill()  # still running after the wait: stopped now
+            process.close()
+        self._processes = []
 
     def __repr__(self) -> str:
         return f"LocalBackend(workers={self.workers}, devices={self.devices})"
@@ -234,12 +240,41 @@ class _StartFailed:
         self.error = error
 
 
-def _worker_main(config: dict[str, Any], conn: Any) -> None:
-    """Entry point of a worker process: load shards, then run units until told to stop."""
+@dataclass(frozen=True)
+class _Boot:
+    """What a forked worker takes over from its driver before it imports anything of the
+    user's: the import path, working directory and environment (a notebook may have changed
+    them since the template started), then its own configuration."""
+
+    sys_path: list[str]
+    cwd: str
+    environ: dict[str, str]
+    config: dict[str, Any]
+
+    @classmethod
+    def of_this_process(cls, config: dict[str, Any]) -> _Boot:
+        return cls(list(sys.path), os.getcwd(), dict(os.environ), config)
+
+    def adopt(self) -> None:
+        sys.path[:] = self.sys_path
+        os.chdir(self.cwd)
+        os.environ.clear()
+        os.environ.update(self.environ)
+
+
+def worker_main(conn: mp_connection.Connection) -> None:
+    """Entry point of a forked worker: take over the driver's context, load shards, then run
+    units until told to stop."""
     # Ctrl-C reaches the whole process group; the driver alone decides how workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     tune_malloc_for_training()
+    try:
+        boot = conn.recv()
+    except (EOFError, OSError):
+        return
+    boot.adopt()
+    config = boot.config
     sending = threading.Lock()  # the main thread and state-writing threads share the pipe
 
     def send(message: Any) -> None:

@@ -35,7 +35,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
 import numpy as np
 import torch
 
@@ -52,6 +51,7 @@ from .base import (
     check_worker_options,
     check_workers_fit_shards,
 )
+from .shipping import pickle_build
 from .worker import WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
@@ -257,7 +257,7 @@ class RayBackend(Backend):
         self._survey = _survey_nodes(dataset_path, num_shards, state_dir)
         nodes_for = _choose_nodes(self.workers, self._capacity(), self._survey)
         shards = _place_by_locality(placement, nodes_for, self._survey, num_shards)
-        payload = cloudpickle.dumps(build)
+        payload = pickle_build(build)
         threads = self.threads_per_worker or (
             1 if deterministic else max(1, int(self.cpus_per_worker))
         )

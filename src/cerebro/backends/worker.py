@@ -14,13 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
 import torch
 
 from .. import training
 from ..data import Dataset, Shard
 from ..spec import ModelSpec
 from .base import StateSaved, Unit, UnitDone, WorkerInfo
+from .shipping import load_build, pickle_build
+
+__all__ = ["WorkerRuntime", "pickle_build"]
 
 
 @dataclass
@@ -31,6 +33,14 @@ class _CachedModel:
     counters: dict[str, int]
     params: dict[str, Any]  # what it was built with (PBT may change a model's params)
     nbytes: int = 0  # its tensors' size, measured when it arrives and after each training hop
+
+
+_in_worker = False
+
+
+def in_worker() -> bool:
+    """Whether this process is a cerebro worker (where starting an experiment would recurse)."""
+    return _in_worker
 
 
 class WorkerRuntime:
@@ -64,7 +74,9 @@ class WorkerRuntime:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.worker_id = worker_id
         self.device = torch.device(device)
-        self.build = cloudpickle.loads(build)
+        global _in_worker
+        _in_worker = True  # before user modules are imported: they may call Experiment.run()
+        self.build = load_build(build)
         self.cache_budget = model_cache_mb * 2**20
         self._cache: OrderedDict[int, _CachedModel] = OrderedDict()
         dataset = Dataset.open(dataset_path)

@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import cloudpickle
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import files
 from ..backends import Backend, LocalBackend
+from ..backends.shipping import pickle_build
+from ..backends.worker import in_worker
 from ..data import Dataset
 from ..errors import ConfigError, first_line, shown_url
 from ..files import write_bytes_atomically
@@ -122,6 +123,7 @@ class Experiment:
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
+        pickle_build(build)  # workers must be able to receive it: say now if they cannot
         if isinstance(dataset, (str, os.PathLike)):
             dataset = Dataset.open(dataset)
         if not isinstance(dataset, Dataset):
@@ -226,7 +228,15 @@ class Experiment:
         were training go on from their last completed hop. In deterministic mode the final
         results equal those of a run that was never interrupted.
         """
+        if in_worker():
+            raise RuntimeError(
+                "Experiment.run() was called inside a cerebro worker, while it imported a module "
+                "that build refers to; a module that runs an experiment when imported must not "
+                "also define what build uses: move build (and what it uses) to another module, "
+                'or run the experiment under `if __name__ == "__main__":`'
+            )
         os.makedirs(self.path, exist_ok=True)
+        self.backend.prestart()  # torch loads for the workers while the driver prepares
         with self._lock():
             earlier = self._claim_path()
             config = RunConfig(
@@ -331,7 +341,7 @@ class Experiment:
 
     def _keep_build(self) -> None:
         """Kept beside the records so that cerebro.load(path).load_model() works anywhere."""
-        write_bytes_atomically(os.path.join(self.path, BUILD_FILE), cloudpickle.dumps(self.build))
+        write_bytes_atomically(os.path.join(self.path, BUILD_FILE), pickle_build(self.build))
 
     def _earlier_experiments(self) -> list[dict[str, Any]]:
         if self.storage is None and not os.path.exists(sqlite_file(self.path)):
