@@ -25,7 +25,7 @@ from ..backends.base import Backend, StateSaved, Unit, UnitDone, WorkerInfo, Wor
 from ..data import Dataset
 from ..errors import ConfigError, first_line
 from ..files import remove_partial_writes
-from ..progress import RunProgress
+from ..progress import RunProgress, Standing
 from ..search import Search, Trial
 from ..search.base import (
     COMPLETED,
@@ -1080,12 +1080,23 @@ class Driver:
         )
 
     def _show_status(self) -> None:
-        statuses = [m.status for m in self.models.values()]
-        running = sum(1 for m in self.models.values() if m.busy)
-        epoch = max((m.epoch for m in self.models.values()), default=0)
-        self.progress.status(
-            len(statuses), running, statuses.count("completed"), statuses.count("failed"), epoch + 1
+        """Each model's status and last-epoch metric (as the leaderboard ranks them), and the
+        furthest epoch in training, 1-based, out of the most epochs any model trains."""
+        metric = self.config.metric
+        standings = {
+            i: Standing(m.status, m.history[-1].get(metric) if m.history else None)
+            for i, m in self.models.items()
+        }
+        # m.epoch counts finished epochs: a running model trains the next one, others rest.
+        epoch = max(
+            (
+                min(m.epoch + 1 if m.status == RUNNING else m.epoch, self._budget(m))
+                for m in self.models.values()
+            ),
+            default=1,
         )
+        epochs = max((self._budget(m) for m in self.models.values()), default=self.config.epochs)
+        self.progress.status(standings, epoch, epochs)
 
 
 def metric_names(spec: ModelSpec, has_validation: bool) -> list[str]:
