@@ -3,6 +3,10 @@
 A search space is a plain ``dict`` from parameter name to a dimension (or a constant value, which
 is treated as a one-element choice). Each dimension samples from a ``numpy.random.Generator``.
 
+Values that come out of a space are plain Python values (NumPy scalars are converted), so that the
+records can store them as JSON. A list, set, range, array or other iterable is refused as a
+constant: it is almost always meant as the options of a ``choice``.
+
 Example:
     >>> import cerebro
     >>> space = {"lr": cerebro.loguniform(1e-4, 1e-1), "batch_size": cerebro.choice([32, 64])}
@@ -11,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +46,11 @@ class Choice(Dimension):
     """One of a finite list of values (any type)."""
 
     values: tuple
+
+    def __post_init__(self) -> None:
+        # NumPy scalars become Python ones here, so that every sample is a plain value that the
+        # records can store as JSON and that compares equal after a round trip through them.
+        object.__setattr__(self, "values", tuple(_plain(v) for v in self.values))
 
     def sample(self, rng: np.random.Generator) -> Any:
         return self.values[int(rng.integers(len(self.values)))]
@@ -92,24 +101,74 @@ class RandInt(Dimension):
         return isinstance(value, (int, np.integer)) and self.low <= value <= self.high
 
 
+# quniform values are ``k * q`` rounded to 12 decimals, so that float noise such as
+# 0.30000000000000004 neither shows in the records nor breaks comparisons. TPESearch and PBT round
+# their quniform values the same way (search/tpe.py, search/pbt.py).
+_Q_DECIMALS = 12
+# Rounding to 12 decimals moves a value by up to 5e-13; from q >= 1e-9 on that is at most 5e-4 q,
+# so the rounded values are still multiples of q (within float noise) and all distinct.
+_MIN_Q = 1e-9
+# Past about 1e12 multiples of q from 0, the spacing of floats near the bounds (2.2e-16 * |x|)
+# comes within 1e-3 q: neighbouring multiples would no longer be told apart reliably.
+_MAX_MULTIPLES = 1e12
+
+
 @dataclass(frozen=True)
 class QUniform(Dimension):
-    """A float uniform on [low, high], rounded to a multiple of ``q`` (kept inside the bounds)."""
+    """A multiple of ``q`` inside [low, high]: ``k * q`` for an integer k with
+    ``low <= k * q <= high`` (up to float noise), rounded to 12 decimals.
+
+    :meth:`sample` draws x uniformly from [low, high] and takes the nearest multiple,
+    ``round(x / q) * q``, like hyperopt's ``quniform``; where that multiple falls outside the range
+    (a bound that is not itself a multiple), the nearest multiple inside is taken instead. So every
+    sample is one of the multiples, and :meth:`contains` accepts exactly those.
+    """
 
     low: float
     high: float
     q: float
 
+    def multipliers(self) -> tuple[int, int]:
+        """``(first, last)``: the values are ``value(k)`` for ``first <= k <= last``; first > last
+        when no multiple of q lies in [low, high]."""
+        first = math.ceil(self.low / self.q - 1e-9)
+        last = math.floor(self.high / self.q + 1e-9)
+        # The 12-decimal rounding can move a multiple at a bound just outside it: drop it then.
+        while first <= last and self.value(first) < self.low - self._tolerance(self.low):
+            first += 1
+        while last >= first and self.value(last) > self.high + self._tolerance(self.high):
+            last -= 1
+        return first, last
+
+    def value(self, k: int) -> float:
+        """The k-th multiple of q, as :meth:`sample` gives it."""
+        return float(round(k * self.q, _Q_DECIMALS))
+
+    def nearest(self, x: float) -> float:
+        """The value of this dimension nearest to ``x``."""
+        first, last = self.multipliers()
+        if first > last:
+            raise _no_multiple(self.low, self.high, self.q)
+        return self.value(min(max(round(x / self.q), first), last))
+
     def sample(self, rng: np.random.Generator) -> float:
-        value = round(rng.uniform(self.low, self.high) / self.q) * self.q
-        value = min(max(value, self.low), self.high)
-        # Round away float noise such as 0.30000000000000004 so values print and compare cleanly.
-        return float(round(value, 12))
+        return self.nearest(float(rng.uniform(self.low, self.high)))
 
     def contains(self, value: Any) -> bool:
-        if not (_is_number(value) and self.low <= value <= self.high):
+        if not _is_number(value) or not math.isfinite(value):
             return False
-        return math.isclose(value / self.q, round(value / self.q), abs_tol=1e-9)
+        first, last = self.multipliers()
+        k = round(value / self.q)
+        if not first <= k <= last:
+            return False
+        # The k-th multiple up to float noise: a value computed by hand (3 * 0.1) or read back
+        # from the records equals the sampled one only to a few units in the last place.
+        return abs(value - self.value(k)) <= self._tolerance(value)
+
+    def _tolerance(self, x: float) -> float:
+        # 1e-9 q for quotient noise, 1e-12 for the 12-decimal rounding, and a few floats' spacing
+        # at x; all together well under q for the q accepted (see _MIN_Q and _MAX_MULTIPLES).
+        return 1e-9 * self.q + 1e-12 + 1e-15 * abs(x)
 
 
 def choice(values: Sequence[Any]) -> Choice:
@@ -122,6 +181,16 @@ def choice(values: Sequence[Any]) -> Choice:
         raise ConfigError("choice(values)", values, "a non-empty list or tuple of values")
     if len(values) == 0:
         raise ConfigError("choice(values)", values, "a non-empty list or tuple of values")
+    for value in values:
+        if _holds_array(value):
+            # The records store parameters as JSON, which has no arrays: such an option would
+            # fail there, after the workers have started.
+            raise ConfigError(
+                "choice(values)",
+                values,
+                "a list or tuple of values without arrays or tensors among them",
+                hint="convert each one with .tolist()",
+            )
     return Choice(tuple(values))
 
 
@@ -149,37 +218,142 @@ def randint(low: int, high: int) -> RandInt:
 
 
 def quniform(low: float, high: float, q: float) -> QUniform:
-    """A float uniform on [low, high] rounded to a multiple of ``q`` (q > 0)."""
+    """A multiple of ``q`` inside [low, high] (see :class:`QUniform`); at least one multiple
+    must lie in the range, and q must be >= 1e-9 (values are rounded to 12 decimals).
+
+    >>> quniform(0.0, 0.01, 0.001).contains(0.003)
+    True
+    """
     _check_bounds("quniform", low, high)
-    if not _is_number(q) or q <= 0:
+    if not _is_number(q) or not math.isfinite(q) or q <= 0:
         raise ConfigError("quniform(q)", q, "a number > 0")
-    return QUniform(float(low), float(high), float(q))
+    if q < _MIN_Q:
+        raise ConfigError(
+            "quniform(q)",
+            q,
+            f"a number >= {_MIN_Q:g}",
+            hint="values are rounded to 12 decimals, which a finer q does not survive; "
+            "rescale the parameter",
+        )
+    if max(abs(low), abs(high)) / q > _MAX_MULTIPLES:
+        raise ConfigError(
+            "quniform(q)",
+            q,
+            f"a number >= max(|low|, |high|) / {_MAX_MULTIPLES:g} = "
+            f"{max(abs(low), abs(high)) / _MAX_MULTIPLES:g}",
+            hint="floats cannot tell so many multiples of q apart; use uniform(low, high)",
+        )
+    dim = QUniform(float(low), float(high), float(q))
+    first, last = dim.multipliers()
+    if first > last:
+        raise _no_multiple(low, high, q)
+    return dim
 
 
-def as_dimension(name: str, value: Any) -> Dimension:
-    """A space entry as a Dimension: constants become one-element choices."""
+def _no_multiple(low: float, high: float, q: float) -> ConfigError:
+    # Without one, every sample would be a clipped bound that contains() itself rejects.
+    below = math.floor(low / q)
+    return ConfigError(
+        "quniform",
+        (low, high, q),
+        "a range [low, high] holding at least one multiple of q",
+        hint=f"the nearest multiples of q={q:g} are {round(below * q, _Q_DECIMALS):g} and "
+        f"{round((below + 1) * q, _Q_DECIMALS):g}; widen the range or use a smaller q",
+    )
+
+
+_ACCEPTED = (
+    "a dimension (cerebro.choice, uniform, loguniform, randint, quniform) or a single "
+    "constant value (a number, str, bool, None...)"
+)
+
+
+def as_dimension(name: str, value: Any, argument: str = "space") -> Dimension:
+    """A space entry as a Dimension: constants become one-element choices.
+
+    An iterable other than a string is refused rather than taken as one constant: it is almost
+    always meant as the options of a choice, and as a constant it fails late (in the records, or
+    in every model's build), after the workers have started.
+    """
     if isinstance(value, Dimension):
         return value
-    if isinstance(value, (list, tuple, set, dict)):
+    where = f"{argument}[{name!r}]"
+    if _is_array(value):
         raise ConfigError(
-            f"space[{name!r}]",
+            where,
             value,
-            "a dimension (cerebro.choice, uniform, loguniform, randint, quniform) or a constant",
-            hint="wrap a list of options in cerebro.choice([...])",
+            _ACCEPTED,
+            hint="for one of its elements use cerebro.choice(values.tolist()); to pass it "
+            "whole, cerebro.choice([values.tolist()]); for a single number, values.item()",
+        )
+    if isinstance(value, Mapping):
+        raise ConfigError(
+            where,
+            value,
+            _ACCEPTED,
+            hint="a space is flat; to pass this dict as one value, use cerebro.choice([value])",
+        )
+    if isinstance(value, (set, frozenset)):
+        raise ConfigError(
+            where,
+            value,
+            _ACCEPTED,
+            hint="for one of its items use cerebro.choice(sorted(...)): a set has no fixed "
+            "order, and a search must list its options in the same order in every run",
+        )
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        raise ConfigError(
+            where,
+            value,
+            _ACCEPTED,
+            hint="wrap the options in cerebro.choice([...]), "
+            "or pass it whole as one value with cerebro.choice([value])",
         )
     return Choice((value,))
 
 
 def normalize_space(space: Any, argument: str = "space") -> dict[str, Dimension]:
-    """Check a search space and return it with every entry as a Dimension."""
+    """Check a search space and return it with every entry as a Dimension.
+
+    Every search (GridSearch, RandomSearch, TPESearch, ASHA, Hyperband, PBT) takes its space in
+    through here, so a bad entry is refused when the search is made, before any work starts.
+    """
     if not isinstance(space, Mapping) or not space:
         raise ConfigError(argument, space, "a non-empty dict of parameter name -> dimension")
     result = {}
     for name, value in space.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{argument} key", name, "a non-empty string parameter name")
-        result[name] = as_dimension(name, value)
+        result[name] = as_dimension(name, value, argument)
     return result
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy scalars (also inside lists, tuples and dicts) as Python ones."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    if type(value) is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _is_array(value: Any) -> bool:
+    """A NumPy array, a torch tensor, a pandas Series...: anything converted with ``.tolist()``
+    (NumPy scalars have ``.tolist()`` too, but are plain values)."""
+    return hasattr(value, "tolist") and hasattr(value, "item") and not isinstance(value, np.generic)
+
+
+def _holds_array(value: Any) -> bool:
+    """Whether ``value`` is an array or holds one in its lists, tuples or dicts."""
+    if _is_array(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_array(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_array(v) for v in value.values())
+    return False
 
 
 def _is_number(value: Any) -> bool:

@@ -66,9 +66,7 @@ def _perturb_one(dim: Dimension, value: Any, rng: np.random.Generator) -> Any:
             moved = int(value) + (1 if (up == (value >= 0)) else -1)
         return int(min(max(moved, dim.low), dim.high))
     if isinstance(dim, QUniform):
-        moved = round(value * factor / dim.q) * dim.q
-        moved = min(max(moved, dim.low), dim.high)
-        return float(round(moved, 12))
+        return dim.nearest(value * factor)  # a multiple of q inside the range
     if isinstance(dim, (Uniform, LogUniform)):
         return float(min(max(value * factor, dim.low), dim.high))
     return dim.sample(rng)  # a dimension type this helper does not know: resample it
