@@ -67,21 +67,7 @@ class Dataset:
         """Reopen a dataset written by :func:`cerebro.prepare_data`: a local folder, or the same
         folder copied to an fsspec URL (``s3://bucket/digits``) that every worker can read."""
         path = os.fspath(path)
-        manifest_path = _join(path, MANIFEST)
-        if not files.exists(manifest_path):
-            raise ConfigError(
-                "path", path, "a folder written by cerebro.prepare_data (it has no manifest.json)"
-            )
-        with files.open_for_reading(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(
-                "path",
-                path,
-                f"a dataset of format version {FORMAT_VERSION}",
-                hint=f"its manifest says {manifest.get('format_version')!r}",
-            )
-        return cls(path, manifest)
+        return cls(path, read_manifest(path))
 
     @property
     def num_shards(self) -> int:
@@ -104,6 +90,11 @@ class Dataset:
     def label_classes(self) -> list[Any] | None:
         """Original values of a string label, in code order (None for numeric labels)."""
         return self.manifest["label"].get("classes")
+
+    @property
+    def dropped_rows(self) -> int:
+        """Source rows left out by ``prepare_data(..., drop_invalid=True)`` (NaN, inf, no label)."""
+        return int(self.manifest.get("dropped_rows", 0))
 
     @property
     def fingerprint(self) -> str:
@@ -146,6 +137,37 @@ class Dataset:
             f"Dataset(path={self.path!r}, num_rows={self.num_rows}, num_shards={self.num_shards}, "
             f"features={self.features!r}, label={self.label!r})"
         )
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the dataset folder ``path``; a ConfigError if it holds no cerebro dataset
+    of this format version."""
+    if not files.is_url(path) and os.path.isfile(files.as_local(path)):
+        raise ConfigError("path", path, "a folder written by cerebro.prepare_data (it is a file)")
+    manifest_path = _join(path, MANIFEST)
+    if not files.exists(manifest_path):
+        raise ConfigError(
+            "path", path, "a folder written by cerebro.prepare_data (it has no manifest.json)"
+        )
+    try:
+        with files.open_for_reading(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            "path",
+            path,
+            "a folder written by cerebro.prepare_data",
+            hint=f"its manifest.json cannot be read: {e}",
+        ) from e
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ConfigError(
+            "path",
+            path,
+            f"a dataset of format version {FORMAT_VERSION}",
+            hint=f"its manifest says {version!r}",
+        )
+    return manifest
 
 
 def _join(folder: str, name: str) -> str:

@@ -1,24 +1,28 @@
-"""``prepare_data``: split a table once (seeded) and write it as sharded Parquet."""
+"""``prepare_data``: split a table once (seeded) and write it as sharded Parquet.
+
+The recipe: check the arguments and the target folder, read and check the source, then either
+reopen the dataset already prepared there from the same source and arguments, or write it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from .. import files
 from ..errors import ConfigError
+from . import checks, folder
 from .dataset import FORMAT_VERSION, MANIFEST, Dataset
+from .fingerprint import source_fingerprint
+from .sources import read_source
 
 
 def prepare_data(
@@ -30,21 +34,30 @@ def prepare_data(
     validation: float = 0.2,
     seed: int = 0,
     overwrite: bool = False,
+    drop_invalid: bool = False,
 ) -> Dataset:
     """Split ``source`` into training and validation rows and write both as Parquet shards.
+
+    Running the same call again is cheap: a folder that already holds the dataset prepared from
+    the same source data with the same arguments is reopened, not rewritten. A folder holding a
+    different dataset is refused, saying what differs, unless ``overwrite=True``.
 
     Args:
         source: a pandas DataFrame, a dict of equal-length numpy arrays (the first axis is rows;
             further axes make fixed-shape array columns such as images), or the path of a Parquet
             or CSV file or of a folder of them.
-        path: folder to write (created; must be empty unless ``overwrite=True``).
+        path: folder to write: new, empty, or holding a dataset written by ``prepare_data``.
         label: the target column.
         features: input columns (default: every column but ``label``). One array column keeps its
             shape (e.g. (8, 8) images); several columns are flattened and concatenated.
         num_shards: shards per split, fixed here and independent of the number of workers.
         validation: fraction of rows held out for validation, in [0, 1).
         seed: seeds the split, so the same call always writes the same shards.
-        overwrite: replace an existing dataset at ``path``.
+        overwrite: replace a different dataset at ``path``. Only a dataset's own files are
+            deleted; a folder that holds other files and no dataset is refused all the same.
+        drop_invalid: leave out rows with NaN or inf in a feature or label, or with no label,
+            and count them in :attr:`Dataset.dropped_rows`. By default such a row is refused,
+            naming its column and row.
 
     Returns:
         The prepared :class:`Dataset`.
@@ -55,6 +68,80 @@ def prepare_data(
         >>> ds = cerebro.prepare_data({"x": d.images, "y": d.target}, "data/digits",
         ...                           label="y", num_shards=4)              # doctest: +SKIP
     """
+    _check_arguments(num_shards, seed, validation, overwrite, drop_invalid)
+    out, shown = Path(path), os.fspath(path)
+    existing = folder.dataset_at(out, shown)
+
+    columns = read_source(source)
+    features = _choose_columns(columns, label, features)
+    _check_has_rows(source, len(columns[label]))
+    checks.check_features_numeric(columns, features)
+    invalid = checks.invalid_rows(columns, label, features)
+    if invalid and not drop_invalid:
+        checks.refuse_invalid(invalid, columns, label)
+    checks.check_label_values(label, columns[label], invalid.get(label))
+
+    used = [label, *features]
+    # The fingerprint is of the source as read, before any row is dropped: drop_invalid is one of
+    # the recorded arguments.
+    fingerprint = source_fingerprint(columns, used)
+    arguments = {
+        "label": label,
+        "features": features,
+        "num_shards": int(num_shards),
+        "validation": float(validation),
+        "seed": int(seed),
+        "drop_invalid": bool(drop_invalid),
+    }
+    columns, dropped = checks.drop_rows({c: columns[c] for c in used}, invalid)
+    num_val = _validation_rows(len(columns[label]), validation, num_shards, dropped)
+
+    if existing is not None and not overwrite:
+        return folder.reopen_same(out, shown, existing, fingerprint, arguments)
+    if existing is not None:
+        folder.remove_dataset(out, existing)
+    recorded = {"dropped_rows": dropped, "source_fingerprint": fingerprint, "arguments": arguments}
+    return _write_dataset(out, shown, columns, arguments, num_val, recorded)
+
+
+def _write_dataset(
+    out: Path,
+    shown: str,
+    columns: Mapping[str, np.ndarray],
+    arguments: Mapping[str, Any],
+    num_val: int,
+    recorded: Mapping[str, Any],
+) -> Dataset:
+    """Split the rows (seeded), write the shards, then the manifest; a failure removes them."""
+    label, features, num_shards = arguments["label"], arguments["features"], arguments["num_shards"]
+    order = np.random.default_rng(arguments["seed"]).permutation(len(columns[label]))
+    splits = {"val": order[:num_val], "train": order[num_val:]}
+    label_info = _label_info(label, columns[label])
+    stored = {f: columns[f] for f in features}
+    stored[label] = label_info.pop("codes")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "num_rows": len(order),
+        "num_shards": num_shards,
+        "validation": arguments["validation"],
+        "seed": arguments["seed"],
+        "features": [{"name": f, "shape": list(columns[f].shape[1:])} for f in features],
+        "label": label_info,
+        **recorded,
+    }
+    with folder.undone_on_failure(out, shown) as created:
+        folder.make_folder(out, created)
+        manifest["splits"], manifest["fingerprint"] = _write_shards(
+            out, stored, splits, num_shards, created
+        )
+        # Written last: a folder whose manifest is there holds the whole dataset.
+        files.write_bytes_atomically(os.fspath(out / MANIFEST), _manifest_bytes(manifest))
+    return Dataset(os.fspath(out), manifest)
+
+
+def _check_arguments(
+    num_shards: Any, seed: Any, validation: Any, overwrite: Any, drop_invalid: Any
+) -> None:
     _check_int("num_shards", num_shards, minimum=1)
     _check_int("seed", seed, minimum=None)
     if (
@@ -63,7 +150,21 @@ def prepare_data(
         or not (0 <= validation < 1)
     ):
         raise ConfigError("validation", validation, "a fraction in [0, 1)")
-    columns = _read_source(source)
+    for name, value in (("overwrite", overwrite), ("drop_invalid", drop_invalid)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(name, value, "True or False")
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    bad = not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+    if bad or (minimum is not None and value < minimum):
+        raise ConfigError(name, value, "an integer" + (f" >= {minimum}" if minimum else ""))
+
+
+def _choose_columns(
+    columns: Mapping[str, np.ndarray], label: Any, features: Sequence[str] | None
+) -> list[str]:
+    """The feature columns, checked against the source's columns and the label."""
     if not isinstance(label, str) or label not in columns:
         raise ConfigError("label", label, f"one of the source's columns {sorted(columns)}")
     if features is None:
@@ -80,14 +181,29 @@ def prepare_data(
         raise ConfigError("features", features, f"columns other than the label {label!r}")
     if not features:
         raise ConfigError("features", features, "at least one input column besides the label")
-    for name in features:
-        if not np.issubdtype(columns[name].dtype, np.number) and columns[name].dtype != bool:
-            raise ConfigError(
-                f"features[{name!r}]", str(columns[name].dtype), "a numeric column (or arrays)"
-            )
-    num_rows = len(columns[label])
-    if num_rows == 0:
-        raise ConfigError("source", "<0 rows>", "data with at least one row")
+    return features
+
+
+def _check_has_rows(source: Any, num_rows: int) -> None:
+    # Checked before the column types: a header-only CSV reads as columns of type null.
+    if num_rows:
+        return
+    if isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            "source", os.fspath(source), "data with at least one row", hint="it has 0 rows"
+        )
+    raise ConfigError("source", "<0 rows>", "data with at least one row")
+
+
+def _validation_rows(num_rows: int, validation: float, num_shards: int, dropped: int) -> int:
+    """How many of ``num_rows`` to hold out, once the rest is known to fill every shard."""
+    if num_rows == 0:  # every row was invalid and dropped
+        raise ConfigError(
+            "source",
+            "<0 rows>",
+            "data with at least one row",
+            hint=f"drop_invalid=True left out all {dropped} rows",
+        )
     num_val = int(round(validation * num_rows))
     if validation > 0 and num_rows > 1:
         num_val = max(num_val, 1)
@@ -98,135 +214,35 @@ def prepare_data(
             num_shards,
             f"at most the number of training rows ({num_train})",
         )
+    return num_val
 
-    out = Path(path)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                "path", os.fspath(path), "an empty or new folder", hint="pass overwrite=True"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    order = np.random.default_rng(seed).permutation(num_rows)
-    splits = {"val": order[:num_val], "train": order[num_val:]}
-    label_info = _label_info(label, columns[label])
-    feature_info = [{"name": f, "shape": list(columns[f].shape[1:])} for f in features]
-    stored = {f: columns[f] for f in features}
-    stored[label] = label_info.pop("codes")
-
+def _write_shards(
+    out: Path,
+    stored: Mapping[str, np.ndarray],
+    splits: Mapping[str, np.ndarray],
+    num_shards: int,
+    created: list[Path],
+) -> tuple[dict[str, Any], str]:
+    """Write each split's shards under ``out``; their names and row counts, and a checksum."""
     digest = hashlib.sha256()
     split_meta = {}
     for split, rows in splits.items():
-        (out / split).mkdir()
-        files, counts = [], []
+        folder.make_folder(out / split, created)
+        names, counts = [], []
         for shard, shard_rows in enumerate(np.array_split(rows, num_shards)):
             name = f"{split}/shard-{shard:05d}.parquet"
-            table = _to_table({c: a[shard_rows] for c, a in stored.items()})
-            pq.write_table(table, out / name)
+            created.append(out / name)
+            pq.write_table(_to_table({c: a[shard_rows] for c, a in stored.items()}), out / name)
             digest.update((out / name).read_bytes())
-            files.append(name)
+            names.append(name)
             counts.append(int(len(shard_rows)))
-        split_meta[split] = {"files": files, "rows": counts}
-
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "num_rows": num_rows,
-        "num_shards": num_shards,
-        "validation": float(validation),
-        "seed": seed,
-        "features": feature_info,
-        "label": label_info,
-        "splits": split_meta,
-        "fingerprint": digest.hexdigest(),
-    }
-    with open(out / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-    return Dataset(os.fspath(out), manifest)
+        split_meta[split] = {"files": names, "rows": counts}
+    return split_meta, digest.hexdigest()
 
 
-def _check_int(name: str, value: Any, minimum: int | None) -> None:
-    bad = not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-    if bad or (minimum is not None and value < minimum):
-        raise ConfigError(name, value, "an integer" + (f" >= {minimum}" if minimum else ""))
-
-
-def _read_source(source: Any) -> dict[str, np.ndarray]:
-    """Columns of ``source`` as numpy arrays whose first axis is rows."""
-    if isinstance(source, pd.DataFrame):
-        return {str(c): _stack_cells(source[c].to_numpy()) for c in source.columns}
-    if isinstance(source, Mapping):
-        columns = {str(k): np.asarray(v) for k, v in source.items()}
-        if not columns:
-            raise ConfigError("source", source, "a non-empty dict of column name -> numpy array")
-        lengths = {k: (len(v) if v.ndim else -1) for k, v in columns.items()}
-        if len(set(lengths.values())) != 1 or -1 in lengths.values():
-            raise ConfigError("source", lengths, "arrays that all have the same number of rows")
-        return columns
-    if isinstance(source, (str, os.PathLike)):
-        return _table_columns(_read_path(Path(source)))
-    raise ConfigError(
-        "source",
-        source,
-        "a pandas DataFrame, a dict of numpy arrays, or a path to Parquet/CSV files",
-    )
-
-
-def _read_path(path: Path) -> pa.Table:
-    if path.is_dir():
-        parquet = sorted(path.rglob("*.parquet"))
-        csv = sorted(path.rglob("*.csv"))
-        if parquet:
-            return pa.concat_tables([pq.read_table(p) for p in parquet])
-        if csv:
-            return pa.concat_tables([pacsv.read_csv(p) for p in csv])
-        raise ConfigError("source", os.fspath(path), "a folder holding .parquet or .csv files")
-    if not path.exists():
-        raise ConfigError("source", os.fspath(path), "an existing Parquet or CSV file or folder")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pq.read_table(path)
-    if path.suffix.lower() == ".csv":
-        return pacsv.read_csv(path)
-    raise ConfigError("source", os.fspath(path), "a file ending in .parquet, .pq or .csv")
-
-
-def _table_columns(table: pa.Table) -> dict[str, np.ndarray]:
-    columns = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
-            columns[name] = _list_column(name, column)
-        else:
-            columns[name] = column.to_numpy(zero_copy_only=False)
-    return columns
-
-
-def _list_column(name: str, column: pa.Array) -> np.ndarray:
-    """A (possibly nested) list column whose cells all have one shape, as an n-d array."""
-    rows, shape, values = len(column), [], column
-    while pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type):
-        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-        if len(lengths) and lengths.min() != lengths.max():
-            raise ConfigError(
-                f"source column {name!r}", "<lists of different lengths>", "cells of one shape"
-            )
-        shape.append(int(lengths[0]) if len(lengths) else 0)
-        values = values.flatten()
-    return values.to_numpy(zero_copy_only=False).reshape(rows, *shape)
-
-
-def _stack_cells(values: np.ndarray) -> np.ndarray:
-    """An object column whose cells are arrays becomes one array with a leading row axis."""
-    if values.dtype == object and len(values) and isinstance(values[0], (np.ndarray, list, tuple)):
-        try:
-            return np.stack([np.asarray(v) for v in values])
-        except ValueError as e:
-            raise ConfigError(
-                "source",
-                "<array cells of different shapes>",
-                "array cells that all have the same shape",
-            ) from e
-    return values
+def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=1).encode()
 
 
 def _label_info(name: str, values: np.ndarray) -> dict[str, Any]:
