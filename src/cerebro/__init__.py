@@ -18,30 +18,67 @@ Example:
     >>> result = exp.run()                                                     # doctest: +SKIP
 """
 
-from . import metrics
-from .backends import Backend, LocalBackend, RayBackend
-from .data import Dataset, prepare_data
-from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, control, load
-from .errors import CerebroError, ConfigError, ModelFailed, WorkerError
-from .search import (
-    ASHA,
-    PBT,
-    EarlyStopping,
-    GridSearch,
-    Hyperband,
-    MedianStopping,
-    RandomSearch,
-    Search,
-    TPESearch,
-)
-from .space import choice, loguniform, quniform, randint, uniform
-from .spec import ModelSpec
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_attributes
+
+_EXPORTS = {
+    "metrics": ".metrics",
+    **dict.fromkeys(["Backend", "LocalBackend", "RayBackend"], ".backends"),
+    **dict.fromkeys(["Dataset", "prepare_data"], ".data"),
+    **dict.fromkeys(
+        ["Controller", "ControlRejected", "Experiment", "ModelRecord", "Result", "control", "load"],
+        ".engine",
+    ),
+    **dict.fromkeys(
+        ["AllModelsFailed", "CerebroError", "ConfigError", "ModelFailed", "WorkerError"], ".errors"
+    ),
+    **dict.fromkeys(
+        [
+            "ASHA",
+            "PBT",
+            "EarlyStopping",
+            "GridSearch",
+            "Hyperband",
+            "MedianStopping",
+            "RandomSearch",
+            "Search",
+            "TPESearch",
+        ],
+        ".search",
+    ),
+    **dict.fromkeys(["choice", "loguniform", "quniform", "randint", "uniform"], ".space"),
+    "ModelSpec": ".spec",
+}
+# Names load on first use, so `import cerebro` is cheap and imports nothing optional.
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from . import metrics
+    from .backends import Backend, LocalBackend, RayBackend
+    from .data import Dataset, prepare_data
+    from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, control, load
+    from .errors import AllModelsFailed, CerebroError, ConfigError, ModelFailed, WorkerError
+    from .search import (
+        ASHA,
+        PBT,
+        EarlyStopping,
+        GridSearch,
+        Hyperband,
+        MedianStopping,
+        RandomSearch,
+        Search,
+        TPESearch,
+    )
+    from .space import choice, loguniform, quniform, randint, uniform
+    from .spec import ModelSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASHA",
     "PBT",
+    "AllModelsFailed",
     "Backend",
     "CerebroError",
     "ConfigError",

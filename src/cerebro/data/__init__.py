@@ -1,6 +1,14 @@
 """Sharded Parquet datasets and the loaders workers keep in memory."""
 
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 from .dataset import Dataset, Shard
-from .prepare import prepare_data
+
+# Preparing loads pandas; workers only read shards.
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), {"prepare_data": ".prepare"})
+
+if TYPE_CHECKING:
+    from .prepare import prepare_data
 
 __all__ = ["Dataset", "Shard", "prepare_data"]
