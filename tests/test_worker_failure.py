@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import builders
 import pytest
@@ -77,3 +78,68 @@ def test_a_unit_that_keeps_killing_its_worker_fails_its_model_only(digits, tmp_p
     assert by_mode["exit"].status == "failed"
     assert "lost its worker 3 times in a row" in by_mode["exit"].error
     assert len([e for e in result.events if e["kind"] == "worker_lost"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_stopped_worker_is_replaced_within_its_timeout_with_identical_results(
+    digits, tmp_path, kind
+):
+    reference = _experiment(digits, tmp_path / "ref", cerebro.LocalBackend(workers=2)).run()
+
+    timeout = 3.0
+    backend = make_backend(kind, workers=2, worker_timeout=timeout)
+    path = tmp_path / "stopped"
+    stopped: list[tuple[int, float]] = []
+
+    def stop_one_worker_mid_run():
+        if wait_for_train_hops(path, 10, timeout=120):
+            pid = backend.pids()[0]
+            os.kill(pid, signal.SIGSTOP)  # alive, but silent: no exit for the driver to see
+            stopped.append((pid, time.time()))
+
+    stopper = threading.Thread(target=stop_one_worker_mid_run)
+    stopper.start()
+    result = _experiment(digits, path, backend).run()
+    stopper.join()
+
+    assert stopped, "the worker was never stopped"
+    pid, when = stopped[0]
+    lost = [e for e in result.events if e["kind"] == "worker_lost"]
+    assert len(lost) == 1 and lost[0]["detail"]["worker"] == 0
+    assert "stuck" in lost[0]["detail"]["reason"]
+    # Recorded once the replacement is up: a process fork locally, a new actor on Ray (seconds).
+    assert lost[0]["time"] - when < timeout + (5 if kind == "local" else 20)
+    assert pid not in backend.pids() or not backend.pids()
+    assert {m.status for m in result.models} == {"completed"}
+    assert_same_results(result, reference)
+
+
+def test_a_worker_killed_while_starting_is_retried_and_every_loss_recorded(
+    digits, tmp_path, monkeypatch
+):
+    import slow_start
+
+    monkeypatch.setenv("CEREBRO_TEST_IMPORT_DELAY", "2")  # workers take 2 s to receive build
+    backend = cerebro.LocalBackend(workers=2)
+    killed: list[int] = []
+
+    def kill_the_first_worker_twice_while_it_starts():
+        deadline = time.monotonic() + 60
+        while len(killed) < 2 and time.monotonic() < deadline:
+            pids = backend.pids()
+            if pids and pids[0] not in killed:
+                time.sleep(0.5)  # well inside its 2 s start
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_first_worker_twice_while_it_starts)
+    killer.start()
+    result = _experiment(digits, tmp_path / "run", backend, build=slow_start.build).run()
+    killer.join()
+
+    assert len(killed) == 2
+    lost = [e["detail"] for e in result.events if e["kind"] == "worker_lost"]
+    assert [(d["worker"], d["reason"]) for d in lost] == [(0, "exited while starting")] * 2
+    assert all(d["exitcode"] == -signal.SIGKILL for d in lost)
+    assert {m.status for m in result.models} == {"completed"}

@@ -91,6 +91,7 @@ class WorkerLost:
 
     worker_id: int
     exitcode: int | None
+    reason: str = "exited"  # or why the backend gave up on it (e.g. silent while running a unit)
 
 
 Event = UnitDone | StateSaved | WorkerLost

@@ -29,6 +29,7 @@ from .base import (
     Backend,
     Event,
     Unit,
+    UnitDone,
     WorkerInfo,
     WorkerLost,
     check_worker_options,
@@ -36,6 +37,7 @@ from .base import (
 )
 from .lifetime import die_with_parent
 from .process_template import ProcessTemplate, WorkerProcess, join_all
+from .watchdog import HEARTBEAT_S, Watchdog, check_worker_timeout
 from .worker import WorkerRuntime, pickle_build
 
 _START_TIMEOUT_S = 600.0
@@ -56,6 +58,9 @@ class LocalBackend(Backend):
         model_cache_mb: memory each worker may use to keep models built between their hops (MiB;
             weights plus optimizer state), so that a model coming back to the worker that trained
             it last needs no state read. Least recently used models are dropped first.
+        worker_timeout: seconds a worker running a unit may go without a heartbeat (workers
+            send one every second) before it is declared lost, killed and replaced, and its unit
+            run again. Default: the longer of 30 s and 3x the longest unit so far.
 
     Example:
         >>> backend = cerebro.LocalBackend(workers=2)                    # doctest: +SKIP
@@ -68,6 +73,7 @@ class LocalBackend(Backend):
         devices: Sequence[str] | None = None,
         threads_per_worker: int | None = None,
         model_cache_mb: int = 1024,
+        worker_timeout: float | None = None,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ConfigError("workers", workers, "an integer >= 1")
@@ -77,8 +83,11 @@ class LocalBackend(Backend):
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         self._fixed_threads = threads_per_worker or 1
         self.model_cache_mb = model_cache_mb
+        self.worker_timeout = check_worker_timeout(worker_timeout)
         self._processes: list[WorkerProcess | None] = []
         self._pending: list[Event] = []
+        self._watchdog = Watchdog(self.worker_timeout)
+        self._busy: set[int] = set()  # workers running a unit
 
     @property
     def num_workers(self) -> int:
@@ -142,11 +151,18 @@ class LocalBackend(Backend):
         mp_connection.wait(handles, timeout)
         messages: list[tuple[int, Any]] = []
         dead: set[int] = set()
+        now = time.monotonic()
         for worker_id in watched:
             process = self._processes[worker_id]
             try:
                 while process.conn.poll():
-                    messages.append((worker_id, process.conn.recv()))
+                    message = process.conn.recv()
+                    self._watchdog.heard(worker_id, now)
+                    if isinstance(message, UnitDone):
+                        self._busy.discard(worker_id)
+                        self._watchdog.unit_took(message.end - message.start)
+                    if not isinstance(message, _Heartbeat):
+                        messages.append((worker_id, message))
             except (EOFError, OSError):
                 dead.add(worker_id)
             if not process.is_alive():
@@ -183,7 +199,7 @@ class LocalBackend(Backend):
                         "(see the output above; out of memory is a common cause)"
                     )
                 attempts[worker_id] += 1
-                others.append(WorkerLost(worker_id, process.exitcode))
+                others.append(WorkerLost(worker_id, process.exitcode, "exited while starting"))
                 process.close()
                 self._launch(worker_id)
             ignore |= dead - waiting
@@ -192,6 +208,8 @@ class LocalBackend(Backend):
         return infos, others
 
     def submit(self, unit: Unit) -> None:
+        self._busy.add(unit.worker_id)
+        self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
         # A worker that died since the last poll: the next poll reports it lost, with this unit.
         with contextlib.suppress(OSError):
             self._processes[unit.worker_id].conn.send(unit)
@@ -201,15 +219,22 @@ class LocalBackend(Backend):
         self._pending = []
         messages, dead = self._receive(0 if events else timeout, ignore=set())
         events += [message for _, message in messages]  # what a dead worker sent comes first
-        for worker_id in sorted(dead):
+        stuck = set(self._watchdog.silent(self._busy, time.monotonic())) - dead
+        for worker_id in sorted(dead | stuck):
             process = self._processes[worker_id]
-            process.kill()  # its pipe broke: make sure it is gone before replacing it
+            process.kill()  # its pipe broke, or it is stuck: make sure it is gone first
             process.join(timeout=5)
             exitcode = process.exitcode
             process.close()
+            self._busy.discard(worker_id)
             self._launch(worker_id)
             _, others = self._await_ready({worker_id})
-            events += [*others, WorkerLost(worker_id, exitcode)]
+            reason = (
+                f"silent for over {self._watchdog.timeout:g} s while running a unit (stuck)"
+                if worker_id in stuck
+                else "exited"
+            )
+            events += [*others, WorkerLost(worker_id, exitcode, reason)]
         return events
 
     def pids(self) -> list[int]:
@@ -232,6 +257,10 @@ class LocalBackend(Backend):
 
     def __repr__(self) -> str:
         return f"LocalBackend(workers={self.workers}, devices={self.devices})"
+
+
+class _Heartbeat:
+    """Sent every HEARTBEAT_S seconds by a live worker (only the backend sees it)."""
 
 
 class _StartFailed:
@@ -287,6 +316,7 @@ def worker_main(conn: mp_connection.Connection) -> None:
         send(_StartFailed(config["worker_id"], traceback.format_exc()))
         return
     send(runtime.info)
+    threading.Thread(target=_beat, args=(send,), daemon=True, name="cerebro-heartbeat").start()
     # State writes run on a thread so the worker starts its next unit while they finish.
     saves: list[threading.Thread] = []
     while True:
@@ -305,6 +335,13 @@ def worker_main(conn: mp_connection.Connection) -> None:
             saves = [t for t in saves if t.is_alive()]
     for thread in saves:
         thread.join()
+
+
+def _beat(send: Callable[[Any], None]) -> None:
+    """Tell the driver this process is alive, whatever its unit is doing."""
+    while True:
+        send(_Heartbeat())
+        time.sleep(HEARTBEAT_S)
 
 
 def _check_devices(devices: Sequence[str] | None) -> list[str]:

@@ -52,6 +52,7 @@ from .base import (
     check_workers_fit_shards,
 )
 from .shipping import pickle_build
+from .watchdog import Watchdog, check_worker_timeout
 from .worker import WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
@@ -79,6 +80,9 @@ class RayBackend(Backend):
         runtime_env: Ray runtime environment for the actors (e.g. ``{"working_dir": "."}`` to ship
             the module that defines ``build``). When this backend starts Ray itself, actors get
             this process's ``sys.path`` so they import what the driver imports.
+        worker_timeout: seconds an actor running a unit may leave its heartbeat calls (one a
+            second) unanswered before it is declared lost, killed and replaced, and its unit run
+            again. Default: the longer of 30 s and 3x the longest unit so far.
 
     The dataset and the experiment's ``path`` (or ``checkpoint_dir``) must be readable, and the
     latter writable, by every node: a shared filesystem, or an fsspec URL such as ``s3://``.
@@ -99,6 +103,7 @@ class RayBackend(Backend):
         threads_per_worker: int | None = None,
         model_cache_mb: int = 1024,
         runtime_env: Mapping[str, Any] | None = None,
+        worker_timeout: float | None = None,
     ) -> None:
         try:
             import ray  # noqa: F401 - only to fail here, with the way to install it
@@ -130,6 +135,9 @@ class RayBackend(Backend):
         self.threads_per_worker = threads_per_worker
         self.model_cache_mb = model_cache_mb
         self.runtime_env = dict(runtime_env) if runtime_env is not None else None
+        self.worker_timeout = check_worker_timeout(worker_timeout)
+        self._watchdog = Watchdog(self.worker_timeout)
+        self._beats: dict[int, Any] = {}  # worker -> its unanswered heartbeat call
         self._workers: list[_Placed] = []
         self._pending: dict[
             Any, tuple[str, int, int, Unit]
@@ -324,6 +332,7 @@ class RayBackend(Backend):
         refs = [published[1]] if published and published[0] == unit.version else []
         ref = placed.actor.run.remote(unit, refs)
         self._pending[ref] = ("run", unit.worker_id, placed.generation, unit)
+        self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
 
     def poll(self, timeout: float) -> list[Event]:
         import ray
@@ -347,6 +356,7 @@ class RayBackend(Backend):
                 continue
             if what == "run":
                 events.append(value)
+                self._watchdog.unit_took(value.end - value.start)
                 if value.ok and unit.kind == "train":
                     placed = self._workers[worker_id]
                     saved_ref = placed.actor.saved.remote(unit.unit_id)
@@ -358,9 +368,30 @@ class RayBackend(Backend):
                 events.append(saved)
         for worker_id in sorted(dead):
             events.append(self._replace(worker_id))
+        for worker_id in self._stuck() - dead:
+            reason = f"silent for over {self._watchdog.timeout:g} s while running a unit (stuck)"
+            events.append(self._replace(worker_id, reason))
         return events
 
-    def _replace(self, worker_id: int) -> WorkerLost:
+    def _stuck(self) -> set[int]:
+        """Busy workers whose heartbeat calls (answered by another of the actor's threads
+        while it runs a unit) have gone unanswered for longer than the timeout."""
+        import ray
+
+        busy = {p[1] for p in self._pending.values() if p[0] == "run"}
+        if self._beats:
+            answered, _ = ray.wait(
+                list(self._beats.values()), num_returns=len(self._beats), timeout=0
+            )
+            now = time.monotonic()
+            for worker_id in [w for w, ref in self._beats.items() if ref in answered]:
+                del self._beats[worker_id]
+                self._watchdog.heard(worker_id, now)
+        for worker_id in busy - set(self._beats):
+            self._beats[worker_id] = self._workers[worker_id].actor.heartbeat.remote()
+        return set(self._watchdog.silent(busy, time.monotonic()))
+
+    def _replace(self, worker_id: int, reason: str = "exited") -> WorkerLost:
         """Start a new actor for a dead one, with the same shards; units it ran are lost."""
         import ray
 
@@ -369,6 +400,7 @@ class RayBackend(Backend):
             ray.kill(old.actor)
         for ref in [r for r, p in self._pending.items() if p[1] == worker_id]:
             del self._pending[ref]
+        self._beats.pop(worker_id, None)
         # Ray learns that a node died some seconds after the node's actors: a replacement placed
         # on it fails to start, and the next candidate is tried.
         failed: set[str] = set()
@@ -382,7 +414,7 @@ class RayBackend(Backend):
                 if len(failed) >= 3:
                     raise
                 continue
-            return WorkerLost(worker_id, exitcode=None)
+            return WorkerLost(worker_id, exitcode=None, reason=reason)
 
     def _replacement_node(self, worker_id: int, previous: str, failed: set[str]) -> str:
         """The dead worker's node if it is alive, else another that has room and its shards."""
@@ -467,6 +499,9 @@ class _WorkerActor:
 
     def describe(self) -> dict[str, Any]:
         return {"info": self.runtime.info, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def heartbeat(self) -> None:
+        """Answered by another thread while a unit runs: only a stuck process stays silent."""
 
     def run(self, unit: Unit, published: list[Any]) -> UnitDone:
         import ray
