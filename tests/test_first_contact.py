@@ -145,3 +145,75 @@ def test_running_every_notebook_cell_twice_reopens_the_data_and_the_finished_run
     pd.testing.assert_frame_equal(_records(tmp_path), reference, check_exact=True)
     hops = cerebro.load(tmp_path / "runs" / "exp").hops
     assert not hops.duplicated(["model_id", "epoch", "kind", "shard"]).any()  # nothing retrained
+
+
+# Bad input: what workers could not receive is refused before any worker starts ---------------
+
+
+def _experiment(build, digits, tmp_path) -> cerebro.Experiment:
+    return cerebro.Experiment(
+        build, digits, cerebro.GridSearch({"lr": 0.1}), path=tmp_path / "run", progress=False
+    )
+
+
+def test_a_build_that_cannot_be_pickled_is_named_before_any_worker_starts(digits, tmp_path):
+    import builders
+
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115 - the point is an open file
+
+    def build(params):
+        log.write("building\n")
+        return builders.mlp(params)
+
+    with pytest.raises(cerebro.ConfigError) as error:
+        _experiment(build, digits, tmp_path)
+    message = str(error.value)
+    assert message.startswith("build=")
+    assert "log = TextIOWrapper" in message and "module level" in message
+    assert not (tmp_path / "run").exists()
+    log.close()
+
+
+def test_a_build_from_a_module_workers_cannot_import_is_named(digits, tmp_path):
+    import importlib.util
+
+    source = tmp_path / "elsewhere" / "hidden_models.py"
+    source.parent.mkdir()
+    source.write_text("from builders import mlp\n\ndef build(params):\n    return mlp(params)\n")
+    spec = importlib.util.spec_from_file_location("hidden_models", source)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hidden_models"] = module  # imported by file path: not on sys.path
+    try:
+        spec.loader.exec_module(module)
+        with pytest.raises(cerebro.ConfigError) as error:
+            _experiment(module.build, digits, tmp_path)
+    finally:
+        del sys.modules["hidden_models"]
+    message = str(error.value)
+    assert "hidden_models.build" in message and "cannot import module 'hidden_models'" in message
+    assert "sys.path" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_that_cannot_import_builds_module_names_it_and_its_path(tmp_path):
+    from cerebro.backends.shipping import pickle_build
+
+    (tmp_path / "only_here.py").write_text("def build(params):\n    return params\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here
+
+        payload = tmp_path / "build.pkl"
+        payload.write_bytes(pickle_build(only_here.build))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("only_here", None)
+    code = (
+        "import sys; from cerebro.backends.shipping import load_build; "
+        f"load_build(open({str(payload)!r}, 'rb').read())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "cannot import module 'only_here'" in done.stderr and "sys.path" in done.stderr
