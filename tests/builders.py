@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
 
 import cerebro
@@ -86,3 +89,112 @@ def slow_mlp(params: dict) -> cerebro.ModelSpec:
 def slow_mlp_30ms(params: dict) -> cerebro.ModelSpec:
     """An MLP whose training units last about 0.3 s (12 batches), to act between hops."""
     return slow_mlp({**params, "sleep": 0.03})
+
+
+# The same experiment's build, edited: each differs from ``mlp`` in one thing (test_identity).
+
+
+def mlp_wide(params: dict) -> cerebro.ModelSpec:
+    """``mlp`` with a wider hidden layer (64)."""
+    return mlp({**params, "width": 64})
+
+
+def mlp_l2(params: dict) -> cerebro.ModelSpec:
+    """``mlp`` with weight decay in its optimizer (compatible with ``mlp``'s states)."""
+    return mlp({**params, "l2": 0.01})
+
+
+def mlp_batch_64(params: dict) -> cerebro.ModelSpec:
+    """``mlp`` with 64 rows per batch."""
+    return mlp({**params, "batch_size": 64})
+
+
+def mlp_same_models(params: dict) -> cerebro.ModelSpec:
+    """Builds exactly ``mlp``'s models, with other code."""
+    spec = mlp(dict(params))
+    return spec
+
+
+def exits_in_workers(params: dict) -> cerebro.ModelSpec:
+    """Like ``flaky``: its worker process dies where ``params["fail"] == "exit"``, as if killed
+    for memory; but only in a worker, so that the driver's trial step (preflight) goes on."""
+    spec = flaky({**params, "fail": "none"})
+    if params.get("fail") == "exit":
+        from cerebro.backends.worker import in_worker
+
+        model = spec.model
+        forward = model.forward
+
+        def dying_forward(x):
+            if in_worker():
+                os._exit(3)
+            return forward(x)
+
+        model.forward = dying_forward
+    return spec
+
+
+# Builds that ModelSpec accepts (or that fail in it) but that cannot train one step: preflight
+# refuses each before any worker starts (tests/test_preflight.py).
+
+
+def batch_size_zero(params: dict) -> cerebro.ModelSpec:
+    return mlp({**params, "batch_size": 0})
+
+
+def optimizer_of_another_model(params: dict) -> cerebro.ModelSpec:
+    other = torch.nn.Linear(64, 10)
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    return dataclasses.replace(mlp(params), optimizer=optimizer, lr_scheduler=None)
+
+
+def optimizer_replaced_after_build(params: dict) -> cerebro.ModelSpec:
+    """ModelSpec() checked its optimizer; build then replaced it with another model's."""
+    spec = mlp(params)
+    spec.optimizer = torch.optim.SGD(torch.nn.Linear(64, 10).parameters(), lr=0.1)
+    spec.lr_scheduler = None
+    return spec
+
+
+def loss_per_row(params: dict) -> cerebro.ModelSpec:
+    return dataclasses.replace(mlp(params), loss=torch.nn.CrossEntropyLoss(reduction="none"))
+
+
+def loss_for_other_targets(params: dict) -> cerebro.ModelSpec:
+    """A multi-label loss on class targets: (rows, 10) outputs against (rows,) integers."""
+    return dataclasses.replace(mlp(params), loss=torch.nn.BCEWithLogitsLoss())
+
+
+def _raising_metric(outputs, targets):
+    raise ValueError("metric failed on purpose")
+
+
+def _per_row_accuracy(outputs, targets):
+    return (outputs.argmax(dim=1) == targets).float()  # no .mean()
+
+
+def metric_that_raises(params: dict) -> cerebro.ModelSpec:
+    spec = mlp(params)
+    return dataclasses.replace(spec, metrics={**spec.metrics, "broken": _raising_metric})
+
+
+def metric_per_row(params: dict) -> cerebro.ModelSpec:
+    spec = mlp(params)
+    return dataclasses.replace(spec, metrics={**spec.metrics, "per_row": _per_row_accuracy})
+
+
+def wrong_input_size(params: dict) -> cerebro.ModelSpec:
+    """A first layer for 32 features; the digits have 8x8 = 64."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    return cerebro.ModelSpec(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss=torch.nn.CrossEntropyLoss(),
+        batch_size=params.get("batch_size", 32),
+        metrics={"accuracy": cerebro.metrics.accuracy},
+    )
+
+
+def mlp_or_loss_per_row(params: dict) -> cerebro.ModelSpec:
+    """``loss_per_row`` where ``params["bad"]``, else ``mlp``."""
+    return loss_per_row(params) if params.get("bad") else mlp(params)

@@ -129,7 +129,8 @@ def test_load_model_returns_a_plain_module_with_trained_weights(run):
 
 
 def test_failed_models_are_marked_and_the_others_go_on(digits, tmp_path):
-    space = {"fail": cerebro.choice(["none", "build", "nan", "forward"])}
+    # A forward that raises on the data is refused before the run (see test_preflight.py).
+    space = {"fail": cerebro.choice(["none", "build", "nan"])}
     result = cerebro.Experiment(
         builders.flaky,
         digits,
@@ -146,10 +147,6 @@ def test_failed_models_are_marked_and_the_others_go_on(digits, tmp_path):
     assert result.best.params == {"fail": "none"}
     assert status["build"].status == "failed" and "build failed on purpose" in status["build"].error
     assert status["nan"].status == "failed" and "non-finite" in status["nan"].error
-    assert (
-        status["forward"].status == "failed"
-        and "forward failed on purpose" in status["forward"].error
-    )
     # The healthy model ran every unit despite the others.
     healthy = result.hops[result.hops.model_id == status["none"].id]
     assert len(healthy) == 2 * (4 + 4)

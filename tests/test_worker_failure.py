@@ -70,7 +70,7 @@ def test_a_unit_that_keeps_killing_its_worker_fails_its_model_only(digits, tmp_p
         digits,
         tmp_path / "run",
         make_backend(kind, workers=2),
-        build=builders.flaky,
+        build=builders.exits_in_workers,  # flaky's "exit" would end the driver in preflight
         space=space,
     ).run()
     by_mode = {m.params["fail"]: m for m in result.models}

@@ -27,6 +27,7 @@ class ConfigError(CerebroError, ValueError):
         self.argument = argument
         self.value = value
         self.accepted = accepted
+        self.hint = hint
         shown = _short_repr(value)
         message = f"{argument}={shown} is not accepted: expected {accepted}"
         if hint:
@@ -40,6 +41,13 @@ class WorkerError(CerebroError, RuntimeError):
 
 class ModelFailed(CerebroError, RuntimeError):
     """Raised inside a unit when a model cannot go on (e.g. its loss is not finite)."""
+
+
+class AllModelsFailed(CerebroError, RuntimeError):
+    """Raised by ``Experiment.run()`` when every model failed and none trained to its end.
+
+    The records are written first: ``cerebro.load(path).models`` holds each model's error.
+    """
 
 
 def first_line(error: BaseException) -> str:

@@ -49,6 +49,12 @@ class ModelSpec:
     lr_scheduler_interval: str = "epoch"
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError for a field that cannot be trained with. Run when the spec is made
+        and again before its first training step, since ``build`` may replace a field after.
+        """
         if not isinstance(self.model, torch.nn.Module):
             raise ConfigError("ModelSpec.model", self.model, "a torch.nn.Module")
         if not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -86,7 +92,7 @@ class ModelSpec:
                 if id(p) not in model_params:
                     raise ConfigError(
                         "ModelSpec.optimizer",
-                        self.optimizer,
+                        type(self.optimizer).__name__,  # its repr spans many lines
                         "an optimizer built over this spec's model.parameters()",
                         hint="it holds a tensor that is not a parameter of ModelSpec.model",
                     )

@@ -11,7 +11,6 @@ request that fails its checks. A request made while no driver runs waits for the
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import json
 import os
@@ -25,7 +24,8 @@ import pandas as pd
 
 from ..errors import CerebroError, ConfigError
 from ..space import Dimension, LogUniform, QUniform, RandInt, Uniform, space_from_description
-from ..store import RecordStore
+from ..store import RecordStore, place
+from ..store.records import reading
 
 _LIVE = ("running", "paused")
 
@@ -126,18 +126,13 @@ class Controller:
     def is_running(self) -> bool | None:
         """Whether a driver is running the experiment now (None if that cannot be told: records
         in a database server without the experiment's folder)."""
-        if self.path is None:
-            return None
-        lock = os.path.join(self.path, ".lock")
-        if not os.path.exists(lock):
-            return False
-        with open(lock) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+        return place.driver_running(self.path)
+
+    @property
+    def status(self) -> str:
+        """The experiment's status: "running", "completed" or "interrupted" (also when the
+        records say running but no driver holds the experiment: it was killed)."""
+        return place.live_status(self._store.experiment()["status"], self.path)
 
     # Requests --------------------------------------------------------------------------------
 
@@ -308,8 +303,6 @@ def control(
         >>> ctl.models()                                            # doctest: +SKIP
         >>> ctl.stop(2).wait()                                      # doctest: +SKIP
     """
-    # create: records made before the controls table existed get it.
-    store, row = RecordStore.find(path_or_url, experiment, create=True)
-    text = os.fspath(path_or_url)
-    path = text if "://" not in text else row["config"].get("path")
-    return Controller(store, path if path and os.path.isdir(path) else None, who)
+    store, row = RecordStore.find(path_or_url, experiment)
+    with reading(path_or_url):
+        return Controller(store, place.experiment_folder(path_or_url, row), who)

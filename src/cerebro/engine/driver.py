@@ -43,6 +43,8 @@ from ..store.checkpoints import state_path
 from ..store.records import jsonable
 from ..store.tensorboard import TensorBoardLog
 from .control import ControlRejected
+from .identity import Fingerprints
+from .preflight import Preflight, naming
 from .result import finite, last_metrics, ranking_key
 from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
 
@@ -143,6 +145,8 @@ class Driver:
         self.progress = progress
         self.store: RecordStore | None = None
         self._prepared: list[_Built] = []
+        self.preflight = Preflight(config.dataset, config.build)
+        self.fingerprints = Fingerprints()  # of every model built (the config keeps the first)
         self.train_shards = frozenset(range(config.dataset.num_shards))
         val_rows = config.dataset.shard_rows("val")
         self.val_shards = frozenset(s for s, n in enumerate(val_rows) if n > 0)
@@ -164,8 +168,9 @@ class Driver:
         """Build the search's first configurations and check them; writes nothing.
 
         The search (and early-stopping rule) must be attached to the experiment already.
-        A ``build`` that returns something other than a ModelSpec, or a spec that cannot produce
-        the experiment's metric, raises ConfigError here, before any record or state is written.
+        A ``build`` that returns something other than a ModelSpec, a spec that cannot produce
+        the experiment's metric, or one that fails a trial training step (see ``preflight``)
+        raises ConfigError here, before any record or state is written.
         """
         self._prepared = self._build_proposals(strict=True)
 
@@ -192,6 +197,10 @@ class Driver:
         try:
             torch.manual_seed(seed)
             spec = self.config.build(dict(model.params))
+        except ConfigError as e:  # ModelSpec refused a field: reported as the checks below are
+            if strict:
+                raise naming(e, model.params) from e
+            return None, str(naming(e, model.params))
         except Exception:
             return None, traceback.format_exc()
         try:
@@ -201,8 +210,16 @@ class Driver:
             if strict:
                 raise
             return None, str(e)
+        self.fingerprints.add(model.model_id, model.params, spec)
         counters = {"version": 0, "epoch": 0, "init_seed": seed}
-        return training.capture_state(spec, counters, _CPU), None
+        state = training.capture_state(spec, counters, _CPU)
+        try:
+            self.preflight.check(spec, model.params)  # a trial step on copies, after the capture
+        except ConfigError as e:
+            if strict:
+                raise
+            return None, str(e)
+        return state, None
 
     def _register(self, model: _Model, state: dict[str, Any] | None, error: str | None) -> None:
         """Write a new model's initial state and record; a model that could not be built fails."""
@@ -662,6 +679,7 @@ class Driver:
             "worker_lost",
             worker=event.worker_id,
             exitcode=event.exitcode,
+            reason=event.reason,
             units=[
                 {"model": u.model_id, "kind": u.kind, "epoch": u.epoch, "shard": u.shard}
                 for u in lost

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,11 +19,11 @@ from ..backends import Backend, LocalBackend
 from ..backends.shipping import pickle_build
 from ..backends.worker import in_worker
 from ..data import Dataset
-from ..errors import ConfigError, first_line, shown_url
+from ..errors import AllModelsFailed, ConfigError, first_line, shown_url
 from ..files import write_bytes_atomically
 from ..progress import RunProgress
 from ..search import Search
-from ..search.base import EarlyStopping, SearchContext
+from ..search.base import COMPLETED, FAILED, PAUSED, PRUNED, STOPPED, EarlyStopping, SearchContext
 from ..space import describe_space
 from ..spec import ModelSpec
 from ..store import (
@@ -31,11 +31,13 @@ from ..store import (
     checkpoints,
     normalize_url,
     open_engine,
+    place,
     sqlite_file,
     sqlite_url,
 )
 from ..store.tensorboard import TensorBoardLog
 from ..store.tensorboard import available as tensorboard_available
+from . import identity
 from .driver import Driver, RunConfig
 from .result import BUILD_FILE, Result
 
@@ -61,7 +63,8 @@ class Experiment:
             whatever the number of workers and the timing. Free mode (the default) lets a model
             take whichever of its remaining shards a worker frees up first.
         overwrite: replace records of an earlier experiment at ``path`` (or of the same name in
-            ``storage``).
+            ``storage``). Only what cerebro wrote is deleted (records, checkpoints,
+            ``build.pkl``, ``tensorboard/``); a folder holding only other files is refused.
         storage: a SQLAlchemy database URL for the records, e.g.
             ``"postgresql://user:password@host/db"`` (needs ``pip install cerebro[postgres]``).
             Default: the SQLite file ``<path>/cerebro.db``. Checkpoints stay under ``path``.
@@ -84,6 +87,13 @@ class Experiment:
         checkpoint_mirror: an fsspec URL (``s3://bucket/run``, ``file:///backup/run``) that
             keeps a copy of every epoch checkpoint (pruned with the local ones). A model whose
             own state and checkpoints are lost recovers from it.
+        resume: what a rerun on a ``path`` holding this experiment does when ``build`` has
+            changed. ``"auto"`` (default) continues it only if ``build`` makes the same models
+            (same module tree, parameter shapes, optimizer and scheduler settings, loss, batch
+            size, metrics, and the same code), and otherwise refuses, saying which configuration
+            and field differ. ``"force"`` continues anyway: the recorded models' states are
+            loaded into models built by the new ``build`` (which must be compatible with them),
+            new models use it too, and it replaces the ``build.pkl`` kept at ``path``.
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -120,6 +130,7 @@ class Experiment:
         early_stopping: EarlyStopping | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_mirror: str | None = None,
+        resume: str = "auto",
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -167,6 +178,18 @@ class Experiment:
         self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
         if not isinstance(deterministic, bool):
             raise ConfigError("deterministic", deterministic, "True or False")
+        if not isinstance(resume, str) or resume not in ("auto", "force"):
+            raise ConfigError(
+                "resume",
+                resume,
+                "'auto' (continue the same experiment, refuse a changed build) or 'force' "
+                "(continue the recorded models with the new build)",
+            )
+        if resume == "force" and overwrite:
+            raise ConfigError(
+                "resume", resume, "'auto' with overwrite=True", hint="overwrite starts afresh"
+            )
+        self.resume = resume
         if backend is None:
             backend = LocalBackend(workers=min(2, dataset.num_shards))
         if not isinstance(backend, Backend):
@@ -211,6 +234,9 @@ class Experiment:
         if self.checkpoint_mirror is not None:
             checkpoints.check_writable("checkpoint_mirror", self.checkpoint_mirror.url)
         self.storage = normalize_url(storage) if storage is not None else None
+        place.check_path(self.path, self._checkpoint_dir, self.storage is None, overwrite)
+        # Every argument is good: let torch load for the workers while the user's code goes on.
+        backend.prestart()
 
     @property
     def checkpoint_dir(self) -> str:
@@ -227,6 +253,11 @@ class Experiment:
         continues it from its records: completed models are not trained again, and models that
         were training go on from their last completed hop. In deterministic mode the final
         results equal those of a run that was never interrupted.
+
+        Raises:
+            ConfigError: before any worker starts or anything is recorded, if a configuration
+                the search first proposes cannot train one step (each is tried on a few rows).
+            AllModelsFailed: after the records are written, if every model failed.
         """
         if in_worker():
             raise RuntimeError(
@@ -261,12 +292,14 @@ class Experiment:
             store = None
             if earlier is not None:
                 store = RecordStore(open_engine(self.storage_url), earlier["id"])
+                store.note_lost_driver()  # we hold the lock: a 'running' driver before us died
                 driver.restore(store)
             try:
                 driver.prepare()  # raises ConfigError before anything new is written
                 driver.start_workers()
                 if store is None:
-                    store = RecordStore.create(self.storage_url, self.name, self._record_config())
+                    config = self._record_config(driver.fingerprints)
+                    store = RecordStore.create(self.storage_url, self.name, config)
                 store.set_experiment_status("running")
             except BaseException:
                 self.backend.shutdown(graceful=False)
@@ -279,6 +312,7 @@ class Experiment:
                 store.set_experiment_status("interrupted")
                 raise
             store.set_experiment_status("completed")
+        _raise_if_every_model_failed(store, self.path)
         return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
 
     @contextlib.contextmanager
@@ -298,8 +332,10 @@ class Experiment:
 
         A place holding a different experiment is refused; ``overwrite=True`` deletes it.
         """
-        earlier = self._earlier_experiments()
-        if earlier and self.overwrite:
+        held = place.survey(self.path, self.checkpoint_dir, own_records=self.storage is None)
+        earlier = self._earlier_experiments() if held.records is None else []
+        place.check_claim(held, bool(earlier), self.overwrite)  # checkpoints without records...
+        if (earlier or held.cerebros) and self.overwrite:
             if self.storage is None:
                 for suffix in ("", "-wal", "-shm"):  # SQLite's database and its WAL files
                     with contextlib.suppress(FileNotFoundError):
@@ -308,12 +344,7 @@ class Experiment:
                 with closing_engine(self.storage_url) as engine:
                     for row in earlier:
                         RecordStore.delete_experiment(engine, row["id"])
-            if files.is_url(self.checkpoint_dir):
-                fs, inner = files.filesystem(self.checkpoint_dir)
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(inner, recursive=True)
-            else:
-                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            place.clear(self.path, self.checkpoint_dir)  # cerebro's files only, never a person's
             earlier = []
         if not earlier:
             self._keep_build()
@@ -336,8 +367,35 @@ class Experiment:
                 hint=f"it holds a different one ({shown}); choose a new path or name, "
                 "or pass overwrite=True to delete the old records",
             )
-        self._keep_build()
+        self._check_build(previous)
         return previous
+
+    def _check_build(self, previous: dict[str, Any]) -> None:
+        """Continue ``previous`` only with the build its models were made by (``resume="force"``
+        takes the new one). ``build.pkl`` is never replaced under recorded models otherwise."""
+        difference, mine = identity.compare(previous["config"], self.build, self.seed)
+        if difference is None:
+            if not os.path.exists(os.path.join(self.path, BUILD_FILE)):
+                self._keep_build()
+            return
+        if self.resume != "force":
+            raise ConfigError(
+                "build",
+                self.build,
+                "the build that made the models recorded at "
+                + (self._shown_url if self.storage else repr(self.path)),
+                hint=f"{difference}; pass overwrite=True to start a new experiment, or "
+                'resume="force" to continue the recorded models with the new build',
+            )
+        warnings.warn(
+            f'resume="force": {difference}; the recorded models go on with the new build',
+            stacklevel=4,
+        )
+        self._keep_build()
+        with closing_engine(self.storage_url) as engine:
+            store = RecordStore(engine, previous["id"])
+            store.update_config(**mine)
+            store.add_event("build_replaced", difference=difference)
 
     def _keep_build(self) -> None:
         """Kept beside the records so that cerebro.load(path).load_model() works anywhere."""
@@ -361,7 +419,7 @@ class Experiment:
     def _shown_url(self) -> str:
         return shown_url(self._storage_given or self.storage_url)
 
-    def _record_config(self) -> dict[str, Any]:
+    def _record_config(self, built: identity.Fingerprints | None = None) -> dict[str, Any]:
         return {
             "dataset": self.dataset.path,
             "dataset_fingerprint": self.dataset.fingerprint,
@@ -382,6 +440,9 @@ class Experiment:
             "space": describe_space(self.search.space) if hasattr(self.search, "space") else None,
             "early_stopping": repr(self.early_stopping) if self.early_stopping else None,
             "checkpoint_mirror": self.checkpoint_mirror.url if self.checkpoint_mirror else None,
+            # What it trains (compared on a rerun, see identity.compare).
+            "build_code": identity.code_fingerprint(self.build),
+            "model_fingerprints": built.packed() if built is not None else None,
         }
 
 
@@ -410,3 +471,27 @@ def _launch_command() -> dict[str, Any] | None:
     else:
         return None
     return {"argv": argv, "cwd": os.getcwd()}
+
+
+def _raise_if_every_model_failed(store: RecordStore, path: str) -> None:
+    """A run in which models failed and none trained to its end raises (after its records are
+    written), rather than return a result with nothing in it that anyone would notice."""
+    models = store.models()
+    failed = [m for m in models if m["status"] == FAILED]
+    if not failed or any(m["status"] in (COMPLETED, PAUSED, PRUNED, STOPPED) for m in models):
+        return
+    first = failed[0]
+    raise AllModelsFailed(
+        f"{len(failed)} of {len(models)} models failed and none trained to its end; "
+        f"the first, model {first['model_id']} with params {first['params']}, failed with:\n"
+        f"{_excerpt(first['error'] or '(no error recorded)')}\n"
+        f"Every model's error: cerebro.load({path!r}).models"
+    )
+
+
+def _excerpt(error: str, head: int = 3, tail: int = 2) -> str:
+    """The first lines of an error, and its last (a traceback's exception) if it is long."""
+    lines = error.strip().splitlines()
+    if len(lines) <= head + tail + 1:
+        return "\n".join(lines)
+    return "\n".join([*lines[:head], "  ...", *lines[-tail:]])

@@ -1,6 +1,6 @@
 """Experiment records (SQLAlchemy) and model checkpoints."""
 
-from . import checkpoints
+from . import checkpoints, place
 from .records import RecordStore, normalize_url, open_engine, sqlite_file, sqlite_url
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "checkpoints",
     "normalize_url",
     "open_engine",
+    "place",
     "sqlite_file",
     "sqlite_url",
 ]

@@ -7,10 +7,13 @@ metrics). Search decisions and results are derived from these rows.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import time
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +30,12 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..errors import ConfigError, first_line, shown_url
@@ -171,6 +175,71 @@ def sqlite_url(path: str) -> str:
     return "sqlite:///" + os.path.abspath(sqlite_file(path))
 
 
+def reader_url(file: str) -> str | URL:
+    """How a reader opens a SQLite file of records without writing to it.
+
+    Where the file's folder is writable, plainly: SQLite keeps its -wal and -shm files there while
+    it reads (a live run's newest transactions are in them) and removes them after. A read-only
+    folder (an archived run, a read-only mount) cannot hold them, so the file opens read-only,
+    and immutable when it has no -wal file (a writer in WAL mode always has one).
+    """
+    file = os.path.abspath(file)
+    if os.access(os.path.dirname(file), os.W_OK):
+        return "sqlite:///" + file
+    options = "mode=ro" if os.path.exists(file + "-wal") else "mode=ro&immutable=1"
+    database = f"file:{urllib.parse.quote(file)}?{options}"
+    return URL.create("sqlite", database=database, query={"uri": "true"})
+
+
+def sqlite_problem(file: str) -> str | None:
+    """Why a SQLite file holds no readable cerebro experiment, e.g. ``"missing (no cerebro.db)"``,
+    or None if it holds one. Found without writing anything."""
+    name = os.path.basename(file)
+    if not os.path.isfile(file):
+        return f"missing (no {name})"
+    if os.path.getsize(file) == 0:
+        return f"empty ({name} has 0 bytes: it holds no experiment)"
+    engine = open_engine(reader_url(file), create=False)
+    count = 0
+    try:
+        with engine.connect() as conn:
+            tables = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")
+            names = sorted(row[0] for row in tables)
+            if "experiments" in names:
+                count = conn.execute(select(func.count()).select_from(experiments)).scalar()
+    except SQLAlchemyError as e:
+        return f"unreadable ({name} is not a cerebro database or is damaged: {database_cause(e)})"
+    finally:
+        engine.dispose()
+    if names and "experiments" not in names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        return f"not cerebro's ({name} is not a cerebro database: its tables are {shown})"
+    if not names or not count:
+        return f"empty ({name} holds no experiment)"
+    return None
+
+
+def database_cause(error: SQLAlchemyError) -> str:
+    """The database's own words (``file is not a database``), without SQLAlchemy's wrapping."""
+    return first_line(getattr(error, "orig", None) or error)
+
+
+@contextlib.contextmanager
+def reading(path_or_url: str | os.PathLike) -> Iterator[None]:
+    """Database errors while records are read, as a ConfigError naming where they are."""
+    try:
+        yield
+    except SQLAlchemyError as e:
+        text = os.fspath(path_or_url)
+        where = "the database" if "://" in text else os.path.basename(sqlite_file(text))
+        raise ConfigError(
+            "path_or_url",
+            shown_url(text),
+            "a reachable, readable cerebro database",
+            hint=f"{where} is not a cerebro database or is unreadable: {database_cause(e)}",
+        ) from e
+
+
 def normalize_url(url: str) -> str:
     """Check a storage URL; plain ``postgresql://`` uses psycopg 3 when psycopg2 is absent."""
     try:
@@ -187,10 +256,12 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def open_engine(url: str, create: bool = True) -> Engine:
+def open_engine(url: str | URL, create: bool = True) -> Engine:
     """A SQLAlchemy engine; SQLite files use WAL so readers never block the run.
 
-    ``create`` makes missing tables (a writer's job; readers pass False).
+    ``create`` makes missing tables and sets WAL mode (a writer's job). Readers pass False and
+    write nothing: WAL mode is kept in the file by its writer, and an archived run may be
+    read-only.
     """
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
@@ -201,8 +272,9 @@ def open_engine(url: str, create: bool = True) -> Engine:
             # transaction is one consistent snapshot (SQLAlchemy's documented recipe).
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            if create:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
 
@@ -240,32 +312,47 @@ class RecordStore:
 
     @classmethod
     def find(
-        cls, path_or_url: str | os.PathLike, experiment: str | int | None, create: bool = False
+        cls, path_or_url: str | os.PathLike, experiment: str | int | None
     ) -> tuple[RecordStore, dict[str, Any]]:
         """The store of a recorded experiment (by name or id; default the newest) found at an
         experiment folder holding ``cerebro.db`` or at a database URL, and its row.
 
-        ``create`` adds tables missing from records made by an older version (writers only).
+        A reader's: it makes no table and sets no mode (an empty or foreign file stays as it
+        is), and opens a read-only archived run.
         """
         text = os.fspath(path_or_url)
         if "://" in text:
-            url = normalize_url(text)
+            url: str | URL = normalize_url(text)
         elif os.path.isfile(sqlite_file(text)):
-            url = sqlite_url(text)
+            problem = sqlite_problem(sqlite_file(text))
+            if problem is not None:
+                raise ConfigError(
+                    "path_or_url",
+                    text,
+                    "an experiment folder whose cerebro.db holds a cerebro experiment",
+                    hint=f"its records are {problem}",
+                )
+            url = reader_url(sqlite_file(text))
         else:
             raise ConfigError(
                 "path_or_url", text, "an experiment folder holding cerebro.db, or a database URL"
             )
         try:
-            engine = open_engine(url, create=create)
+            engine = open_engine(url, create=False)
             rows = cls.list_experiments(engine)
         except SQLAlchemyError as e:
             raise ConfigError(
                 "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
             ) from e
+        if not rows:
+            engine.dispose()
+            raise ConfigError(
+                "path_or_url", shown_url(text), "a database that holds a cerebro experiment"
+            )
         if experiment is not None:
             rows = [r for r in rows if experiment in (r["id"], r["name"])]
         if not rows:
+            engine.dispose()
             raise ConfigError("experiment", experiment, "an experiment recorded in that database")
         row = max(rows, key=lambda r: r["id"])
         return cls(engine, row["id"]), row
@@ -292,6 +379,30 @@ class RecordStore:
                 .where(experiments.c.id == self.experiment_id)
                 .values(status=status)
             )
+
+    def update_config(self, **values: Any) -> None:
+        """Replace some entries of the experiment's config (the others are kept)."""
+        where = experiments.c.id == self.experiment_id
+        with self.engine.begin() as conn:
+            config = conn.execute(select(experiments.c.config).where(where)).scalar_one()
+            conn.execute(
+                update(experiments).where(where).values(config={**config, **jsonable(values)})
+            )
+
+    def note_lost_driver(self) -> bool:
+        """For a driver that holds the experiment path's lock: a recorded status of ``running``
+        means the driver before it died without a word (SIGKILL, power loss). Marks the
+        experiment ``interrupted``, with a ``driver_lost`` event; True if it was."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(experiments)
+                .where(experiments.c.id == self.experiment_id, experiments.c.status == "running")
+                .values(status="interrupted")
+            ).rowcount
+            if changed:
+                note = "the previous driver ended without recording it (killed, or its host died)"
+                self._insert_event(conn, "driver_lost", {"note": note})
+        return bool(changed)
 
     def add_model(
         self,
