@@ -1,4 +1,8 @@
-"""The README's example: random search over an MLP on scikit-learn's digits with MOP."""
+"""The README's example: random search over an MLP on scikit-learn's digits with MOP.
+
+A plain script: no main guard needed. Run it again and it reopens the data and returns the
+finished experiment from its records.
+"""
 
 import torch
 from sklearn.datasets import load_digits
@@ -30,30 +34,27 @@ space = {
     "l2": cerebro.quniform(0.0, 0.01, 0.001),
 }
 
-if __name__ == "__main__":  # workers are spawned processes: keep the guard
-    digits = load_digits()
-    ds = cerebro.prepare_data(
-        {"pixels": digits.data / 16, "digit": digits.target},
-        "data/digits",
-        label="digit",
-        num_shards=4,
-        validation=0.2,
-        seed=0,
-        overwrite=True,
-    )
-    exp = cerebro.Experiment(
-        build,
-        dataset=ds,
-        search=cerebro.RandomSearch(space, num_models=8, seed=0),
-        epochs=5,
-        metric="val_accuracy",
-        mode="max",
-        backend=cerebro.LocalBackend(workers=2),
-        path="runs/quickstart",
-        seed=0,
-        overwrite=True,
-    )
-    result = exp.run()
-    print(result)
-    print(result.leaderboard().to_string())
-    model = result.load_model()
+digits = load_digits()
+ds = cerebro.prepare_data(
+    {"pixels": digits.data / 16, "digit": digits.target},
+    "data/digits",
+    label="digit",
+    num_shards=4,
+    validation=0.2,
+    seed=0,
+)
+exp = cerebro.Experiment(
+    build,
+    dataset=ds,
+    search=cerebro.RandomSearch(space, num_models=8, seed=0),
+    epochs=5,
+    metric="val_accuracy",
+    mode="max",
+    backend=cerebro.LocalBackend(workers=2),
+    path="runs/quickstart",
+    seed=0,
+)
+result = exp.run()
+print(result)
+print(result.leaderboard().to_string())
+model = result.load_model()

@@ -12,7 +12,9 @@ from rich.table import Table
 
 from .engine import Result
 from .errors import ConfigError
+from .formatting import format_metric, format_params
 from .store import sqlite_file
+from .store.records import reading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +157,15 @@ def _models(path: str, console: Console) -> int:
 
     try:
         ctl = control(path)
+        with reading(path):
+            frame = ctl.models()
+            status = ctl.status  # a killed driver's "running" reads as interrupted
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    frame = ctl.models()
-    running = {True: "running", False: "not running", None: "unknown"}[ctl.is_running]
-    table = Table(title=f"{path} ({running})")
+    if ctl.is_running is None:  # records in a database server: no lock here to ask
+        status = f"{status}, as recorded"
+    table = Table(title=f"{path} ({status})")
     for name in ("model", "status", "origin", "epochs", ctl.metric):
         table.add_column(name, justify="right")
     table.add_column("params", overflow="fold")
@@ -175,7 +180,7 @@ def _models(path: str, console: Console) -> int:
             row.status,
             origin,
             f"{row.epochs_done}/{row.max_epochs}",
-            _number(getattr(row, ctl.metric)),
+            format_metric(getattr(row, ctl.metric)),
             format_params(row.params),
         )
     console.print(table)
@@ -233,7 +238,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     best = result.best
     if best is not None:
         console.print(
-            f"best: model {best.id}, val_accuracy {best.metrics['val_accuracy']:.4f}, "
+            f"best: model {best.id}, val_accuracy {format_metric(best.metrics['val_accuracy'])}, "
             f"{format_params(best.params)}"
         )
     console.print(f"records:     {sqlite_file(path)} (SQLite)")
@@ -253,24 +258,11 @@ def leaderboard_table(result: Result) -> Table:
         table.add_row(
             str(rank) if model.status == "completed" else model.status,
             str(model.id),
-            _number(model.metrics.get(result.metric)),
-            _number(model.metrics.get(second)),
+            format_metric(model.metrics.get(result.metric)),
+            format_metric(model.metrics.get(second)),
             format_params(model.params),
         )
     return table
-
-
-def format_params(params: dict) -> str:
-    """``{"lr": 0.0241226, "arch": "cnn"}`` -> ``"lr=0.0241 arch=cnn"``."""
-    return " ".join(f"{k}={_number(v)}" for k, v in params.items())
-
-
-def _number(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def run_demo(
     progress: bool = True,
 ) -> Result:
     """Prepare the digits data under ``path`` and run the model selection there."""
+    backend = LocalBackend(workers=workers)
+    backend.prestart()  # torch loads for the workers while the data is read and prepared
     from sklearn.datasets import load_digits
 
     path = path or time.strftime("runs/demo-%Y%m%d-%H%M%S")
@@ -84,7 +86,6 @@ def run_demo(
         num_shards=4,
         validation=0.2,
         seed=seed,
-        overwrite=True,
     )
     experiment = Experiment(
         build,
@@ -93,7 +94,7 @@ def run_demo(
         epochs=epochs,
         metric="val_accuracy",
         mode="max",
-        backend=LocalBackend(workers=workers),
+        backend=backend,
         path=path,
         seed=seed,
         progress=progress,

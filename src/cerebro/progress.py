@@ -25,6 +25,8 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from .formatting import format_metric
+
 # Jupyter's text line is updated in place, so it may change often; a log line is kept.
 _JUPYTER_INTERVAL_S = 1.0
 
@@ -147,8 +149,8 @@ class RunProgress:
         if self._epoch is not None:
             parts.append(f"epoch {self._epoch[0]}/{self._epoch[1]}")
         best = self.best()
-        # Formatted as Result's repr formats it, so the two read the same.
-        shown = f"{best[1]:.4g} (model {best[0]}, last epoch)" if best else "-"
+        # Formatted as the leaderboard and Result's repr format it, so all read the same.
+        shown = f"{format_metric(best[1])} (model {best[0]}, last epoch)" if best else "-"
         parts.append(f"best {self.metric} {shown}")
         return " · ".join(parts)
 

@@ -84,7 +84,7 @@ class LocalBackend(Backend):
         self._fixed_threads = threads_per_worker or 1
         self.model_cache_mb = model_cache_mb
         self.worker_timeout = check_worker_timeout(worker_timeout)
-        self._processes: list[WorkerProcess | None] = []
+        self._processes: dict[int, WorkerProcess] = {}
         self._pending: list[Event] = []
         self._watchdog = Watchdog(self.worker_timeout)
         self._busy: set[int] = set()  # workers running a unit
@@ -123,7 +123,7 @@ class LocalBackend(Backend):
             }
             for worker_id in range(self.workers)
         ]
-        self._processes = [None] * self.workers
+        self._processes = {}
         try:
             for worker_id in range(self.workers):
                 self._launch(worker_id)
@@ -239,10 +239,10 @@ class LocalBackend(Backend):
 
     def pids(self) -> list[int]:
         """Process ids of the current workers (those started so far, while starting)."""
-        return [p.pid for p in self._processes if p is not None]
+        return [process.pid for _, process in sorted(self._processes.items())]
 
     def shutdown(self, graceful: bool = True) -> None:
-        processes = [p for p in self._processes if p is not None]
+        processes = list(self._processes.values())
         for process in processes:
             if graceful:  # the worker finishes its unit and state writes, then exits
                 with contextlib.suppress(OSError, ValueError):
@@ -253,7 +253,7 @@ class LocalBackend(Backend):
         for process in processes:
             process.kill()  # still running after the wait: stopped now
             process.close()
-        self._processes = []
+        self._processes = {}
 
     def __repr__(self) -> str:
         return f"LocalBackend(workers={self.workers}, devices={self.devices})"

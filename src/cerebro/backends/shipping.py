@@ -66,7 +66,7 @@ def load_build(payload: bytes) -> Callable[..., Any]:
 
 def _modules_being_imported() -> Iterator[types.ModuleType]:
     """Modules whose top-level code is on the current call stack (being imported right now)."""
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__")
         if frame.f_code.co_name == "<module>" and name not in (None, "__main__"):

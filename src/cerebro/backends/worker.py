@@ -171,7 +171,7 @@ class WorkerRuntime:
 
     def _bring_in(self, unit: Unit, state: dict[str, Any] | None) -> _CachedModel:
         entry = self._cache.get(unit.model_id)
-        if not self.needs_state(unit):
+        if entry is not None and not self.needs_state(unit):
             self._cache.move_to_end(unit.model_id)
             return entry
         if entry is not None and entry.params != unit.params:
@@ -190,7 +190,7 @@ class WorkerRuntime:
                 f"expected {unit.version}"
             )
         training.restore_state(spec, state, self.device)
-        rng = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
+        rng: dict[str, Any] = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
         entry = _CachedModel(
             spec, unit.version, rng, dict(state["counters"]), dict(unit.params), _nbytes(spec)
         )

@@ -14,8 +14,10 @@ import torch
 
 from .. import files, training
 from ..errors import ConfigError, first_line
-from ..store import RecordStore
+from ..formatting import format_metric
+from ..store import RecordStore, place
 from ..store.checkpoints import state_path
+from ..store.records import reading
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,9 @@ class Result:
             counts[m.status] = counts.get(m.status, 0) + 1
         best = self.best
         shown = (
-            f"{self.metric}={best.metrics[self.metric]:.4g} (model {best.id})" if best else "none"
+            f"{self.metric}={format_metric(best.metrics[self.metric])} (model {best.id})"
+            if best
+            else "none"
         )
         return f"Result(models={counts}, best {shown})"
 
@@ -214,6 +218,10 @@ def load(path_or_url: str | os.PathLike, experiment: str | int | None = None) ->
     """
     store, row = RecordStore.find(path_or_url, experiment)
     config = row["config"]
-    result = Result(store, config["metric"], config["mode"], config["checkpoint_dir"], None)
+    with reading(path_or_url):
+        result = Result(store, config["metric"], config["mode"], config["checkpoint_dir"], None)
     result._build_path = os.path.join(config.get("path", ""), BUILD_FILE)
+    # A driver killed with SIGKILL could not record its end: say what happened to it.
+    folder = place.experiment_folder(path_or_url, row)
+    result.experiment["status"] = place.live_status(result.experiment["status"], folder)
     return result
