@@ -57,6 +57,8 @@ CELLS = [
         path="runs/exp", seed=0, deterministic=True, progress=False,
     ).run()
     print("STATUSES", sorted(m.status for m in result.models))
+    import sys
+    print("OPTIONAL", sorted(m for m in ("optuna", "ray", "sklearn") if m in sys.modules))
     """,
 ]
 SCRIPT = "\n".join(textwrap.dedent(cell) for cell in CELLS)
@@ -85,7 +87,9 @@ def reference(tmp_path_factory) -> pd.DataFrame:
     """The experiment run as a plain script without a guard (variant a)."""
     folder = tmp_path_factory.mktemp("script")
     (folder / "experiment.py").write_text(SCRIPT)
-    _python(["experiment.py"], folder)
+    done = _python(["experiment.py"], folder)
+    # A run loads nothing optional that it does not use (no TPE: no Optuna; no Ray; no sklearn).
+    assert "OPTIONAL []" in done.stdout, done.stdout
     return _records(folder)
 
 
@@ -217,3 +221,16 @@ def test_a_worker_that_cannot_import_builds_module_names_it_and_its_path(tmp_pat
     )
     assert done.returncode != 0
     assert "cannot import module 'only_here'" in done.stderr and "sys.path" in done.stderr
+
+
+def test_a_notebook_shows_progress_as_one_display_updated_in_place(tmp_path):
+    cells = [*CELLS[:2], CELLS[2].replace("progress=False", "progress=True")]
+    notebook = _run_notebook(tmp_path, cells)
+    shown = [
+        output
+        for output in notebook.cells[2].outputs
+        if output.get("output_type") == "display_data"
+    ]
+    assert len(shown) == 1, [o.get("output_type") for o in notebook.cells[2].outputs]
+    text = shown[0]["data"]["text/plain"]
+    assert "epoch 2/2" in text and "2/2 done" in text and "best val_accuracy" in text

@@ -70,14 +70,15 @@ class ProcessTemplate:
         self._buffer = b""
         self._exits: dict[int, int] = {}
         self._started: list[int] = []
-        self._ready = False
+        self._owner = os.getpid()  # a forked copy of the driver must start its own template
         self._lock = threading.Lock()
 
     @classmethod
     def shared(cls) -> ProcessTemplate:
         """The template of this process, started now if there is none or it died."""
         with cls._shared_lock:
-            if cls._shared is None or not cls._shared.alive():
+            shared = cls._shared
+            if shared is None or shared._owner != os.getpid() or not shared.alive():
                 cls._shared = cls()
             return cls._shared
 
@@ -253,8 +254,9 @@ def _launch_loop() -> None:
 
 @atexit.register
 def _close_shared() -> None:
-    if ProcessTemplate._shared is not None:
-        ProcessTemplate._shared.close()
+    shared = ProcessTemplate._shared
+    if shared is not None and shared._owner == os.getpid():  # not a forked copy's to stop
+        shared.close()
 
 
 # The template's side -------------------------------------------------------------------------

@@ -411,6 +411,15 @@ class Driver:
 
     # Main loop ---------------------------------------------------------------------------------
 
+    def needs_workers(self, store: RecordStore) -> bool:
+        """Whether a restored run has anything to train: a model running or paused, a search
+        that would propose more, or a person's request waiting (prepare() must have run)."""
+        if self._prepared or store.controls(pending_only=True):
+            return True
+        if any(m.status in (RUNNING, PAUSED) for m in self.models.values()):
+            return True
+        return not self.config.search.is_finished(self.trials())
+
     def start_workers(self) -> None:
         """Start the backend's workers, each loading its shards (nothing is recorded yet)."""
         placement = place_shards(self.config.dataset.num_shards, self.backend.num_workers)

@@ -296,21 +296,29 @@ class Experiment:
                 driver.restore(store)
             try:
                 driver.prepare()  # raises ConfigError before anything new is written
-                driver.start_workers()
+                # A finished experiment run again (a notebook cell, a script) returns its result
+                # without starting a worker, unless a person's request asks for more.
+                idle = store is not None and not driver.needs_workers(store)
+                if not idle:
+                    driver.start_workers()
                 if store is None:
-                    config = self._record_config(driver.fingerprints)
-                    store = RecordStore.create(self.storage_url, self.name, config)
+                    recorded = self._record_config(driver.fingerprints)
+                    store = RecordStore.create(self.storage_url, self.name, recorded)
                 store.set_experiment_status("running")
             except BaseException:
                 self.backend.shutdown(graceful=False)
                 if board is not None:
                     board.close()
                 raise
-            try:
-                driver.run(store)
-            except BaseException:
-                store.set_experiment_status("interrupted")
-                raise
+            if idle:
+                if board is not None:
+                    board.close()
+            else:
+                try:
+                    driver.run(store)
+                except BaseException:
+                    store.set_experiment_status("interrupted")
+                    raise
             store.set_experiment_status("completed")
         _raise_if_every_model_failed(store, self.path)
         return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
