@@ -82,6 +82,26 @@ def replay_epoch(digits, build, params, state, seed, model_id, epoch, shards) ->
     return spec.model
 
 
+def small_experiment(digits, path, **overrides) -> cerebro.Experiment:
+    """A quick experiment on ``digits``: an MLP grid over two learning rates, 1 epoch, 2 local
+    workers, no progress display; ``overrides`` replace any argument."""
+    import builders
+
+    arguments = dict(
+        build=builders.mlp,
+        dataset=digits,
+        search=cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.03])}),
+        epochs=1,
+        metric="val_accuracy",
+        mode="max",
+        backend=cerebro.LocalBackend(workers=2),
+        path=path,
+        progress=False,
+    )
+    arguments.update(overrides)
+    return cerebro.Experiment(**arguments)
+
+
 def assert_same_results(result: cerebro.Result, reference: cerebro.Result) -> None:
     """Equal histories and bit-identical final weights for every model of ``reference``."""
     pd.testing.assert_frame_equal(result.history, reference.history, check_exact=True)

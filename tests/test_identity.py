@@ -12,6 +12,7 @@ import builders
 import cloudpickle
 import pandas as pd
 import pytest
+from conftest import small_experiment
 
 import cerebro
 from cerebro.engine import identity
@@ -21,18 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _experiment(digits, path, build=builders.mlp, **overrides):
-    kwargs = dict(
-        dataset=digits,
-        search=cerebro.GridSearch({"lr": 0.01}),
-        epochs=1,
-        metric="val_accuracy",
-        mode="max",
-        backend=cerebro.LocalBackend(workers=1),
-        path=path,
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return cerebro.Experiment(build, **kwargs)
+    one_model = {"search": cerebro.GridSearch({"lr": 0.01}), "backend": cerebro.LocalBackend(1)}
+    return small_experiment(digits, path, build=build, **{**one_model, **overrides})
 
 
 def _build_file(path) -> bytes:

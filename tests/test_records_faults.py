@@ -17,9 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import builders
 import pytest
-from conftest import wait_for_train_hops
+from conftest import small_experiment, wait_for_train_hops
 
 import cerebro
 from cerebro.cli import main as cli_main
@@ -29,19 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _experiment(digits, path, **overrides) -> cerebro.Experiment:
-    kwargs = dict(
-        build=builders.mlp,
-        dataset=digits,
-        search=cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.03])}),
-        epochs=1,
-        metric="val_accuracy",
-        mode="max",
-        backend=_backend(),
-        path=path,
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return cerebro.Experiment(**kwargs)
+    return small_experiment(digits, path, **{"backend": _backend(), **overrides})
 
 
 def _backend() -> cerebro.LocalBackend:

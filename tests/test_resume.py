@@ -13,7 +13,7 @@ from pathlib import Path
 import builders
 import pandas as pd
 import pytest
-from conftest import assert_same_results, state_equal, wait_for_train_hops
+from conftest import assert_same_results, small_experiment, state_equal, wait_for_train_hops
 
 import cerebro
 
@@ -125,20 +125,7 @@ def training_state(path, model_id: int) -> str:
     return state_path(os.path.join(path, "checkpoints"), model_id)
 
 
-def _small(digits, path, **overrides):
-    kwargs = dict(
-        build=builders.mlp,
-        dataset=digits,
-        search=cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.03])}),
-        epochs=1,
-        metric="val_accuracy",
-        mode="max",
-        backend=cerebro.LocalBackend(workers=2),
-        path=path,
-        progress=False,
-    )
-    kwargs.update(overrides)
-    return cerebro.Experiment(**kwargs)
+_small = small_experiment
 
 
 def test_running_a_finished_experiment_again_trains_nothing(digits, tmp_path, monkeypatch):

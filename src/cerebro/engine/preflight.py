@@ -159,24 +159,20 @@ def _loss(loss_fn: Callable[..., Any], outputs: torch.Tensor, targets: torch.Ten
 
 def _backward_and_step(spec: ModelSpec, loss: torch.Tensor) -> None:
     spec.optimizer.zero_grad(set_to_none=True)
-    try:
-        loss.backward()
-    except Exception as e:
-        raise ConfigError(
-            "loss",
-            _shown(spec.loss),
-            "a loss that backward() differentiates through the model's parameters",
-            hint=f"backward raised {_described(e)}",
-        ) from e
-    try:
-        spec.optimizer.step()
-    except Exception as e:
-        raise ConfigError(
-            "optimizer",
-            _shown(spec.optimizer),
-            "an optimizer whose step() updates the model's parameters",
-            hint=f"step raised {_described(e)}",
-        ) from e
+    steps: list[tuple[Callable[[], Any], str, Any, str]] = [
+        (loss.backward, "loss", spec.loss, "a loss that backward() differentiates through the"),
+        (spec.optimizer.step, "optimizer", spec.optimizer, "an optimizer whose step() updates"),
+    ]
+    for call, argument, given, accepted in steps:
+        try:
+            call()
+        except Exception as e:
+            raise ConfigError(
+                argument,
+                _shown(given),
+                f"{accepted} model's parameters",
+                hint=f"{call.__name__} raised {_described(e)}",
+            ) from e
 
 
 def _metric(
