@@ -142,4 +142,29 @@ def test_a_worker_killed_while_starting_is_retried_and_every_loss_recorded(
     lost = [e["detail"] for e in result.events if e["kind"] == "worker_lost"]
     assert [(d["worker"], d["reason"]) for d in lost] == [(0, "exited while starting")] * 2
     assert all(d["exitcode"] == -signal.SIGKILL for d in lost)
+    assert {m.status for m in result.models} == {"completed"}, [m.error for m in result.models]
+    # The losses ran nothing: no unit was run twice, none was dropped.
+    assert not result.hops.duplicated(["model_id", "epoch", "kind", "shard"]).any()
+    assert len(result.hops) == 4 * 2 * (4 + 4)  # models x epochs x (train + validation) shards
+
+
+@pytest.mark.slow
+def test_a_ray_actor_killed_while_starting_is_retried_and_recorded(digits, tmp_path, monkeypatch):
+    import ray
+
+    backend = make_backend("ray", workers=2)
+    launch = type(backend)._launch
+    killed: list[int] = []
+
+    def launch_and_kill_the_first(self, worker_id, node_id, generation):
+        placed = launch(self, worker_id, node_id, generation)
+        if not killed:  # a real kill of the real actor, before it has loaded its shards
+            ray.kill(placed.actor)
+            killed.append(worker_id)
+        return placed
+
+    monkeypatch.setattr(type(backend), "_launch", launch_and_kill_the_first)
+    result = _experiment(digits, tmp_path / "run", backend).run()
+    lost = [e["detail"] for e in result.events if e["kind"] == "worker_lost"]
+    assert [(d["worker"], d["reason"]) for d in lost] == [(killed[0], "exited while starting")]
     assert {m.status for m in result.models} == {"completed"}

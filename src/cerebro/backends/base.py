@@ -92,6 +92,9 @@ class WorkerLost:
     worker_id: int
     exitcode: int | None
     reason: str = "exited"  # or why the backend gave up on it (e.g. silent while running a unit)
+    # It died before it was ready, so it ran no unit: units the driver has sent to this worker
+    # id since are on its replacement (or will be) and are not lost.
+    while_starting: bool = False
 
 
 Event = UnitDone | StateSaved | WorkerLost

@@ -199,7 +199,11 @@ class LocalBackend(Backend):
                         "(see the output above; out of memory is a common cause)"
                     )
                 attempts[worker_id] += 1
-                others.append(WorkerLost(worker_id, process.exitcode, "exited while starting"))
+                others.append(
+                    WorkerLost(
+                        worker_id, process.exitcode, "exited while starting", while_starting=True
+                    )
+                )
                 process.close()
                 self._launch(worker_id)
             ignore |= dead - waiting

@@ -59,6 +59,7 @@ _START_TIMEOUT_S = 600.0
 _FETCH_TIMEOUT_S = 120.0  # fetching a state from another node's object store
 _CONNECT_TIMEOUT_S = 5.0  # reaching the head node's address before handing it to Ray
 _REPLACE_TIMEOUT_S = 120.0  # a replacement actor must be placed and loaded by then
+_START_ATTEMPTS = 3  # an actor that dies while it starts is started again, this many in all
 
 
 class RayBackend(Backend):
@@ -138,6 +139,7 @@ class RayBackend(Backend):
         self.worker_timeout = check_worker_timeout(worker_timeout)
         self._watchdog = Watchdog(self.worker_timeout)
         self._beats: dict[int, Any] = {}  # worker -> its unanswered heartbeat call
+        self._lost_while_starting: list[WorkerLost] = []
         self._workers: list[_Placed] = []
         self._pending: dict[
             Any, tuple[str, int, int, Unit]
@@ -284,10 +286,32 @@ class RayBackend(Backend):
         ]
         self._actor_class = ray.remote(_WorkerActor)
         self._workers = [self._launch(w, nodes_for[w], generation=0) for w in range(self.workers)]
-        infos = []
-        for w in range(self.workers):
-            infos.append(self._await_ready(w, _START_TIMEOUT_S, shutdown_on_error=True))
-        return infos
+        self._lost_while_starting: list[WorkerLost] = []
+        return [self._ready_or_retried(w) for w in range(self.workers)]
+
+    def _ready_or_retried(self, worker_id: int) -> WorkerInfo:
+        """Wait for a new actor; one that dies while it starts (killed, out of memory: not an
+        error in its own set-up) is started again, up to ``_START_ATTEMPTS`` in all, and each
+        loss is reported by the next poll so that it is recorded."""
+        attempt = 1
+        while True:
+            try:
+                return self._await_ready(worker_id, _START_TIMEOUT_S, shutdown_on_error=False)
+            except _DiedWhileStarting:
+                if attempt == _START_ATTEMPTS:
+                    self.shutdown(graceful=False)
+                    raise
+            except WorkerError:
+                self.shutdown(graceful=False)
+                raise
+            attempt += 1
+            self._lost_while_starting.append(
+                WorkerLost(
+                    worker_id, exitcode=None, reason="exited while starting", while_starting=True
+                )
+            )
+            old = self._workers[worker_id]
+            self._workers[worker_id] = self._launch(worker_id, old.node_id, old.generation + 1)
 
     def _launch(self, worker_id: int, node_id: str, generation: int) -> _Placed:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -312,13 +336,14 @@ class RayBackend(Backend):
         except ray.exceptions.RayError as e:
             if shutdown_on_error:
                 self.shutdown(graceful=False)
+            died = isinstance(e, ray.exceptions.ActorDiedError) and not e.actor_init_failed
             why = (
                 f"did not start within {timeout:g} s"
                 if isinstance(e, ray.exceptions.GetTimeoutError)
                 else f"could not start:\n{e}"
             )
             where = f"worker {worker_id} on node {host} ({placed.node_id[:12]})"
-            raise WorkerError(f"{where} {why}") from e
+            raise (_DiedWhileStarting if died else WorkerError)(f"{where} {why}") from e
         placed.pid = description["pid"]
         return description["info"]
 
@@ -337,6 +362,9 @@ class RayBackend(Backend):
     def poll(self, timeout: float) -> list[Event]:
         import ray
 
+        if self._lost_while_starting:  # reported first, so that every loss is recorded
+            lost, self._lost_while_starting = self._lost_while_starting, []
+            return list(lost)
         if not self._pending:
             time.sleep(timeout)
             return []
@@ -470,6 +498,10 @@ class RayBackend(Backend):
             f"RayBackend(address={self.address!r}, workers={self.workers}, "
             f"gpus_per_worker={self.gpus_per_worker:g}, cpus_per_worker={self.cpus_per_worker:g})"
         )
+
+
+class _DiedWhileStarting(WorkerError):
+    """An actor's process ended before it was ready (not an error raised by its set-up)."""
 
 
 @dataclass
