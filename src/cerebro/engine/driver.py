@@ -864,10 +864,11 @@ class Driver:
             )
             training.save_state(state, model.state_path)
             checkpoints.snapshot(model.state_path, checkpoints.origin_path(model.folder))
-        except Exception:
+        except Exception as e:
+            # The error itself, not the traceback's first line ("Traceback (most recent...").
             warnings.warn(
                 f"model {model.model_id}: could not exploit model {source.model_id} "
-                f"({first_line(traceback.format_exc())}); it goes on with its own state",
+                f"({type(e).__name__}: {first_line(e)}); it goes on with its own state",
                 stacklevel=2,
             )
             return
