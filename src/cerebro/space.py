@@ -98,7 +98,8 @@ class RandInt(Dimension):
         return int(rng.integers(self.low, self.high + 1))
 
     def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, np.integer)) and self.low <= value <= self.high
+        # bool(): a NumPy integer compares to a numpy.bool, not a bool.
+        return isinstance(value, (int, np.integer)) and bool(self.low <= value <= self.high)
 
 
 # quniform values are ``k * q`` rounded to 12 decimals, so that float noise such as

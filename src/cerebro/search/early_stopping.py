@@ -57,8 +57,8 @@ class MedianStopping(EarlyStopping):
             or min_trials < 1
         ):
             raise ConfigError("min_trials", min_trials, "an integer >= 1 (models)")
-        self.grace_epochs = int(grace_epochs)
-        self.min_trials = int(min_trials)
+        self.grace_epochs: int = int(grace_epochs)
+        self.min_trials: int = int(min_trials)
 
     def should_stop(self, trial: Trial, trials: Sequence[Trial]) -> str | None:
         if self.context is None:

@@ -25,6 +25,7 @@ class GridSearch(FixedSearch):
 
     def __init__(self, space: dict[str, Any]) -> None:
         self.space = normalize_space(space)
+        choices: dict[str, Choice] = {}
         for name, dim in self.space.items():
             if not isinstance(dim, Choice):
                 raise ConfigError(
@@ -33,8 +34,9 @@ class GridSearch(FixedSearch):
                     "a cerebro.choice([...]) dimension or a constant for GridSearch",
                     hint="use RandomSearch for continuous dimensions",
                 )
+            choices[name] = dim
         names = list(self.space)
-        values = [self.space[n].values for n in names]
+        values = [choices[n].values for n in names]
         self._configs = [dict(zip(names, combo)) for combo in itertools.product(*values)]
 
     def configurations(self) -> list[dict[str, Any]]:

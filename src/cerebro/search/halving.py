@@ -86,6 +86,9 @@ def _with_trial(trial: Trial, trials: Sequence[Trial]) -> list[Trial]:
 class _Halving(Search):
     """Argument checks, configurations and fingerprint shared by ASHA and Hyperband."""
 
+    # Always set by __init__ (unlike Search.max_epochs, which may be None).
+    max_epochs: int
+
     def __init__(
         self,
         space: dict[str, Any],
@@ -110,19 +113,21 @@ class _Halving(Search):
                 "an integer >= 2",
                 hint="each rung keeps 1/reduction_factor of the models; 3 is usual",
             )
-        self.reduction_factor = int(reduction_factor)
+        self.reduction_factor: int = int(reduction_factor)
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise ConfigError("seed", seed, "an integer")
-        self.seed = int(seed)
-        self.min_epochs = _int_arg("min_epochs", min_epochs, 1)
+        self.seed: int = int(seed)
+        self.min_epochs: int = _int_arg("min_epochs", min_epochs, 1)
         if self.min_epochs > self.max_epochs:
             raise ConfigError(
                 "min_epochs", min_epochs, f"an integer <= max_epochs ({self.max_epochs})"
             )
         if parallelism is not None:
             parallelism = _int_arg("parallelism", parallelism, 1)
-        self.parallelism = parallelism
-        self._configs = RandomSearch(self.space, self.num_models, self.seed).configurations()
+        self.parallelism: int | None = parallelism
+        self._configs: list[dict[str, Any]] = RandomSearch(
+            self.space, self.num_models, self.seed
+        ).configurations()
 
     # -- shared machinery ------------------------------------------------------------------
 

@@ -204,24 +204,26 @@ class PBT(Search):
             raise ConfigError(
                 "population", population, "an integer >= 2", hint="PBT copies between members"
             )
-        self.population = int(population)
+        self.population: int = int(population)
         if (
             not isinstance(perturb_every, numbers.Integral)
             or isinstance(perturb_every, bool)
             or perturb_every < 1
         ):
             raise ConfigError("perturb_every", perturb_every, "an integer >= 1 (epochs)")
-        self.perturb_every = int(perturb_every)
+        self.perturb_every: int = int(perturb_every)
         if not _is_number(quantile) or not 0.0 < float(quantile) <= 0.5:
             raise ConfigError("quantile", quantile, "a number in (0, 0.5]")
-        self.quantile = float(quantile)
+        self.quantile: float = float(quantile)
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise ConfigError("seed", seed, "an integer")
-        self.seed = int(seed)
+        self.seed: int = int(seed)
         names = _mutable_names(self.space, mutable, argument="mutable")
         self.mutable: tuple[str, ...] = tuple(n for n in self.space if n in names)
-        self.resample_probability = _probability(resample_probability)
-        self._configs = RandomSearch(self.space, self.population, self.seed).configurations()
+        self.resample_probability: float = _probability(resample_probability)
+        self._configs: list[dict[str, Any]] = RandomSearch(
+            self.space, self.population, self.seed
+        ).configurations()
 
     def configurations(self) -> list[dict[str, Any]]:
         """The population's starting configurations, in order."""

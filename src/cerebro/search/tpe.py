@@ -240,7 +240,10 @@ class TPESearch(Search):
             if not inside:
                 return None
             if isinstance(dim, Choice):
-                choices = self._distributions[name].choices
+                distribution = self._distributions[name]
+                # _distribution() makes a CategoricalDistribution for every Choice.
+                assert isinstance(distribution, CategoricalDistribution)
+                choices = distribution.choices
                 match = [c for c in choices if _same_choice(_plain(value), c)]
                 if not match:
                     return None
@@ -269,6 +272,8 @@ class TPESearch(Search):
             elif isinstance(dim, RandInt):
                 result[name] = min(max(int(value), dim.low), dim.high)
             else:
+                # _distribution() refused every other kind of dimension in __init__.
+                assert isinstance(dim, (Uniform, LogUniform))
                 result[name] = min(max(float(value), dim.low), dim.high)
         return result
 
