@@ -38,7 +38,7 @@ from .base import (
 from .lifetime import die_with_parent
 from .process_template import ProcessTemplate, WorkerProcess, join_all
 from .watchdog import HEARTBEAT_S, Watchdog, check_worker_timeout
-from .worker import WorkerRuntime, pickle_build
+from .worker import WorkerConfig, WorkerRuntime, pickle_build
 
 _START_TIMEOUT_S = 600.0
 # A worker that dies while it starts (killed, out of memory) is started again this many times.
@@ -110,17 +110,17 @@ class LocalBackend(Backend):
     ) -> list[WorkerInfo]:
         payload = pickle_build(build)
         self._configs = [
-            {
-                "worker_id": worker_id,
-                "dataset_path": dataset_path,
-                "shards": placement[worker_id],
-                "device": self.devices[worker_id % len(self.devices)],
-                "build": payload,
+            WorkerConfig(
+                worker_id=worker_id,
+                dataset_path=dataset_path,
+                shards=placement[worker_id],
+                device=self.devices[worker_id % len(self.devices)],
+                build=payload,
                 # Results depend on intra-op thread counts: deterministic runs use a fixed one.
-                "threads": self.threads_per_worker if not deterministic else self._fixed_threads,
-                "model_cache_mb": self.model_cache_mb,
-                "deterministic": deterministic,
-            }
+                threads=self.threads_per_worker if not deterministic else self._fixed_threads,
+                model_cache_mb=self.model_cache_mb,
+                deterministic=deterministic,
+            )
             for worker_id in range(self.workers)
         ]
         self._processes = {}
@@ -282,10 +282,10 @@ class _Boot:
     sys_path: list[str]
     cwd: str
     environ: dict[str, str]
-    config: dict[str, Any]
+    config: WorkerConfig
 
     @classmethod
-    def of_this_process(cls, config: dict[str, Any]) -> _Boot:
+    def of_this_process(cls, config: WorkerConfig) -> _Boot:
         return cls(list(sys.path), os.getcwd(), dict(os.environ), config)
 
     def adopt(self) -> None:
@@ -315,9 +315,9 @@ def worker_main(conn: mp_connection.Connection) -> None:
             conn.send(message)
 
     try:
-        runtime = WorkerRuntime(**config)
+        runtime = WorkerRuntime(config)
     except Exception:
-        send(_StartFailed(config["worker_id"], traceback.format_exc()))
+        send(_StartFailed(config.worker_id, traceback.format_exc()))
         return
     send(runtime.info)
     threading.Thread(target=_beat, args=(send,), daemon=True, name="cerebro-heartbeat").start()

@@ -79,8 +79,8 @@ class ProcessTemplate:
         with cls._shared_lock:
             shared = cls._shared
             if shared is None or shared._owner != os.getpid() or not shared.alive():
-                cls._shared = cls()
-            return cls._shared
+                shared = cls._shared = cls()
+            return shared
 
     def alive(self) -> bool:
         return self._process.poll() is None

@@ -53,7 +53,7 @@ from .base import (
 )
 from .shipping import pickle_build
 from .watchdog import Watchdog, check_worker_timeout
-from .worker import WorkerRuntime
+from .worker import WorkerConfig, WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
 _FETCH_TIMEOUT_S = 120.0  # fetching a state from another node's object store
@@ -169,7 +169,7 @@ class RayBackend(Backend):
             # A local Ray's workers import what this process imports (like spawned processes).
             paths = [p for p in sys.path if p and os.path.isdir(p)]
             runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
-        options = {
+        options: dict[str, Any] = {
             # "local" starts a new instance; None would join one found in Ray's temp files,
             # which may be a dead cluster left by another program.
             "address": self.address or "local",
@@ -264,30 +264,32 @@ class RayBackend(Backend):
         num_shards = len(set().union(*placement.values()))
         if self.workers is None:
             self.validate(num_shards)
+        workers = self.workers
+        assert workers is not None  # validate() sets it to what the cluster holds
         self._survey = _survey_nodes(dataset_path, num_shards, state_dir)
-        nodes_for = _choose_nodes(self.workers, self._capacity(), self._survey)
+        nodes_for = _choose_nodes(workers, self._capacity(), self._survey)
         shards = _place_by_locality(placement, nodes_for, self._survey, num_shards)
         payload = pickle_build(build)
         threads = self.threads_per_worker or (
             1 if deterministic else max(1, int(self.cpus_per_worker))
         )
         self._configs = [
-            {
-                "worker_id": w,
-                "dataset_path": dataset_path,
-                "shards": shards[w],
-                "device": "cuda" if self.gpus_per_worker else "cpu",
-                "build": payload,
-                "threads": threads,
-                "model_cache_mb": self.model_cache_mb,
-                "deterministic": deterministic,
-            }
-            for w in range(self.workers)
+            WorkerConfig(
+                worker_id=w,
+                dataset_path=dataset_path,
+                shards=shards[w],
+                device="cuda" if self.gpus_per_worker else "cpu",
+                build=payload,
+                threads=threads,
+                model_cache_mb=self.model_cache_mb,
+                deterministic=deterministic,
+            )
+            for w in range(workers)
         ]
-        self._actor_class = ray.remote(_WorkerActor)
-        self._workers = [self._launch(w, nodes_for[w], generation=0) for w in range(self.workers)]
-        self._lost_while_starting: list[WorkerLost] = []
-        return [self._ready_or_retried(w) for w in range(self.workers)]
+        self._actor_class: Any = ray.remote(_WorkerActor)  # Ray's actor class has no stub
+        self._workers = [self._launch(w, nodes_for[w], generation=0) for w in range(workers)]
+        self._lost_while_starting = []
+        return [self._ready_or_retried(w) for w in range(workers)]
 
     def _ready_or_retried(self, worker_id: int) -> WorkerInfo:
         """Wait for a new actor; one that dies while it starts (killed, out of memory: not an
@@ -449,7 +451,7 @@ class RayBackend(Backend):
         capacity = {n: room for n, room in self._capacity().items() if n not in failed}
         if previous in capacity:
             return previous
-        shards = self._configs[worker_id]["shards"]
+        shards = self._configs[worker_id].shards
         used: dict[str, int] = {}
         for w, placed in enumerate(self._workers):
             if w != worker_id:
@@ -522,9 +524,9 @@ class _WorkerActor:
     """A worker: its shards in memory, units run by a :class:`WorkerRuntime`. Each training unit's
     state is published in the object store and written to its state file off the unit's path."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: WorkerConfig) -> None:
         tune_malloc_for_training()
-        self.runtime = _PublishingRuntime(**config)
+        self.runtime = _PublishingRuntime(config)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerebro-save")
         self._saves: dict[int, Future[StateSaved]] = {}
         self._lock = threading.Lock()
@@ -563,8 +565,8 @@ class _WorkerActor:
 class _PublishingRuntime(WorkerRuntime):
     """A worker runtime whose state writes also put the state in Ray's object store."""
 
-    def __init__(self, **config: Any) -> None:
-        super().__init__(**config)
+    def __init__(self, config: WorkerConfig) -> None:
+        super().__init__(config)
         self.published: dict[int, Any] = {}  # unit id -> ref of the state it produced
 
     def save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
@@ -610,10 +612,10 @@ def _survey_nodes(
     survey = {}
     for node, ref in refs.items():
         try:
-            host, shards, problem = ray.get(ref, timeout=_START_TIMEOUT_S)
+            host, readable, problem = ray.get(ref, timeout=_START_TIMEOUT_S)
+            survey[node] = _NodeSurvey(host, frozenset(readable), problem)
         except ray.exceptions.RayError as e:
-            host, shards, problem = "?", frozenset(), f"the probe failed: {e}"
-        survey[node] = _NodeSurvey(host, frozenset(shards), problem)
+            survey[node] = _NodeSurvey("?", frozenset(), f"the probe failed: {e}")
     return survey
 
 

@@ -22,7 +22,7 @@ from ..spec import ModelSpec
 from .base import StateSaved, Unit, UnitDone, WorkerInfo
 from .shipping import load_build, pickle_build
 
-__all__ = ["WorkerRuntime", "pickle_build"]
+__all__ = ["WorkerConfig", "WorkerRuntime", "pickle_build"]
 
 
 @dataclass
@@ -43,43 +43,49 @@ def in_worker() -> bool:
     return _in_worker
 
 
-class WorkerRuntime:
-    """Runs units on the shards of one worker.
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What one worker needs to start, whatever the backend.
 
     Args:
         worker_id: this worker's id.
         dataset_path: a prepared dataset every worker can read.
         shards: the shard ids this worker holds (training and validation split).
         device: torch device for models and data (e.g. "cpu", "cuda:0").
-        build: the user's ``build`` function, pickled with cloudpickle.
+        build: the user's ``build`` function, as :func:`~.shipping.pickle_build` made it.
         threads: torch intra-op threads for this worker (None leaves torch's default).
         model_cache_mb: memory for models kept built between their hops (least recently used
             ones go first; the model in use always stays).
+        deterministic: use torch's deterministic algorithms.
     """
 
-    def __init__(
-        self,
-        worker_id: int,
-        dataset_path: str,
-        shards: frozenset[int],
-        device: str,
-        build: bytes,
-        threads: int | None,
-        model_cache_mb: int,
-        deterministic: bool = False,
-    ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        if deterministic:
+    worker_id: int
+    dataset_path: str
+    shards: frozenset[int]
+    device: str
+    build: bytes
+    threads: int | None
+    model_cache_mb: int
+    deterministic: bool = False
+
+
+class WorkerRuntime:
+    """Runs units on the shards of one worker (see :class:`WorkerConfig`)."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        worker_id, shards = config.worker_id, config.shards
         self.worker_id = worker_id
-        self.device = torch.device(device)
+        self.device = torch.device(config.device)
         global _in_worker
         _in_worker = True  # before user modules are imported: they may call Experiment.run()
-        self.build = load_build(build)
-        self.cache_budget = model_cache_mb * 2**20
+        self.build = load_build(config.build)
+        self.cache_budget = config.model_cache_mb * 2**20
         self._cache: OrderedDict[int, _CachedModel] = OrderedDict()
-        dataset = Dataset.open(dataset_path)
+        dataset = Dataset.open(config.dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
         for split in ("train", "val"):
             for shard in sorted(shards):
