@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     from . import metrics
     from .backends import Backend, LocalBackend, RayBackend
     from .data import Dataset, prepare_data
-    from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, control, load
+    from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, load
+    from .engine.control import control  # the function: `.engine`'s `control` is also a module
     from .errors import AllModelsFailed, CerebroError, ConfigError, ModelFailed, WorkerError
     from .search import (
         ASHA,

@@ -33,7 +33,7 @@ def source_fingerprint(columns: Mapping[str, np.ndarray], names: Sequence[str]) 
         raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
         header = [name, kind, values.dtype.str, list(values.shape), int(raw.size)]
         digest.update(json.dumps(header).encode())
-        digest.update(raw)
+        digest.update(raw.data)  # numpy's stubs give ndarray __buffer__ only on Python >= 3.12
     return digest.hexdigest()
 
 

@@ -144,7 +144,8 @@ def _table_columns(table: pa.Table) -> dict[str, np.ndarray]:
 
 def _list_column(name: str, column: pa.Array) -> np.ndarray:
     """A (possibly nested) list column whose cells all have one shape, as an n-d array."""
-    rows, shape, values = len(column), [], column
+    rows, values = len(column), column
+    shape: list[int] = []
     while pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type):
         # At depth d, entry i of ``values`` belongs to row i // (cells per row so far), since
         # every shallower level has already been checked to be of one length.
@@ -158,7 +159,9 @@ def _list_column(name: str, column: pa.Array) -> np.ndarray:
                 hint=f"row {first // per_row} holds a null",
             )
         lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
-        differ = np.flatnonzero(lengths != lengths[0]) if len(lengths) else []
+        differ: np.ndarray | list[int] = (
+            np.flatnonzero(lengths != lengths[0]) if len(lengths) else []
+        )
         if len(differ):
             first = int(differ[0])
             raise ConfigError(

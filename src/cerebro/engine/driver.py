@@ -143,7 +143,7 @@ class Driver:
         self.tensorboard = tensorboard
         self.backend = backend
         self.progress = progress
-        self.store: RecordStore | None = None
+        self._store: RecordStore | None = None  # attached by restore() or run()
         self._prepared: list[_Built] = []
         self.preflight = Preflight(config.dataset, config.build)
         self.fingerprints = Fingerprints()  # of every model built (the config keeps the first)
@@ -161,6 +161,13 @@ class Driver:
         self._roster_changed = True  # ask the search for configurations at the next chance
         self._copies_removed: dict[int, set[int]] = {}  # mirror copies pruned, by model
         self._controls_checked = 0.0
+
+    @property
+    def store(self) -> RecordStore:
+        """The experiment's records, attached by :meth:`restore` or :meth:`run`."""
+        if self._store is None:
+            raise RuntimeError("the driver has no records yet: call restore() or run() first")
+        return self._store
 
     # Models ------------------------------------------------------------------------------------
 
@@ -258,7 +265,7 @@ class Driver:
         state was written but not yet recorded) are re-inserted, and an interrupted validation
         pass is run again from the start.
         """
-        self.store = store
+        self._store = store
         records = store.snapshot()
         history: dict[int, list[dict[str, float]]] = {}
         for row in records.epochs:
@@ -433,7 +440,7 @@ class Driver:
 
     def run(self, store: RecordStore) -> None:
         """Train until every model is completed or failed; stops the workers in the end."""
-        self.store = store
+        self._store = store
         try:
             self._add_models(self._prepared)
             self.progress.start()
@@ -603,8 +610,10 @@ class Driver:
         return digest
 
     def _remove_copy(self, path: str) -> None:
+        mirror = self.config.checkpoint_mirror
+        assert mirror is not None  # submitted only by _prune_copies, which runs with a mirror
         try:
-            self.config.checkpoint_mirror.remove(path)
+            mirror.remove(path)
         except Exception as e:
             warnings.warn(f"checkpoint mirror: copy of {path} not pruned: {e}", stacklevel=2)
 
@@ -848,6 +857,8 @@ class Driver:
         The state file is written before the records change: if the run dies in between, the
         resumed driver sees new params in the state and records them (see ``restore``).
         """
+        # Decision.__post_init__ refuses an "exploit" without both (and Decision is frozen).
+        assert decision.source is not None and decision.params is not None
         source = self.models[decision.source]
         if not source.history:
             warnings.warn(

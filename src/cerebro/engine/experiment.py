@@ -472,10 +472,11 @@ def _launch_command() -> dict[str, Any] | None:
     an interactive session, which has no script to rerun)."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
+    script: str | None = getattr(main, "__file__", None)
     if spec is not None and spec.name and spec.name != "__main__":
         argv = ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
-    elif getattr(main, "__file__", None):
-        argv = [os.path.abspath(main.__file__), *sys.argv[1:]]
+    elif script:
+        argv = [os.path.abspath(script), *sys.argv[1:]]
     else:
         return None
     return {"argv": argv, "cwd": os.getcwd()}

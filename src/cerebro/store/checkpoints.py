@@ -67,8 +67,8 @@ def verified(path: str, expected: str | None) -> bool:
 
 def check_policy(keep: object) -> str | int:
     """``"last_and_best"`` (default), ``"last"``, ``"all"``, or k >= 1: the last k and the best."""
-    if keep in POLICIES:
-        return keep  # type: ignore[return-value]
+    if isinstance(keep, str) and keep in POLICIES:
+        return keep
     if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
         return keep
     raise ConfigError("keep_checkpoints", keep, f"one of {list(POLICIES)} or an integer >= 1")
@@ -115,7 +115,7 @@ class Mirror:
                 "checkpoint_mirror",
                 url,
                 "an fsspec URL whose filesystem is installed, e.g. s3://bucket/run (s3fs)",
-                hint=str(e).splitlines()[0] if str(e) else None,
+                hint=str(e).splitlines()[0] if str(e) else "",
             ) from e
         self.url = url.rstrip("/")
         self.root = self.root.rstrip("/")

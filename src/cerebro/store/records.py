@@ -206,7 +206,7 @@ def sqlite_problem(file: str) -> str | None:
             tables = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")
             names = sorted(row[0] for row in tables)
             if "experiments" in names:
-                count = conn.execute(select(func.count()).select_from(experiments)).scalar()
+                count = conn.execute(select(func.count()).select_from(experiments)).scalar_one()
     except SQLAlchemyError as e:
         return f"unreadable ({name} is not a cerebro database or is damaged: {database_cause(e)})"
     finally:
@@ -307,7 +307,9 @@ class RecordStore:
                     name=name, created=time.time(), status="running", config=jsonable(config)
                 )
             )
-            experiment_id = int(result.inserted_primary_key[0])
+            key = result.inserted_primary_key
+            assert key is not None  # a single-row insert() without returning() always has one
+            experiment_id = int(key[0])
         return cls(engine, experiment_id)
 
     @classmethod
@@ -526,7 +528,9 @@ class RecordStore:
                     state="pending",
                 )
             )
-            return int(result.inserted_primary_key[0])
+            key = result.inserted_primary_key
+            assert key is not None  # a single-row insert() without returning() always has one
+            return int(key[0])
 
     def controls(
         self, pending_only: bool = False, control_id: int | None = None
