@@ -16,16 +16,21 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> bool:
-    """Ask the kernel to SIGKILL this process when its parent exits (Linux). True if set."""
+def die_with_parent(parent: int | None = None) -> bool:
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux). True if set.
+
+    ``parent``: the pid this process was started by, taken by the parent itself before it
+    started this process. Without it, a parent that died before this call would go unnoticed:
+    ``getppid()`` would already name whoever adopted this process.
+    """
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    expected = os.getppid() if parent is None else parent
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         done = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != expected:  # the parent died before the request took effect
         os._exit(1)
     return done

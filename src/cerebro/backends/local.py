@@ -35,7 +35,6 @@ from .base import (
     check_worker_options,
     check_workers_fit_shards,
 )
-from .lifetime import die_with_parent
 from .process_template import ProcessTemplate, WorkerProcess, join_all
 from .watchdog import HEARTBEAT_S, Watchdog, check_worker_timeout
 from .worker import WorkerConfig, WorkerRuntime, pickle_build
@@ -299,8 +298,8 @@ def worker_main(conn: mp_connection.Connection) -> None:
     """Entry point of a forked worker: take over the driver's context, load shards, then run
     units until told to stop."""
     # Ctrl-C reaches the whole process group; the driver alone decides how workers stop.
+    # (The template already asked the kernel to end this process with it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
     tune_malloc_for_training()
     try:
         boot = conn.recv()

@@ -59,7 +59,9 @@ class ProcessTemplate:
         # The template must import this cerebro, even one run from a source tree.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        command = [sys.executable, "-c", f"import {__name__} as t; t.serve({theirs.fileno()})"]
+        # The driver's pid travels too: the template checks it is still its parent.
+        code = f"import {__name__} as t; t.serve({theirs.fileno()}, {os.getpid()})"
+        command = [sys.executable, "-c", code]
         self._process = _spawn_on_long_lived_thread(
             lambda: subprocess.Popen(
                 command, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL
@@ -262,12 +264,12 @@ def _close_shared() -> None:
 # The template's side -------------------------------------------------------------------------
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, driver: int | None = None) -> None:
     """Main loop of the template process: fork a worker for each descriptor received on ``fd``,
     report each child's pid and, once reaped, its exit code. Exits when the driver is gone."""
     from .lifetime import die_with_parent
 
-    die_with_parent()
+    die_with_parent(driver)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     if "" in sys.path:  # `python -c` puts the working directory first; workers get the driver's
         sys.path.remove("")
@@ -299,6 +301,9 @@ def serve(fd: int) -> None:
 
 
 def _fork_worker(fd: int, control: socket.socket) -> int:
+    from .lifetime import die_with_parent
+
+    template = os.getpid()
     with warnings.catch_warnings():
         # Python >= 3.12 warns about forking a process with native threads (OpenBLAS's and
         # Arrow's pools); both libraries re-create their pools in the child.
@@ -308,6 +313,7 @@ def _fork_worker(fd: int, control: socket.socket) -> int:
         return pid
     code = 1
     try:
+        die_with_parent(template)  # first: the template may be killed at any moment
         control.close()
         from .local import worker_main
 
