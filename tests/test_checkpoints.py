@@ -6,6 +6,7 @@ import os
 
 import builders
 import pytest
+from conftest import small_experiment
 
 import cerebro
 from cerebro.store import RecordStore, checkpoints, open_engine, sqlite_url
@@ -26,16 +27,11 @@ def test_keep_policy_rules():
 @pytest.mark.parametrize("policy", ["last_and_best", "all"])
 def test_completed_run_keeps_checkpoints_by_policy_with_checksums(digits, tmp_path, policy):
     path = tmp_path / policy
-    result = cerebro.Experiment(
-        builders.mlp,
+    result = small_experiment(
         digits,
-        cerebro.GridSearch({"lr": cerebro.choice([0.002, 0.05])}),
+        path,
+        search=cerebro.GridSearch({"lr": cerebro.choice([0.002, 0.05])}),
         epochs=3,
-        metric="val_accuracy",
-        mode="max",
-        backend=cerebro.LocalBackend(workers=2),
-        path=path,
-        progress=False,
         keep_checkpoints=policy,
     ).run()
     rows = RecordStore(open_engine(sqlite_url(str(path))), 1).snapshot().checkpoints

@@ -6,6 +6,7 @@ from __future__ import annotations
 import builders
 import pandas as pd
 import pytest
+from conftest import small_experiment
 from postgres_server import postgres_server
 
 import cerebro
@@ -19,17 +20,12 @@ def postgres_url():
 
 def _run(digits, path, storage=None, name=None, seed=3):
     space = {"lr": cerebro.choice([0.003, 0.03]), "width": cerebro.choice([16, 32])}
-    return cerebro.Experiment(
-        builders.mlp,
+    return small_experiment(
         digits,
-        cerebro.GridSearch(space),
+        path,
+        search=cerebro.GridSearch(space),
         epochs=2,
-        metric="val_accuracy",
-        mode="max",
-        backend=cerebro.LocalBackend(workers=2),
-        path=path,
         seed=seed,
-        progress=False,
         deterministic=True,
         storage=storage,
         name=name,

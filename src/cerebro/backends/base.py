@@ -96,6 +96,11 @@ class WorkerLost:
     # id since are on its replacement (or will be) and are not lost.
     while_starting: bool = False
 
+    @classmethod
+    def before_ready(cls, worker_id: int, exitcode: int | None) -> WorkerLost:
+        """A worker that died while it started (the backend starts it again)."""
+        return cls(worker_id, exitcode, "exited while starting", while_starting=True)
+
 
 Event = UnitDone | StateSaved | WorkerLost
 

@@ -36,8 +36,9 @@ from .base import (
     check_workers_fit_shards,
 )
 from .process_template import ProcessTemplate, WorkerProcess, join_all
+from .shipping import pickle_build
 from .watchdog import HEARTBEAT_S, Watchdog, check_worker_timeout
-from .worker import WorkerConfig, WorkerRuntime, pickle_build
+from .worker import WorkerConfig, WorkerRuntime
 
 _START_TIMEOUT_S = 600.0
 # A worker that dies while it starts (killed, out of memory) is started again this many times.
@@ -198,11 +199,7 @@ class LocalBackend(Backend):
                         "(see the output above; out of memory is a common cause)"
                     )
                 attempts[worker_id] += 1
-                others.append(
-                    WorkerLost(
-                        worker_id, process.exitcode, "exited while starting", while_starting=True
-                    )
-                )
+                others.append(WorkerLost.before_ready(worker_id, process.exitcode))
                 process.close()
                 self._launch(worker_id)
             ignore |= dead - waiting
@@ -232,11 +229,7 @@ class LocalBackend(Backend):
             self._busy.discard(worker_id)
             self._launch(worker_id)
             _, others = self._await_ready({worker_id})
-            reason = (
-                f"silent for over {self._watchdog.timeout:g} s while running a unit (stuck)"
-                if worker_id in stuck
-                else "exited"
-            )
+            reason = self._watchdog.stuck_reason if worker_id in stuck else "exited"
             events += [*others, WorkerLost(worker_id, exitcode, reason)]
         return events
 

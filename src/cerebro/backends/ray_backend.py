@@ -307,11 +307,7 @@ class RayBackend(Backend):
                 self.shutdown(graceful=False)
                 raise
             attempt += 1
-            self._lost_while_starting.append(
-                WorkerLost(
-                    worker_id, exitcode=None, reason="exited while starting", while_starting=True
-                )
-            )
+            self._lost_while_starting.append(WorkerLost.before_ready(worker_id, exitcode=None))
             old = self._workers[worker_id]
             self._workers[worker_id] = self._launch(worker_id, old.node_id, old.generation + 1)
 
@@ -399,8 +395,7 @@ class RayBackend(Backend):
         for worker_id in sorted(dead):
             events.append(self._replace(worker_id))
         for worker_id in self._stuck() - dead:
-            reason = f"silent for over {self._watchdog.timeout:g} s while running a unit (stuck)"
-            events.append(self._replace(worker_id, reason))
+            events.append(self._replace(worker_id, self._watchdog.stuck_reason))
         return events
 
     def _stuck(self) -> set[int]:

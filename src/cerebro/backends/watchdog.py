@@ -59,6 +59,11 @@ class Watchdog:
             return self.worker_timeout
         return max(DEFAULT_FLOOR_S, _UNIT_MULTIPLE * self._longest_unit)
 
+    @property
+    def stuck_reason(self) -> str:
+        """Why a worker this watchdog found silent was given up on (as the records say it)."""
+        return f"silent for over {self.timeout:g} s while running a unit (stuck)"
+
     def heard(self, worker_id: int, now: float) -> None:
         self._heard[worker_id] = now
 

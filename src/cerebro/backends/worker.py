@@ -20,9 +20,7 @@ from .. import training
 from ..data import Dataset, Shard
 from ..spec import ModelSpec
 from .base import StateSaved, Unit, UnitDone, WorkerInfo
-from .shipping import load_build, pickle_build
-
-__all__ = ["WorkerConfig", "WorkerRuntime", "pickle_build"]
+from .shipping import load_build
 
 
 @dataclass

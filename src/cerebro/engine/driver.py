@@ -691,17 +691,9 @@ class Driver:
     def _worker_lost(self, event: WorkerLost) -> None:
         """Units on a dead worker: count a hop whose state was written, run the others again
         from the state they started from (the replacement worker holds the same shards)."""
-        if event.while_starting:  # it ran nothing: only the loss is recorded
-            self.store.add_event(
-                "worker_lost",
-                worker=event.worker_id,
-                exitcode=event.exitcode,
-                reason=event.reason,
-                units=[],
-            )
-            return
-        self.busy_workers.discard(event.worker_id)
-        lost = [u for u in self.in_flight.values() if u.worker_id == event.worker_id]
+        # A worker lost while starting ran nothing: units sent since are on its replacement.
+        on_it = [u for u in self.in_flight.values() if u.worker_id == event.worker_id]
+        lost = [] if event.while_starting else on_it
         self.store.add_event(
             "worker_lost",
             worker=event.worker_id,
@@ -712,6 +704,9 @@ class Driver:
                 for u in lost
             ],
         )
+        if event.while_starting:
+            return
+        self.busy_workers.discard(event.worker_id)
         for unit in lost:
             self.in_flight.pop(unit.unit_id)
             computed = unit.unit_id in self._computed

@@ -134,7 +134,8 @@ class Experiment:
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
-        pickle_build(build)  # workers must be able to receive it: say now if they cannot
+        # Workers must be able to receive it: say now if they cannot. Kept as build.pkl too.
+        self._build_payload = pickle_build(build)
         if isinstance(dataset, (str, os.PathLike)):
             dataset = Dataset.open(dataset)
         if not isinstance(dataset, Dataset):
@@ -407,7 +408,7 @@ class Experiment:
 
     def _keep_build(self) -> None:
         """Kept beside the records so that cerebro.load(path).load_model() works anywhere."""
-        write_bytes_atomically(os.path.join(self.path, BUILD_FILE), pickle_build(self.build))
+        write_bytes_atomically(os.path.join(self.path, BUILD_FILE), self._build_payload)
 
     def _earlier_experiments(self) -> list[dict[str, Any]]:
         if self.storage is None and not os.path.exists(sqlite_file(self.path)):
