@@ -6,6 +6,8 @@ message names the argument, the value given and what would be accepted.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 
@@ -48,6 +50,109 @@ class AllModelsFailed(CerebroError, RuntimeError):
 
     The records are written first: ``cerebro.load(path).models`` holds each model's error.
     """
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python's or NumPy's), and not a bool (``True`` is an int to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def check_int(
+    argument: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    unit: str = "",
+    hint: str = "",
+    allow_none: bool = False,
+) -> int | None:
+    """``value`` as an int, or ConfigError naming ``argument``, the value and the range.
+
+    Example:
+        >>> check_int("num_models", 8, minimum=1)
+        8
+        >>> check_int("epochs", 0, minimum=1, unit="epochs")
+        Traceback (most recent call last):
+        ...
+        cerebro.errors.ConfigError: epochs=0 is not accepted: expected an integer >= 1 (epochs)
+        >>> check_int("parallelism", None, minimum=1, allow_none=True) is None
+        True
+    """
+    if value is None and allow_none:
+        return None
+    ok = is_int(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        raise ConfigError(argument, value, _int_range(minimum, maximum, unit, allow_none), hint)
+    return int(value)
+
+
+def check_number(
+    argument: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    unit: str = "",
+    hint: str = "",
+) -> float:
+    """``value`` as a float (a finite real number, not a bool, inside the bounds given).
+
+    Example:
+        >>> check_number("validation", 1.5, minimum=0, maximum=1)
+        Traceback (most recent call last):
+        ...
+        cerebro.errors.ConfigError: validation=1.5 is not accepted: expected a number in [0, 1]
+    """
+    ok = is_number(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        if minimum is not None and maximum is not None:
+            accepted = f"a number in [{minimum}, {maximum}]"
+        elif minimum is not None:
+            accepted = f"a number >= {minimum}"
+        elif maximum is not None:
+            accepted = f"a number <= {maximum}"
+        else:
+            accepted = "a finite number"
+        raise ConfigError(argument, value, accepted + (f" ({unit})" if unit else ""), hint)
+    return float(value)
+
+
+def check_bool(argument: str, value: Any, hint: str = "") -> bool:
+    """``value`` if it is True or False (not 0, 1 or a string).
+
+    Example:
+        >>> check_bool("deterministic", "yes")
+        Traceback (most recent call last):
+        ...
+        cerebro.errors.ConfigError: deterministic='yes' is not accepted: expected True or False
+    """
+    if not isinstance(value, bool):
+        raise ConfigError(argument, value, "True or False", hint)
+    return value
+
+
+def _int_range(minimum: int | None, maximum: int | None, unit: str, allow_none: bool) -> str:
+    if minimum is not None and maximum is not None:
+        text = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        text = f"an integer >= {minimum}"
+    elif maximum is not None:
+        text = f"an integer <= {maximum}"
+    else:
+        text = "an integer"
+    if unit:
+        text += f" ({unit})"
+    return text + (" or None" if allow_none else "")
 
 
 def first_line(error: BaseException) -> str:

@@ -16,16 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Trial statuses. "paused": waiting at an epoch boundary for the search to decide (e.g. ASHA
-# waiting for a rung to have enough results); "stopped": by a person, resumable; "pruned": by
-# the search or an early-stopping rule.
+from ..kinds import Action, ModelStatus, Origin
+
+# The statuses under their short names (one definition: cerebro.kinds.ModelStatus).
 RUNNING, PAUSED, COMPLETED, FAILED, STOPPED, PRUNED = (
-    "running",
-    "paused",
-    "completed",
-    "failed",
-    "stopped",
-    "pruned",
+    ModelStatus.RUNNING,
+    ModelStatus.PAUSED,
+    ModelStatus.COMPLETED,
+    ModelStatus.FAILED,
+    ModelStatus.STOPPED,
+    ModelStatus.PRUNED,
 )
 
 
@@ -45,10 +45,15 @@ class Trial:
 
     model_id: int
     params: dict[str, Any]
-    status: str
+    status: ModelStatus
     history: list[dict[str, float]] = field(default_factory=list)
-    origin: str = "search"
+    origin: Origin = Origin.SEARCH
     max_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        # Plain strings (from the records, or a test) become the enums (frozen: set once here).
+        object.__setattr__(self, "status", ModelStatus(self.status))
+        object.__setattr__(self, "origin", Origin(self.origin))
 
     @property
     def epochs_done(self) -> int:
@@ -92,15 +97,18 @@ class Decision:
             last finished epoch, switch to ``params``, then continue.
     """
 
-    action: str
+    action: Action
     reason: str = ""
     source: int | None = None
     params: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.action not in ("continue", "pause", "stop", "exploit"):
-            raise ValueError(f"unknown decision action {self.action!r}")
-        if self.action == "exploit" and (self.source is None or self.params is None):
+        try:
+            action = Action(self.action)
+        except ValueError:
+            raise ValueError(f"unknown decision action {self.action!r}") from None
+        object.__setattr__(self, "action", action)  # frozen: the one place it is normalized
+        if self.action is Action.EXPLOIT and (self.source is None or self.params is None):
             raise ValueError("an 'exploit' decision needs a source model and params")
 
 
@@ -147,7 +155,7 @@ class Search(ABC):
 
 def own_trials(trials: Sequence[Trial]) -> list[Trial]:
     """The trials the search proposed itself (not added or cloned by a person)."""
-    return [t for t in trials if t.origin == "search"]
+    return [t for t in trials if t.origin is Origin.SEARCH]
 
 
 class FixedSearch(Search):
