@@ -42,6 +42,7 @@ _EXPORTS = {
             "Hyperband",
             "MedianStopping",
             "RandomSearch",
+            "Scheduler",
             "Search",
             "TPESearch",
         ],
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
         Hyperband,
         MedianStopping,
         RandomSearch,
+        Scheduler,
         Search,
         TPESearch,
     )
@@ -98,6 +100,7 @@ __all__ = [
     "RandomSearch",
     "RayBackend",
     "Result",
+    "Scheduler",
     "Search",
     "TPESearch",
     "WorkerError",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal, overload
 
 
 class CerebroError(Exception):
@@ -64,6 +64,31 @@ def is_number(value: Any) -> bool:
         and not isinstance(value, bool)
         and math.isfinite(float(value))
     )
+
+
+@overload
+def check_int(
+    argument: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    unit: str = "",
+    hint: str = "",
+    allow_none: Literal[False] = False,
+) -> int: ...
+
+
+@overload
+def check_int(
+    argument: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    unit: str = "",
+    hint: str = "",
+    *,
+    allow_none: bool,
+) -> int | None: ...
 
 
 def check_int(

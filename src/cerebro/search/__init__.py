@@ -1,9 +1,10 @@
-"""Search algorithms: which configurations to train, and what each model does after an epoch."""
+"""Search algorithms (which configurations to train) and schedulers (what each model does after
+an epoch)."""
 
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
-from .base import Decision, EarlyStopping, FixedSearch, Search, SearchContext, Trial
+from .base import Decision, EarlyStopping, FixedSearch, Scheduler, Search, SearchContext, Trial
 from .early_stopping import MedianStopping
 from .grid import GridSearch
 from .halving import ASHA, Hyperband
@@ -26,6 +27,7 @@ __all__ = [
     "Hyperband",
     "MedianStopping",
     "RandomSearch",
+    "Scheduler",
     "Search",
     "SearchContext",
     "TPESearch",

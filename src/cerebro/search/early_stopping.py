@@ -1,14 +1,17 @@
-"""Early-stopping rules that prune models at epoch boundaries, whatever the search."""
+"""Early-stopping rules that prune models at epoch boundaries, whatever the search.
+
+Each is a :class:`~cerebro.search.base.Scheduler` (``Experiment(scheduler=MedianStopping())``),
+or can be given beside one (``early_stopping=``: asked first, after a model's new epoch only).
+"""
 
 from __future__ import annotations
 
 import math
-import numbers
 import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import check_int
 from .base import EarlyStopping, Trial
 
 
@@ -32,6 +35,9 @@ class MedianStopping(EarlyStopping):
     epochs does not count. A model with no finite value so far is left alone (failures are the
     driver's business).
 
+    As a scheduler (or an early-stopping rule), :meth:`decide` stops such a model with the
+    reason ``"MedianStopping: median stopping: ..."`` and lets every other one continue.
+
     Example:
         >>> from cerebro.search.base import SearchContext, Trial
         >>> from cerebro.search.early_stopping import MedianStopping
@@ -42,23 +48,13 @@ class MedianStopping(EarlyStopping):
         >>> late = Trial(3, {}, "running", [{"val_loss": 0.9}, {"val_loss": 0.8}])
         >>> rule.should_stop(late, others + [late]) is not None
         True
+        >>> rule.decide(late, others + [late]).action
+        <Action.STOP: 'stop'>
     """
 
     def __init__(self, grace_epochs: int = 1, min_trials: int = 3) -> None:
-        if (
-            not isinstance(grace_epochs, numbers.Integral)
-            or isinstance(grace_epochs, bool)
-            or grace_epochs < 0
-        ):
-            raise ConfigError("grace_epochs", grace_epochs, "an integer >= 0 (epochs)")
-        if (
-            not isinstance(min_trials, numbers.Integral)
-            or isinstance(min_trials, bool)
-            or min_trials < 1
-        ):
-            raise ConfigError("min_trials", min_trials, "an integer >= 1 (models)")
-        self.grace_epochs: int = int(grace_epochs)
-        self.min_trials: int = int(min_trials)
+        self.grace_epochs: int = check_int("grace_epochs", grace_epochs, minimum=0, unit="epochs")
+        self.min_trials: int = check_int("min_trials", min_trials, minimum=1, unit="models")
 
     def should_stop(self, trial: Trial, trials: Sequence[Trial]) -> str | None:
         if self.context is None:

@@ -38,6 +38,7 @@ class GridSearch(FixedSearch):
         names = list(self.space)
         values = [choices[n].values for n in names]
         self._configs = [dict(zip(names, combo)) for combo in itertools.product(*values)]
+        self.num_models: int = len(self._configs)
 
     def configurations(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self._configs]

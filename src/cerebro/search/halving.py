@@ -1,8 +1,18 @@
-"""Successive-halving searches: :class:`ASHA` (asynchronous) and :class:`Hyperband`.
+"""Successive halving: :class:`ASHA` (asynchronous) and :class:`Hyperband`.
 
 Both train many configurations for a few epochs and give more epochs only to the best ones.
-Their decisions (:meth:`~cerebro.search.base.Search.decide`) are computed from the trial records
-alone, so a resumed experiment decides what an uninterrupted one would.
+Their decisions (:meth:`~cerebro.search.base.Scheduler.decide`) are computed from the trial
+records alone, so a resumed experiment decides what an uninterrupted one would.
+
+Each comes in two forms:
+
+* a *scheduler*, given no space: ``Experiment(search=TPESearch(space, 27),
+  scheduler=ASHA(max_epochs=9))``. It decides what the search's models do after each epoch and
+  proposes nothing;
+* a *search*, given a space: ``ASHA(space, num_models=27, max_epochs=9)`` is shorthand for
+  ``RandomSearch(space, num_models, seed)`` proposing and the scheduler deciding, with the
+  proposal-side rules of the algorithm (ASHA's ``parallelism``, Hyperband's whole brackets).
+  The decisions are the scheduler's, the same for the same records.
 
 Conventions shared by both:
 
@@ -21,14 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from ..errors import ConfigError
-from ..space import normalize_space
+from ..errors import ConfigError, check_int
+from ..kinds import Action, Origin
+from ..space import Dimension, normalize_space
 from .base import (
     COMPLETED,
     CONTINUE,
@@ -38,6 +48,7 @@ from .base import (
     RUNNING,
     STOPPED,
     Decision,
+    Scheduler,
     Search,
     SearchContext,
     Trial,
@@ -47,12 +58,6 @@ from .random import RandomSearch
 
 # A trial in one of these statuses will not reach another rung (unless a person resumes it).
 _ENDED = frozenset({COMPLETED, FAILED, STOPPED, PRUNED})
-
-
-def _int_arg(argument: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(argument, value, f"an integer >= {minimum}")
-    return int(value)
 
 
 def _value_after(trial: Trial, metric: str, epochs: int) -> float | None:
@@ -71,7 +76,7 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
-def _space_digest(space: dict[str, Any]) -> str:
+def _space_digest(space: Mapping[str, Dimension]) -> str:
     text = json.dumps({name: repr(dim) for name, dim in space.items()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -83,65 +88,121 @@ def _with_trial(trial: Trial, trials: Sequence[Trial]) -> list[Trial]:
     return sorted(own, key=lambda t: t.model_id)
 
 
-class _Halving(Search):
-    """Argument checks, configurations and fingerprint shared by ASHA and Hyperband."""
+class _Halving(Search, Scheduler):
+    """Argument checks, configurations and fingerprint shared by ASHA and Hyperband.
+
+    With a space it is a search that proposes ``RandomSearch(space, num_models, seed)``'s
+    configurations and decides itself; without one, a scheduler (``proposes`` is False).
+    """
 
     # Always set by __init__ (unlike Search.max_epochs, which may be None).
     max_epochs: int
+    # Models wait at a rung for others to catch up.
+    pauses = True
 
     def __init__(
         self,
-        space: dict[str, Any],
-        num_models: int,
-        max_epochs: int,
+        space: dict[str, Any] | None,
+        num_models: int | None,
+        max_epochs: int | None,
         reduction_factor: int,
         seed: int,
         min_epochs: int,
         parallelism: int | None,
     ) -> None:
-        self.space = normalize_space(space)
-        self.num_models = _int_arg("num_models", num_models, 1)
-        self.max_epochs = _int_arg("max_epochs", max_epochs, 1)
-        if (
-            not isinstance(reduction_factor, numbers.Integral)
-            or isinstance(reduction_factor, bool)
-            or reduction_factor < 2
-        ):
-            raise ConfigError(
-                "reduction_factor",
-                reduction_factor,
-                "an integer >= 2",
-                hint="each rung keeps 1/reduction_factor of the models; 3 is usual",
+        name = type(self).__name__
+        if space is None:
+            self.space = None
+            if num_models is not None:
+                raise ConfigError(
+                    "space",
+                    None,
+                    "a search space when num_models is given",
+                    hint=f"{name}(space, num_models, max_epochs) proposes configurations itself; "
+                    f"{name}(max_epochs=...) without either is a scheduler for another search",
+                )
+            self.num_models = None
+        else:
+            self.space = normalize_space(space)
+            self.num_models = check_int(
+                "num_models",
+                num_models,
+                minimum=1,
+                hint=_hint_if_missing(
+                    num_models, f"{name} given a space proposes num_models models"
+                ),
             )
-        self.reduction_factor: int = int(reduction_factor)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise ConfigError("seed", seed, "an integer")
-        self.seed: int = int(seed)
-        self.min_epochs: int = _int_arg("min_epochs", min_epochs, 1)
+        self.max_epochs = check_int(
+            "max_epochs",
+            max_epochs,
+            minimum=1,
+            hint=_hint_if_missing(max_epochs, "the most epochs one model trains"),
+        )
+        self.reduction_factor: int = check_int(
+            "reduction_factor",
+            reduction_factor,
+            minimum=2,
+            hint="each rung keeps 1/reduction_factor of the models; 3 is usual",
+        )
+        self.seed: int = check_int("seed", seed)
+        if self.space is None and self.seed != 0:
+            raise ConfigError(
+                "seed",
+                seed,
+                "0 (the default) when no space is given",
+                hint=f"{name} as a scheduler draws nothing: seed the search that proposes",
+            )
+        self.min_epochs: int = check_int("min_epochs", min_epochs, minimum=1)
         if self.min_epochs > self.max_epochs:
             raise ConfigError(
                 "min_epochs", min_epochs, f"an integer <= max_epochs ({self.max_epochs})"
             )
-        if parallelism is not None:
-            parallelism = _int_arg("parallelism", parallelism, 1)
-        self.parallelism: int | None = parallelism
-        self._configs: list[dict[str, Any]] = RandomSearch(
-            self.space, self.num_models, self.seed
-        ).configurations()
+        if parallelism is not None and self.space is None:
+            raise ConfigError(
+                "parallelism",
+                parallelism,
+                "None when no space is given",
+                hint=f"{name} as a scheduler proposes nothing: the search decides how many "
+                "models it keeps in flight",
+            )
+        self.parallelism: int | None = check_int(
+            "parallelism", parallelism, minimum=1, allow_none=True
+        )
+        self._configs: list[dict[str, Any]] = (
+            []
+            if self.space is None or self.num_models is None
+            else RandomSearch(self.space, self.num_models, self.seed).configurations()
+        )
 
     # -- shared machinery ------------------------------------------------------------------
+
+    @property
+    def proposes(self) -> bool:
+        """True given a space (a search); False without one (a scheduler)."""
+        return self.space is not None
+
+    def _proposal_count(self) -> int:
+        """``num_models``, for the methods of the search form."""
+        if self.num_models is None:
+            raise RuntimeError(
+                f"{self!r} has no space: it is a scheduler and proposes nothing; pass it as "
+                f"Experiment(search=..., scheduler={type(self).__name__}(...))"
+            )
+        return self.num_models
 
     def configurations(self) -> list[dict[str, Any]]:
         """Every configuration this search may start, in the order it starts them (the same as
         ``RandomSearch(space, num_models, seed).configurations()``)."""
+        self._proposal_count()
         return [dict(c) for c in self._configs]
 
     def attach(self, context: SearchContext) -> None:
         if context.max_epochs < self.max_epochs:
+            what = "search" if self.proposes else "scheduler"
             raise ConfigError(
                 "epochs",
                 context.max_epochs,
-                f"an integer >= the search's max_epochs ({self.max_epochs})",
+                f"an integer >= the {what}'s max_epochs ({self.max_epochs})",
                 hint=f"raise the experiment's epochs or lower {type(self).__name__}(max_epochs=)",
             )
         super().attach(context)
@@ -158,26 +219,40 @@ class _Halving(Search):
         return max(context.num_shards, context.num_workers, 1)
 
     def is_finished(self, trials: Sequence[Trial]) -> bool:
-        return len(own_trials(trials)) >= self.num_models
+        return len(own_trials(trials)) >= self._proposal_count()
 
     def _past_max(self, trial: Trial) -> Decision | None:
         if trial.epochs_done >= self.max_epochs:
+            what = "search" if self.proposes else "scheduler"
             return Decision(
-                "stop",
-                reason=f"reached the search's max_epochs ({self.max_epochs})",
+                Action.STOP,
+                reason=f"reached the {what}'s max_epochs ({self.max_epochs})",
             )
         return None
 
     def __repr__(self) -> str:
+        name = type(self).__name__
+        if self.num_models is None:
+            return (
+                f"{name}(max_epochs={self.max_epochs}, reduction_factor={self.reduction_factor}, "
+                f"min_epochs={self.min_epochs})"
+            )
         parallelism = "" if self.parallelism is None else f", parallelism={self.parallelism}"
         return (
-            f"{type(self).__name__}(num_models={self.num_models}, max_epochs={self.max_epochs}, "
+            f"{name}(num_models={self.num_models}, max_epochs={self.max_epochs}, "
             f"reduction_factor={self.reduction_factor}, seed={self.seed}, "
             f"min_epochs={self.min_epochs}{parallelism})"
         )
 
     def fingerprint(self) -> str:
+        if self.space is None:
+            return repr(self)
         return f"{self!r}:space={_space_digest(self.space)}"
+
+
+def _hint_if_missing(value: Any, hint: str) -> str:
+    """``hint`` for a missing (None) argument, nothing for a wrong one."""
+    return hint if value is None else ""
 
 
 class ASHA(_Halving):
@@ -204,9 +279,17 @@ class ASHA(_Halving):
     ``1 - 1/eta`` of them stop there; a model still paused when the run ends is pruned by the
     driver.
 
-    :meth:`propose` keeps ``parallelism`` own models running (paused ones do not count; default
-    ``max(num_shards, num_workers)``), with at most ``num_models`` in total, taking the
-    configurations of ``RandomSearch(space, num_models, seed)`` in order.
+    As a scheduler (``ASHA(max_epochs=9)``, no space), it decides so for the models of any
+    search (``Experiment(search=TPESearch(space, 27), scheduler=ASHA(max_epochs=9))``). The
+    search then says how many models start and when; a search that keeps a number of models in
+    flight (TPESearch) counts only running ones while ASHA may pause some
+    (``SearchContext.scheduler_pauses``), so that paused models wait for new results rather
+    than for each other.
+
+    As a search (given ``space`` and ``num_models``), :meth:`propose` keeps ``parallelism`` own
+    models running (paused ones do not count; default ``max(num_shards, num_workers)``), with at
+    most ``num_models`` in total, taking the configurations of
+    ``RandomSearch(space, num_models, seed)`` in order.
 
     Example:
         >>> from cerebro import loguniform
@@ -214,13 +297,15 @@ class ASHA(_Halving):
         >>> asha = ASHA({"lr": loguniform(1e-4, 1e-1)}, num_models=27, max_epochs=9)
         >>> asha.rungs
         (1, 3)
+        >>> ASHA(max_epochs=9, reduction_factor=3)  # a scheduler, for another search's models
+        ASHA(max_epochs=9, reduction_factor=3, min_epochs=1)
     """
 
     def __init__(
         self,
-        space: dict[str, Any],
-        num_models: int,
-        max_epochs: int,
+        space: dict[str, Any] | None = None,
+        num_models: int | None = None,
+        max_epochs: int | None = None,
         reduction_factor: int = 3,
         seed: int = 0,
         min_epochs: int = 1,
@@ -238,15 +323,15 @@ class ASHA(_Halving):
 
     def propose(self, trials: Sequence[Trial]) -> list[dict[str, Any]]:
         own = own_trials(trials)
-        running = sum(t.status == RUNNING for t in own)
-        free = min(self._parallelism() - running, self.num_models - len(own))
+        running = sum(t.status is RUNNING for t in own)
+        free = min(self._parallelism() - running, self._proposal_count() - len(own))
         if free <= 0:
             return []
         return [dict(c) for c in self._configs[len(own) : len(own) + free]]
 
     def decide(self, trial: Trial, trials: Sequence[Trial]) -> Decision:
         context = self._context()
-        if trial.origin != "search":
+        if trial.origin is not Origin.SEARCH:
             return CONTINUE
         stop = self._past_max(trial)
         if stop is not None:
@@ -258,7 +343,7 @@ class ASHA(_Halving):
         where = f"rung {k} ({_epochs(done)})"
         metric = context.metric
         if _value_after(trial, metric, done) is None:
-            return Decision("stop", reason=f"{where}: {metric} is missing or not finite")
+            return Decision(Action.STOP, reason=f"{where}: {metric} is missing or not finite")
         own = _with_trial(trial, trials)
         scored = [(t, v) for t in own if (v := _value_after(t, metric, done)) is not None]
         scored.sort(key=lambda tv: (-context.score(tv[1]), tv[0].model_id))
@@ -268,26 +353,26 @@ class ASHA(_Halving):
         rank = next(i for i, t in enumerate(ranked) if t.model_id == trial.model_id) + 1
         head = f"{where}: rank {rank} of {n}, top {quota} continue"
         if rank > quota:
-            return Decision("pause", reason=head)
+            return Decision(Action.PAUSE, reason=head)
         promoted = {
             t.model_id
             for t in own
             if t.model_id != trial.model_id
-            and (t.epochs_done > done or (t.epochs_done == done and t.status == RUNNING))
+            and (t.epochs_done > done or (t.epochs_done == done and t.status is RUNNING))
         }
         # Better models of the top that wait at this rung take the free promotions first, so
         # that asking paused models in another order gives the same promotions.
         ahead = [
             t
             for t in ranked[: rank - 1]
-            if t.model_id not in promoted and t.status == PAUSED and t.epochs_done == done
+            if t.model_id not in promoted and t.status is PAUSED and t.epochs_done == done
         ]
         if len(promoted) + len(ahead) < quota:
-            return Decision("continue", reason=head)
+            return Decision(Action.CONTINUE, reason=head)
         why = f"{len(promoted)} of {quota} promotions used"
         if ahead:
             why += f", {len(ahead)} better paused model{'s' if len(ahead) > 1 else ''} first"
-        return Decision("pause", reason=f"{head}; {why}")
+        return Decision(Action.PAUSE, reason=f"{head}; {why}")
 
 
 @dataclass(frozen=True)
@@ -327,11 +412,20 @@ class Hyperband(_Halving):
     has reached it or ended (failed, stopped or pruned). Then the top ``floor(m / eta)`` (at least
     1) of the m members with a finite metric at the rung continue, and the others stop.
 
-    Proposals: whole brackets. :meth:`propose` starts the next bracket whenever fewer than
-    ``parallelism`` own models are running (paused ones do not count; default
-    ``max(num_shards, num_workers)``), and keeps starting brackets in the same call until at
-    least ``parallelism`` are, so that the brackets overlap in time and workers are not left
-    idle while a bracket waits for its slowest member.
+    As a search (given ``space`` and ``num_models``), its proposals are whole brackets.
+    :meth:`propose` starts the next bracket whenever fewer than ``parallelism`` own models are
+    running (paused ones do not count; default ``max(num_shards, num_workers)``), and keeps
+    starting brackets in the same call until at least ``parallelism`` are, so that the brackets
+    overlap in time and workers are not left idle while a bracket waits for its slowest member.
+
+    As a scheduler (``Hyperband(max_epochs=27)``, no space), it sizes its brackets at
+    :meth:`attach` from the search's ``num_models`` (``SearchContext.num_models``: a ConfigError
+    if the search does not say it), and the search's own trials fill them in model-id order,
+    whenever the search proposes them. A rung 0 waits for its whole bracket, so the search must
+    propose a bracket's models before they are needed: RandomSearch and GridSearch propose all
+    at once; TPESearch keeps ``parallelism`` running (it does not count the models Hyperband
+    pauses), so the brackets fill as models pause, with fewer results to learn from per
+    proposal than with ASHA.
 
     Example:
         >>> from cerebro import loguniform
@@ -343,9 +437,9 @@ class Hyperband(_Halving):
 
     def __init__(
         self,
-        space: dict[str, Any],
-        num_models: int,
-        max_epochs: int,
+        space: dict[str, Any] | None = None,
+        num_models: int | None = None,
+        max_epochs: int | None = None,
         reduction_factor: int = 3,
         seed: int = 0,
         min_epochs: int = 1,
@@ -359,17 +453,38 @@ class Hyperband(_Halving):
         while self.min_epochs * eta ** (s_max + 1) <= self.max_epochs:
             s_max += 1
         self.s_max = s_max
+        # A scheduler learns the number of models at attach().
+        self.brackets: tuple[Bracket, ...] = (
+            () if self.num_models is None else self._brackets_for(self.num_models)
+        )
+
+    def _brackets_for(self, num_models: int) -> tuple[Bracket, ...]:
+        eta, s_max = self.reduction_factor, self.s_max
         brackets: list[Bracket] = []
         first = 0
-        while first < self.num_models:
+        while first < num_models:
             for s in range(s_max, -1, -1):
-                if first >= self.num_models:
+                if first >= num_models:
                     break
                 n_s = math.ceil(Fraction(s_max + 1, s + 1) * eta**s)
-                size = min(n_s, self.num_models - first)
+                size = min(n_s, num_models - first)
                 brackets.append(Bracket(len(brackets), s, size, first, self._rungs_of(s)))
                 first += size
-        self.brackets: tuple[Bracket, ...] = tuple(brackets)
+        return tuple(brackets)
+
+    def attach(self, context: SearchContext) -> None:
+        super().attach(context)
+        if self.proposes:
+            return
+        if context.num_models is None:
+            raise ConfigError(
+                "scheduler",
+                self,
+                "a search that says how many configurations it proposes (its num_models), "
+                "for Hyperband to size its brackets",
+                hint="use RandomSearch, GridSearch or TPESearch, or ASHA as the scheduler",
+            )
+        self.brackets = self._brackets_for(context.num_models)
 
     def _rungs_of(self, s: int) -> tuple[int, ...]:
         eta = self.reduction_factor
@@ -385,6 +500,7 @@ class Hyperband(_Halving):
         return next((b for b in self.brackets if b.first <= position < b.first + b.size), None)
 
     def propose(self, trials: Sequence[Trial]) -> list[dict[str, Any]]:
+        self._proposal_count()
         own = own_trials(trials)
         count = len(own)
         bracket = self._bracket_at(count)
@@ -392,7 +508,7 @@ class Hyperband(_Halving):
             return []
         if count > bracket.first:  # a bracket only partly added: add the rest of it now
             return [dict(c) for c in self._configs[count : bracket.first + bracket.size]]
-        running = sum(t.status == RUNNING for t in own)
+        running = sum(t.status is RUNNING for t in own)
         start = count
         while running < self._parallelism() and (bracket := self._bracket_at(start)):
             start += bracket.size
@@ -413,7 +529,7 @@ class Hyperband(_Halving):
 
     def decide(self, trial: Trial, trials: Sequence[Trial]) -> Decision:
         context = self._context()
-        if trial.origin != "search":
+        if trial.origin is not Origin.SEARCH:
             return CONTINUE
         own = _with_trial(trial, trials)
         position = next(i for i, t in enumerate(own) if t.model_id == trial.model_id)
@@ -429,7 +545,9 @@ class Hyperband(_Halving):
         i = bracket.rungs.index(done)
         where = f"bracket {bracket.index} (s={bracket.s}) rung {i} ({_epochs(done)})"
         if _value_after(trial, context.metric, done) is None:
-            return Decision("stop", reason=f"{where}: {context.metric} is missing or not finite")
+            return Decision(
+                Action.STOP, reason=f"{where}: {context.metric} is missing or not finite"
+            )
         members = own[bracket.first : bracket.first + bracket.size]
         # The members promoted to rung i: everyone for rung 0, then the top of each lower rung
         # (plus any member that went past it, which covers a person's resuming a stopped one).
@@ -441,9 +559,11 @@ class Hyperband(_Halving):
         waiting = missing + sum(t.epochs_done < done and t.status not in _ENDED for t in group)
         if waiting:
             expected = len(group) + missing
-            return Decision("pause", reason=f"{where}: waiting for {waiting} of {expected} models")
+            return Decision(
+                Action.PAUSE, reason=f"{where}: waiting for {waiting} of {expected} models"
+            )
         ranked = self._ranked(group, done)
         keep = max(1, len(ranked) // self.reduction_factor)
         rank = next(r for r, t in enumerate(ranked, 1) if t.model_id == trial.model_id)
         reason = f"{where}: rank {rank} of {len(ranked)}, top {keep} continue"
-        return Decision("continue" if rank <= keep else "stop", reason=reason)
+        return Decision(Action.CONTINUE if rank <= keep else Action.STOP, reason=reason)

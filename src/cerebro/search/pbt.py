@@ -1,19 +1,24 @@
 """Population-based training (Jaderberg et al. 2017, "Population Based Training of Neural
 Networks"): a population trains side by side; now and then the worst members copy the weights of
-the best ones ("exploit") and train on with perturbed hyper-parameters ("explore")."""
+the best ones ("exploit") and train on with perturbed hyper-parameters ("explore").
+
+:class:`PBT` is a scheduler (``PBT(perturb_every=2)``: it exploits and explores among the models
+of any search, perturbing within the search's space), or, given a space and a ``population``, a
+search: shorthand for ``RandomSearch(space, population, seed)`` proposing the population at once
+and the scheduler deciding."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int, check_number, is_number
+from ..kinds import Action, Origin
 from ..seeding import derive_seed
 from ..space import Choice, Dimension, LogUniform, QUniform, RandInt, Uniform, normalize_space
 from .base import (
@@ -22,6 +27,7 @@ from .base import (
     PAUSED,
     RUNNING,
     Decision,
+    Scheduler,
     Search,
     SearchContext,
     Trial,
@@ -40,14 +46,6 @@ def _fixed(dim: Dimension) -> bool:
     return isinstance(dim, Choice) and len(dim.values) == 1
 
 
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
-
-
 def _perturb_one(dim: Dimension, value: Any, rng: np.random.Generator) -> Any:
     """``value`` moved a small step inside ``dim`` (resampled when it is not one of dim's)."""
     factor = _FACTORS[int(rng.integers(2))]
@@ -58,7 +56,7 @@ def _perturb_one(dim: Dimension, value: Any, rng: np.random.Generator) -> Any:
             return dim.sample(rng)
         index = min(max(index + (1 if up else -1), 0), len(dim.values) - 1)
         return dim.values[index]
-    if not _is_number(value):
+    if not is_number(value):
         return dim.sample(rng)
     if isinstance(dim, RandInt):
         moved = int(round(value * factor))
@@ -138,9 +136,7 @@ def _mutable_names(
 
 
 def _probability(value: Any) -> float:
-    if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
-        raise ConfigError("resample_probability", value, "a number in [0, 1]")
-    return float(value)
+    return check_number("resample_probability", value, minimum=0, maximum=1)
 
 
 def _latest(trial: Trial, metric: str) -> float | None:
@@ -154,22 +150,30 @@ def _latest(trial: Trial, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-class PBT(Search):
+class PBT(Search, Scheduler):
     """Population-based training: exploit the best members, explore around them.
 
-    :meth:`propose` starts ``population`` configurations at once (sampled as
-    ``RandomSearch(space, population, seed)`` would). After every ``perturb_every``-th epoch of a
-    member (``trial.epochs_done % perturb_every == 0``), :meth:`decide` ranks the population:
-    the search's own members that are running, paused or completed and have a finite latest
-    metric, each by its latest recorded value (ties by the smaller model id). Models added by a
-    person are not ranked, never copied from and never perturbed. With n ranked members (n >= 2),
-    the top and bottom quantiles hold ``max(1, floor(quantile * n))`` members each. A member in
-    the bottom quantile (or whose own latest metric is not finite) gets
-    ``Decision("exploit", source=..., params=...)``: it copies the weights and optimizer state of
-    a source drawn uniformly from the top quantile, with the source's hyper-parameters perturbed
-    by :func:`perturb` (the draws use a generator seeded by
+    After every ``perturb_every``-th epoch of a member (``trial.epochs_done % perturb_every ==
+    0``), :meth:`decide` ranks the population: the search's own members that are running,
+    paused or completed and have a finite latest metric, each by its latest recorded value (ties
+    by the smaller model id). Models added by a person are not ranked, never copied from and
+    never perturbed. With n ranked members (n >= 2), the top and bottom quantiles hold
+    ``max(1, floor(quantile * n))`` members each. A member in the bottom quantile (or whose own
+    latest metric is not finite) gets ``Decision("exploit", source=..., params=...)``: it copies
+    the weights and optimizer state of a source drawn uniformly from the top quantile, with the
+    source's hyper-parameters perturbed by :func:`perturb` (the draws use a generator seeded by
     ``derive_seed(seed, "pbt", model_id, epochs_done)``, so the same records give the same
     decision). Everyone else continues.
+
+    Two forms:
+
+    * a scheduler, ``PBT(perturb_every=2)``: the population is the search's models
+      (``Experiment(search=RandomSearch(space, 8), scheduler=PBT(perturb_every=2))``), perturbed
+      within the search's space (``SearchContext.space``), or within ``space`` if given one
+      (then without ``population``);
+    * a search, ``PBT(space, population, perturb_every)``: shorthand for
+      ``RandomSearch(space, population, seed)`` proposing the whole population at once, and the
+      scheduler deciding.
 
     The perturbed (``mutable``) hyper-parameters must be ones that can change on a live model —
     learning rate, weight decay, momentum, dropout probability and the like — because the target
@@ -185,48 +189,92 @@ class PBT(Search):
         ...           population=8, perturb_every=2)
         >>> len(pbt.propose([]))
         8
+        >>> PBT(perturb_every=2, mutable=["lr"])  # a scheduler, for another search's models
+        PBT(perturb_every=2, quantile=0.25, seed=0, mutable=['lr'], resample_probability=0.25)
     """
 
     def __init__(
         self,
-        space: dict[str, Any],
-        population: int,
-        perturb_every: int,
+        space: dict[str, Any] | None = None,
+        population: int | None = None,
+        perturb_every: int | None = None,
         quantile: float = 0.25,
         seed: int = 0,
         mutable: Iterable[str] | None = None,
         resample_probability: float = 0.25,
     ) -> None:
-        self.space = normalize_space(space)
-        if not isinstance(population, numbers.Integral) or isinstance(population, bool):
-            raise ConfigError("population", population, "an integer >= 2")
-        if population < 2:
+        self._own_space: dict[str, Dimension] | None = (
+            None if space is None else normalize_space(space)
+        )
+        if population is not None and self._own_space is None:
             raise ConfigError(
-                "population", population, "an integer >= 2", hint="PBT copies between members"
+                "space",
+                None,
+                "a search space when population is given",
+                hint="PBT(space, population, perturb_every) proposes its population; "
+                "PBT(perturb_every=...) is a scheduler for another search's models",
             )
-        self.population: int = int(population)
-        if (
-            not isinstance(perturb_every, numbers.Integral)
-            or isinstance(perturb_every, bool)
-            or perturb_every < 1
-        ):
-            raise ConfigError("perturb_every", perturb_every, "an integer >= 1 (epochs)")
-        self.perturb_every: int = int(perturb_every)
-        if not _is_number(quantile) or not 0.0 < float(quantile) <= 0.5:
+        # A search proposes from its space; a scheduler given a space only perturbs within it.
+        self.space = self._own_space if population is not None else None
+        self.population: int | None = (
+            None
+            if population is None
+            else check_int("population", population, minimum=2, hint="PBT copies between members")
+        )
+        self.num_models = self.population
+        self.perturb_every: int = check_int(
+            "perturb_every",
+            perturb_every,
+            minimum=1,
+            unit="epochs",
+            hint="" if perturb_every is not None else "how often the population is ranked",
+        )
+        if not is_number(quantile) or not 0.0 < float(quantile) <= 0.5:
             raise ConfigError("quantile", quantile, "a number in (0, 0.5]")
         self.quantile: float = float(quantile)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise ConfigError("seed", seed, "an integer")
-        self.seed: int = int(seed)
-        names = _mutable_names(self.space, mutable, argument="mutable")
-        self.mutable: tuple[str, ...] = tuple(n for n in self.space if n in names)
+        self.seed: int = check_int("seed", seed)
+        if mutable is not None and (isinstance(mutable, str) or not isinstance(mutable, Iterable)):
+            raise ConfigError("mutable", mutable, "a list of parameter names of the space")
+        self._mutable_given: tuple[str, ...] | None = None if mutable is None else tuple(mutable)
+        self.mutable: tuple[str, ...] = ()
+        if self._own_space is not None:
+            self.mutable = self._mutable_of(self._own_space)
         self.resample_probability: float = _probability(resample_probability)
-        self._configs: list[dict[str, Any]] = RandomSearch(
-            self.space, self.population, self.seed
-        ).configurations()
+        self._configs: list[dict[str, Any]] = (
+            []
+            if self.space is None or self.population is None
+            else RandomSearch(self.space, self.population, self.seed).configurations()
+        )
+
+    def _mutable_of(self, space: Mapping[str, Dimension]) -> tuple[str, ...]:
+        names = _mutable_names(space, self._mutable_given, argument="mutable")
+        return tuple(n for n in space if n in names)
+
+    @property
+    def proposes(self) -> bool:
+        """True given a space and a population (a search); False otherwise (a scheduler)."""
+        return self.population is not None
+
+    def _population(self) -> int:
+        if self.population is None:
+            raise RuntimeError(
+                f"{self!r} has no population: it is a scheduler and proposes nothing; pass it "
+                "as Experiment(search=..., scheduler=PBT(...))"
+            )
+        return self.population
+
+    def _explore_space(self) -> dict[str, Dimension]:
+        """The space PBT perturbs within: its own, or the search's (known once attached)."""
+        if self._own_space is not None:
+            return self._own_space
+        context = self.context
+        if context is None or context.space is None:
+            raise RuntimeError("PBT must be attached to an experiment first")
+        return normalize_space(dict(context.space))
 
     def configurations(self) -> list[dict[str, Any]]:
         """The population's starting configurations, in order."""
+        self._population()
         return [dict(c) for c in self._configs]
 
     def attach(self, context: SearchContext) -> None:
@@ -237,20 +285,30 @@ class PBT(Search):
                 f"an integer < the experiment's epochs ({context.max_epochs})",
                 hint="otherwise PBT never exploits and is plain random search",
             )
+        if self._own_space is None:
+            if context.space is None:
+                raise ConfigError(
+                    "scheduler",
+                    self,
+                    "a search with a space for PBT to perturb within",
+                    hint="give PBT its own: PBT(space, perturb_every=...)",
+                )
+            self.mutable = self._mutable_of(normalize_space(dict(context.space)))
         super().attach(context)
 
     def propose(self, trials: Sequence[Trial]) -> list[dict[str, Any]]:
+        self._population()
         return [dict(c) for c in self._configs[len(own_trials(trials)) :]]
 
     def is_finished(self, trials: Sequence[Trial]) -> bool:
-        return len(own_trials(trials)) >= self.population
+        return len(own_trials(trials)) >= self._population()
 
     def decide(self, trial: Trial, trials: Sequence[Trial]) -> Decision:
         if self.context is None:
             raise RuntimeError("PBT must be attached to an experiment first")
         context = self.context
         done = trial.epochs_done
-        if trial.origin != "search" or done == 0 or done % self.perturb_every:
+        if trial.origin is not Origin.SEARCH or done == 0 or done % self.perturb_every:
             return CONTINUE
         metric = context.metric
         own_value = _latest(trial, metric)
@@ -272,14 +330,18 @@ class PBT(Search):
         rank = next(r for r, (t, _) in enumerate(entries, 1) if t.model_id == trial.model_id)
         where = f"epoch {done}"
         if rank <= n - k:
-            return Decision("continue", reason=f"{where}: rank {rank} of {n}, bottom {k} exploit")
+            return Decision(
+                Action.CONTINUE, reason=f"{where}: rank {rank} of {n}, bottom {k} exploit"
+            )
         rng = np.random.default_rng(derive_seed(self.seed, "pbt", trial.model_id, done))
         source, source_value = entries[int(rng.integers(k))]
-        params = perturb(source.params, self.space, rng, self.mutable, self.resample_probability)
+        params = perturb(
+            source.params, self._explore_space(), rng, self.mutable, self.resample_probability
+        )
         shown = "not finite" if own_value is None else f"{own_value:.4g}"
         changed = [name for name in self.mutable if params.get(name) != source.params.get(name)]
         return Decision(
-            "exploit",
+            Action.EXPLOIT,
             source=source.model_id,
             params=params,
             reason=(
@@ -290,6 +352,13 @@ class PBT(Search):
         )
 
     def __repr__(self) -> str:
+        if self.population is None:
+            mutable = None if self._mutable_given is None else list(self._mutable_given)
+            return (
+                f"PBT(perturb_every={self.perturb_every}, quantile={self.quantile}, "
+                f"seed={self.seed}, mutable={mutable}, "
+                f"resample_probability={self.resample_probability})"
+            )
         return (
             f"PBT(population={self.population}, perturb_every={self.perturb_every}, "
             f"quantile={self.quantile}, seed={self.seed}, mutable={list(self.mutable)}, "
@@ -297,5 +366,9 @@ class PBT(Search):
         )
 
     def fingerprint(self) -> str:
-        text = json.dumps({name: repr(dim) for name, dim in self.space.items()}, sort_keys=True)
+        if self._own_space is None:
+            return repr(self)  # the space is the search's, in the search's fingerprint
+        text = json.dumps(
+            {name: repr(dim) for name, dim in self._own_space.items()}, sort_keys=True
+        )
         return f"{self!r}:space={hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import check_int
 from ..seeding import derive_seed
 from ..space import normalize_space
 from .base import FixedSearch
@@ -27,17 +27,13 @@ class RandomSearch(FixedSearch):
 
     def __init__(self, space: dict[str, Any], num_models: int, seed: int = 0) -> None:
         self.space = normalize_space(space)
-        if not isinstance(num_models, int) or isinstance(num_models, bool) or num_models < 1:
-            raise ConfigError("num_models", num_models, "an integer >= 1")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigError("seed", seed, "an integer")
-        self.num_models = num_models
-        self.seed = seed
+        self.num_models: int = check_int("num_models", num_models, minimum=1)
+        self.seed: int = check_int("seed", seed)
         columns = {}
         for name, dim in self.space.items():
-            rng = np.random.default_rng(derive_seed(seed, "random-search:" + name))
-            columns[name] = [dim.sample(rng) for _ in range(num_models)]
-        self._configs = [{n: columns[n][i] for n in self.space} for i in range(num_models)]
+            rng = np.random.default_rng(derive_seed(self.seed, "random-search:" + name))
+            columns[name] = [dim.sample(rng) for _ in range(self.num_models)]
+        self._configs = [{n: columns[n][i] for n in self.space} for i in range(self.num_models)]
 
     def configurations(self) -> list[dict[str, Any]]:
         return [dict(c) for c in self._configs]

@@ -27,7 +27,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..seeding import derive_seed
 from ..space import Choice, Dimension, LogUniform, QUniform, RandInt, Uniform, normalize_space
 from .base import (
@@ -60,7 +60,9 @@ class TPESearch(Search):
             once. Default: ``max(num_shards, num_workers)`` of the experiment. A value below
             ``num_shards`` is raised to ``num_shards``, so that model hopping always has a model
             for every shard. A lower parallelism lets TPE learn from more results per proposal;
-            a higher one keeps more workers busy.
+            a higher one keeps more workers busy. Under a scheduler that pauses models (ASHA,
+            Hyperband: ``SearchContext.scheduler_pauses``), only running models count: a paused
+            one waits for results that only new models can bring.
         n_startup_trials: how many finished (completed or pruned) trials the study needs before
             TPE replaces random sampling. Default: ``min(10, max(3, num_models // 4))``.
 
@@ -95,29 +97,24 @@ class TPESearch(Search):
         n_startup_trials: int | None = None,
     ) -> None:
         self.space: dict[str, Dimension] = normalize_space(space)
-        if not _is_int(num_models) or num_models < 1:
-            raise ConfigError("num_models", num_models, "an integer >= 1")
-        if not _is_int(seed):
-            raise ConfigError("seed", seed, "an integer")
-        if parallelism is not None and (not _is_int(parallelism) or parallelism < 1):
-            raise ConfigError(
-                "parallelism",
-                parallelism,
-                "None (default: max(num_shards, num_workers)) or an integer >= 1",
-            )
-        if n_startup_trials is not None and (not _is_int(n_startup_trials) or n_startup_trials < 1):
-            raise ConfigError(
-                "n_startup_trials",
-                n_startup_trials,
-                "None (default: min(10, max(3, num_models // 4))) or an integer >= 1",
-            )
-        self.num_models = int(num_models)
-        self.seed = int(seed)
-        self.parallelism = None if parallelism is None else int(parallelism)
-        self.n_startup_trials = (
-            min(10, max(3, self.num_models // 4))
-            if n_startup_trials is None
-            else int(n_startup_trials)
+        self.num_models: int = check_int("num_models", num_models, minimum=1)
+        self.seed: int = check_int("seed", seed)
+        self.parallelism: int | None = check_int(
+            "parallelism",
+            parallelism,
+            minimum=1,
+            hint="None (the default) is max(num_shards, num_workers)",
+            allow_none=True,
+        )
+        startup = check_int(
+            "n_startup_trials",
+            n_startup_trials,
+            minimum=1,
+            hint="None (the default) is min(10, max(3, num_models // 4))",
+            allow_none=True,
+        )
+        self.n_startup_trials: int = (
+            min(10, max(3, self.num_models // 4)) if startup is None else startup
         )
         # Optuna distributions in a fixed (sorted) order, so that the dict order of the space
         # does not change what is sampled.
@@ -141,7 +138,8 @@ class TPESearch(Search):
         the parallelism, never past ``num_models`` in all. A pure function of ``trials``."""
         context = self._require_context()
         own = own_trials(trials)
-        in_flight = sum(t.status in (RUNNING, PAUSED) for t in own)
+        flying = (RUNNING,) if context.scheduler_pauses else (RUNNING, PAUSED)
+        in_flight = sum(t.status in flying for t in own)
         count = max(0, min(self.effective_parallelism() - in_flight, self.num_models - len(own)))
         if count == 0:
             return []
@@ -337,10 +335,6 @@ def _same_choice(value: Any, choice: Any) -> bool:
     if type(value) is bool or type(choice) is bool:  # keep True and 1 apart
         return type(value) is type(choice) and value == choice
     return bool(value == choice)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @contextmanager
