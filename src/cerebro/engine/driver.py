@@ -36,6 +36,7 @@ from ..search.base import (
     STOPPED,
     Decision,
     EarlyStopping,
+    Scheduler,
 )
 from ..spec import ModelSpec
 from ..store import RecordStore, checkpoints
@@ -127,6 +128,7 @@ class RunConfig:
     keep_checkpoints: str | int = "last_and_best"
     early_stopping: EarlyStopping | None = None
     checkpoint_mirror: checkpoints.Mirror | None = None
+    scheduler: Scheduler | None = None
 
 
 class Driver:
@@ -412,8 +414,12 @@ class Driver:
         """The epochs a model trains: its own (set by a person), its search's, the experiment's."""
         if model.max_epochs is not None:
             return model.max_epochs
-        if model.origin == "search" and self.config.search.max_epochs is not None:
-            return min(self.config.search.max_epochs, self.config.epochs)
+        limit = self.config.search.max_epochs
+        scheduler = self.config.scheduler
+        if scheduler is not None and scheduler.max_epochs is not None:
+            limit = scheduler.max_epochs
+        if model.origin == "search" and limit is not None:
+            return min(limit, self.config.epochs)
         return self.config.epochs
 
     # Main loop ---------------------------------------------------------------------------------
@@ -784,7 +790,8 @@ class Driver:
             self._model_ended(model)
 
     def _decide(self, model: _Model, fresh: bool, trials: list[Trial] | None = None) -> Decision:
-        """Ask the early-stopping rule (after a new epoch only), then the search."""
+        """Ask the early-stopping rule (after a new epoch only), then the scheduler (or else
+        the search)."""
         trials = self.trials() if trials is None else trials
         trial = next(t for t in trials if t.model_id == model.model_id)
         rule = self.config.early_stopping
@@ -792,7 +799,7 @@ class Driver:
             reason = rule.should_stop(trial, trials)
             if reason:
                 return Decision("stop", reason=f"{type(rule).__name__}: {reason}")
-        return self.config.search.decide(trial, trials)
+        return (self.config.scheduler or self.config.search).decide(trial, trials)
 
     def _take(self, model: _Model, decision: Decision) -> tuple[str, dict[str, Any]] | None:
         """Apply a decision's new status; returns the event that records it."""

@@ -19,11 +19,27 @@ from ..backends import Backend, LocalBackend
 from ..backends.shipping import pickle_build
 from ..backends.worker import in_worker
 from ..data import Dataset
-from ..errors import AllModelsFailed, ConfigError, first_line, shown_url
+from ..errors import (
+    AllModelsFailed,
+    ConfigError,
+    check_bool,
+    check_int,
+    first_line,
+    shown_url,
+)
 from ..files import write_bytes_atomically
 from ..progress import RunProgress
 from ..search import Search
-from ..search.base import COMPLETED, FAILED, PAUSED, PRUNED, STOPPED, EarlyStopping, SearchContext
+from ..search.base import (
+    COMPLETED,
+    FAILED,
+    PAUSED,
+    PRUNED,
+    STOPPED,
+    EarlyStopping,
+    Scheduler,
+    SearchContext,
+)
 from ..space import describe_space
 from ..spec import ModelSpec
 from ..store import (
@@ -78,7 +94,8 @@ class Experiment:
             memory) this many times in a row is marked failed; before that the unit runs again
             from the state it started from, on a replacement worker.
         early_stopping: a rule that prunes models at epoch boundaries, with any search, e.g.
-            ``cerebro.MedianStopping()``.
+            ``cerebro.MedianStopping()``. It is asked first, after each new epoch; the
+            ``scheduler`` (or the search) decides the models it lets go on.
         checkpoint_dir: where each model's training state (between hops) and its epoch
             checkpoints live: default ``<path>/checkpoints``; any fsspec URL works too
             (``s3://bucket/run/checkpoints``, needs the filesystem's package, e.g. ``s3fs``).
@@ -94,6 +111,13 @@ class Experiment:
             and field differ. ``"force"`` continues anyway: the recorded models' states are
             loaded into models built by the new ``build`` (which must be compatible with them),
             new models use it too, and it replaces the ``build.pkl`` kept at ``path``.
+        scheduler: what the search's models do after each epoch (continue, pause, stop or
+            exploit), e.g. ``cerebro.ASHA(max_epochs=9)``, ``cerebro.Hyperband(max_epochs=27)``,
+            ``cerebro.PBT(perturb_every=2)`` or ``cerebro.MedianStopping()``: the search
+            proposes, the scheduler decides (``search=TPESearch(space, 27),
+            scheduler=ASHA(max_epochs=9)``). Default: the search decides (``ASHA(space, ...)``
+            and the other adaptive searches given a space schedule their own models, and take
+            no scheduler; grid, random and TPE search train every model to its end).
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -131,6 +155,7 @@ class Experiment:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_mirror: str | None = None,
         resume: str = "auto",
+        scheduler: Scheduler | None = None,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -146,13 +171,14 @@ class Experiment:
                 search,
                 "a cerebro search such as GridSearch(space) or RandomSearch(space, n)",
             )
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-            raise ConfigError("epochs", epochs, "an integer >= 1")
+        _check_search_and_scheduler(search, scheduler)
+        epochs = check_int("epochs", epochs, minimum=1)
         if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
             raise ConfigError(
                 "early_stopping", early_stopping, "None or a rule such as cerebro.MedianStopping()"
             )
         self.early_stopping = early_stopping
+        self.scheduler = scheduler
         if mode not in ("min", "max"):
             raise ConfigError("mode", mode, "'min' or 'max'")
         if not isinstance(metric, str) or not metric.startswith(("train_", "val_")):
@@ -161,11 +187,8 @@ class Experiment:
             raise ConfigError(
                 "metric", metric, "a train_* metric: the dataset has no validation rows"
             )
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigError("seed", seed, "an integer")
-        if not isinstance(max_unit_failures, int) or max_unit_failures < 1:
-            raise ConfigError("max_unit_failures", max_unit_failures, "an integer >= 1")
-        self.max_unit_failures = max_unit_failures
+        seed = check_int("seed", seed)
+        self.max_unit_failures = check_int("max_unit_failures", max_unit_failures, minimum=1)
         self.keep_checkpoints = checkpoints.check_policy(keep_checkpoints)
         if tensorboard not in (None, True, False):
             raise ConfigError("tensorboard", tensorboard, "True, False or None (log if installed)")
@@ -177,8 +200,7 @@ class Experiment:
                 hint="pip install cerebro[tensorboard], or pass tensorboard=False",
             )
         self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
-        if not isinstance(deterministic, bool):
-            raise ConfigError("deterministic", deterministic, "True or False")
+        check_bool("deterministic", deterministic)
         if not isinstance(resume, str) or resume not in ("auto", "force"):
             raise ConfigError(
                 "resume",
@@ -198,9 +220,21 @@ class Experiment:
                 "backend", backend, "a cerebro backend such as LocalBackend(workers=2)"
             )
         backend.validate(dataset.num_shards)
-        # Adaptive searches check that they fit the experiment (e.g. max_epochs <= epochs).
-        context = SearchContext(metric, mode, epochs, dataset.num_shards, backend.num_workers)
+        # Adaptive searches and schedulers check that they fit the experiment (e.g. max_epochs
+        # <= epochs); a scheduler learns from the context what the search proposes.
+        context = SearchContext(
+            metric,
+            mode,
+            epochs,
+            dataset.num_shards,
+            backend.num_workers,
+            num_models=search.num_models,
+            space=search.space,
+            scheduler_pauses=scheduler is not None and scheduler.pauses,
+        )
         search.attach(context)
+        if scheduler is not None:
+            scheduler.attach(context)
         if early_stopping is not None:
             early_stopping.attach(context)
         self.build = build
@@ -285,6 +319,7 @@ class Experiment:
                 keep_checkpoints=self.keep_checkpoints,
                 early_stopping=self.early_stopping,
                 checkpoint_mirror=self.checkpoint_mirror,
+                scheduler=self.scheduler,
             )
             progress = RunProgress(self.progress, self.metric, self.mode)
             logdir = os.path.join(self.path, "tensorboard")
@@ -433,6 +468,7 @@ class Experiment:
             "dataset": self.dataset.path,
             "dataset_fingerprint": self.dataset.fingerprint,
             "search": self.search.fingerprint(),
+            "scheduler": self.scheduler.fingerprint() if self.scheduler is not None else None,
             "epochs": self.epochs,
             "metric": self.metric,
             "mode": self.mode,
@@ -446,7 +482,7 @@ class Experiment:
                 else os.path.abspath(self.checkpoint_dir)
             ),
             "backend": repr(self.backend),
-            "space": describe_space(self.search.space) if hasattr(self.search, "space") else None,
+            "space": describe_space(self.search.space) if self.search.space is not None else None,
             "early_stopping": repr(self.early_stopping) if self.early_stopping else None,
             "checkpoint_mirror": self.checkpoint_mirror.url if self.checkpoint_mirror else None,
             # What it trains (compared on a rerun, see identity.compare).
@@ -464,8 +500,57 @@ def closing_engine(url: str) -> Iterator[Engine]:
         engine.dispose()
 
 
-# What makes two runs the same experiment (so that the second may continue the first).
-_IDENTITY = ("dataset_fingerprint", "search", "epochs", "metric", "mode", "seed", "deterministic")
+# What makes two runs the same experiment (so that the second may continue the first). A key
+# that records written before it existed lack reads as None ("scheduler": no scheduler).
+_IDENTITY = (
+    "dataset_fingerprint",
+    "search",
+    "scheduler",
+    "epochs",
+    "metric",
+    "mode",
+    "seed",
+    "deterministic",
+)
+
+
+def _check_search_and_scheduler(search: Search, scheduler: Any) -> None:
+    """A search proposes, a scheduler decides: refuse the combinations that cannot mean that."""
+    if not search.proposes:
+        name = type(search).__name__
+        raise ConfigError(
+            "search",
+            search,
+            "a search that proposes configurations, such as RandomSearch(space, n) or "
+            "TPESearch(space, n)",
+            hint=f"{name} without a space is a scheduler: pass it as scheduler={name}(...) "
+            f"with a search, e.g. search=RandomSearch(space, n), or give {name} a space",
+        )
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, Scheduler):
+        raise ConfigError(
+            "scheduler",
+            scheduler,
+            "None or a scheduler such as cerebro.ASHA(max_epochs=9), cerebro.Hyperband("
+            "max_epochs=27), cerebro.PBT(perturb_every=2) or cerebro.MedianStopping()",
+        )
+    if isinstance(scheduler, Search) and scheduler.proposes:
+        name = type(scheduler).__name__
+        raise ConfigError(
+            "scheduler",
+            scheduler,
+            f"a scheduler that proposes nothing, such as {name}(max_epochs=...) without a space",
+            hint=f"this {name} has a space and proposes its own models: pass it as search= "
+            "without a scheduler, or drop its space",
+        )
+    if search.schedules:
+        raise ConfigError(
+            "scheduler",
+            scheduler,
+            f"None, because search={search!r} already schedules its models",
+            hint="pass search=RandomSearch(space, n) or TPESearch(...) with scheduler=...",
+        )
 
 
 def _launch_command() -> dict[str, Any] | None:
