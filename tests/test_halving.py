@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cerebro.errors import ConfigError
 from cerebro.search.base import (
@@ -16,8 +18,10 @@ from cerebro.search.base import (
     PRUNED,
     RUNNING,
     Decision,
+    Search,
     SearchContext,
     Trial,
+    own_trials,
 )
 from cerebro.search.halving import ASHA, Hyperband
 from cerebro.search.random import RandomSearch
@@ -130,6 +134,50 @@ class Driver:
         for i in self.leftover:
             self.trials[i] = replace(self.trials[i], status=PRUNED)
         return self.all()
+
+
+class Trickle(Search):
+    """Proposes ``RandomSearch(space, num_models, seed)``'s configurations keeping
+    ``parallelism`` own models running (as ASHA's search form does), for a scheduler."""
+
+    def __init__(self, space, num_models, seed, parallelism):
+        self.inner = RandomSearch(space, num_models, seed)
+        self.space, self.num_models, self.parallelism = self.inner.space, num_models, parallelism
+
+    def propose(self, trials):
+        own = own_trials(trials)
+        running = sum(t.status == RUNNING for t in own)
+        free = min(self.parallelism - running, self.num_models - len(own))
+        return self.inner.configurations()[len(own) : len(own) + max(free, 0)]
+
+    def is_finished(self, trials):
+        return len(own_trials(trials)) >= self.num_models
+
+
+class Composed:
+    """A search proposing and a scheduler deciding, attached as Experiment attaches them."""
+
+    def __init__(self, search, scheduler):
+        self.search, self.scheduler = search, scheduler
+
+    def attach(self, ctx):
+        ctx = replace(
+            ctx,
+            num_models=self.search.num_models,
+            space=self.search.space,
+            scheduler_pauses=self.scheduler.pauses,
+        )
+        self.search.attach(ctx)
+        self.scheduler.attach(ctx)
+
+    def propose(self, trials):
+        return self.search.propose(trials)
+
+    def is_finished(self, trials):
+        return self.search.is_finished(trials)
+
+    def decide(self, trial, trials):
+        return self.scheduler.decide(trial, trials)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +312,9 @@ def test_asha_counts_only_own_finite_results_and_stops_non_finite():
     assert asha.decide(trial(6, [0.1] * 9), others).action == "stop"
 
 
+@pytest.mark.parametrize("form", ["search", "scheduler"])
 @pytest.mark.parametrize("seed", range(40))
-def test_asha_simulated_runs_respect_the_promotion_quota(seed):
+def test_asha_simulated_runs_respect_the_promotion_quota(seed, form):
     rng = np.random.default_rng(seed)
     eta = int(rng.integers(2, 5))
     min_epochs = int(rng.integers(1, 3))
@@ -277,30 +326,73 @@ def test_asha_simulated_runs_respect_the_promotion_quota(seed):
     noise = rng.normal(scale=0.3, size=(num_models, max_epochs + 1))
     # Ties on purpose: values rounded to one decimal.
     value = lambda i, e: float(np.round(quality[i] + noise[i, e] / e, 1))  # noqa: E731
-    asha = ASHA(
-        SPACE,
-        num_models,
-        max_epochs,
-        reduction_factor=eta,
-        seed=seed,
-        min_epochs=min_epochs,
-        parallelism=int(rng.integers(1, 7)),
-    )
-    driver = Driver(asha, context(max_epochs, mode), value, rng=rng, fail_rate=fail_rate)
+    parallelism = int(rng.integers(1, 7))
+    if form == "search":
+        asha = ASHA(
+            SPACE,
+            num_models,
+            max_epochs,
+            reduction_factor=eta,
+            seed=seed,
+            min_epochs=min_epochs,
+            parallelism=parallelism,
+        )
+        played = asha
+    else:  # the pure scheduler, behind a search that keeps `parallelism` running
+        asha = ASHA(max_epochs=max_epochs, reduction_factor=eta, min_epochs=min_epochs)
+        played = Composed(Trickle(SPACE, num_models, seed, parallelism), asha)
+    driver = Driver(played, context(max_epochs, mode), value, rng=rng, fail_rate=fail_rate)
     final = driver.run()
     assert len(final) == num_models
-    assert driver.max_running <= asha.parallelism
+    assert driver.max_running <= parallelism
+    check_asha_rung_rules(asha, driver, final, every_promotion_given=fail_rate == 0)
+    if fail_rate == 0 and asha.rungs:
+        assert sum(t.epochs_done >= asha.rungs[0] for t in final) == num_models
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    eta=st.integers(2, 4),
+    min_epochs=st.integers(1, 2),
+    extra_epochs=st.integers(0, 12),
+    num_models=st.integers(1, 30),
+    parallelism=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["min", "max"]),
+)
+def test_pure_asha_scheduler_keeps_the_rung_rules_for_any_arrival_order(
+    eta, min_epochs, extra_epochs, num_models, parallelism, seed, mode
+):
+    """The rung rule with ASHA as a scheduler: another search proposes (here, RandomSearch's
+    configurations kept ``parallelism`` running), hypothesis picks the sizes, values and the
+    order in which models finish their epochs."""
+    max_epochs = min_epochs + extra_epochs
+    rng = np.random.default_rng(seed)
+    quality = rng.normal(size=num_models)
+    value = lambda i, e: float(np.round(quality[i] + rng.normal(scale=0.3) / e, 1))  # noqa: E731
+    asha = ASHA(max_epochs=max_epochs, reduction_factor=eta, min_epochs=min_epochs)
+    played = Composed(Trickle(SPACE, num_models, seed, parallelism), asha)
+    driver = Driver(played, context(max_epochs, mode), value, rng=rng)
+    final = driver.run()
+    assert len(final) == num_models and driver.max_running <= parallelism
+    check_asha_rung_rules(asha, driver, final, every_promotion_given=True)
+
+
+def check_asha_rung_rules(asha, driver, final, every_promotion_given):
+    """ASHA's rung rule, from the records (``final``, every metric finite) and the decision
+    log: at most floor(n_k / eta) models trained past rung k (exactly that many when no model
+    failed), at least 1 - 1/eta stopped at the first rung, and every promotion went to a model
+    ranked within the top floor(n / eta) of the results at the rung when it was promoted."""
+    eta = asha.reduction_factor
     assert all(t.status in (COMPLETED, PRUNED, FAILED) for t in final)
     for k, rung in enumerate(asha.rungs):
         n_k = sum(t.epochs_done >= rung for t in final)  # all results here are finite
         promoted = sum(t.epochs_done > rung for t in final)
         assert promoted <= n_k // eta, (k, rung)
-        if fail_rate == 0:
+        if every_promotion_given:
             assert promoted == n_k // eta, (k, rung)  # every free promotion was given
         if k == 0:
             assert (n_k - promoted) * eta >= (eta - 1) * n_k  # at least 1 - 1/eta stop here
-    if fail_rate == 0 and asha.rungs:
-        assert sum(t.epochs_done >= asha.rungs[0] for t in final) == num_models
     # A promotion goes to the best of the rung, or to a model that was in the top when promoted.
     for _, e, dec in driver.log:
         if dec.action == "continue" and e in asha.rungs:
@@ -379,12 +471,18 @@ def test_hyperband_waits_for_the_rung_then_keeps_the_top():
     assert hb.decide(trial(9, [5.0], origin="clone"), paused).action == "continue"
 
 
+@pytest.mark.parametrize("form", ["search", "scheduler"])
 @pytest.mark.parametrize("seed", range(6))
-def test_hyperband_simulated_run_keeps_the_top_third(seed):
+def test_hyperband_simulated_run_keeps_the_top_third(seed, form):
     rng = np.random.default_rng(seed)
-    hb = Hyperband(SPACE, num_models=49, max_epochs=27, seed=seed, parallelism=4)
+    if form == "search":
+        hb = Hyperband(SPACE, num_models=49, max_epochs=27, seed=seed, parallelism=4)
+        played = hb
+    else:  # brackets sized from the search's num_models, filled as the search proposes
+        hb = Hyperband(max_epochs=27)
+        played = Composed(Trickle(SPACE, 49, seed, parallelism=4), hb)
     quality = rng.permutation(49).astype(float)  # distinct: no ties
-    driver = Driver(hb, context(27), lambda i, e: quality[i] / e, rng=rng, check_order=True)
+    driver = Driver(played, context(27), lambda i, e: quality[i] / e, rng=rng, check_order=True)
     final = driver.run()
     assert driver.leftover == []  # every paused model was decided
     assert all(t.status in (COMPLETED, PRUNED) for t in final)

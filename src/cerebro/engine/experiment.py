@@ -170,6 +170,11 @@ class Experiment:
                 "search",
                 search,
                 "a cerebro search such as GridSearch(space) or RandomSearch(space, n)",
+                hint=(
+                    f"{type(search).__name__} is a scheduler: pass it as scheduler= with a search"
+                    if isinstance(search, Scheduler)
+                    else ""
+                ),
             )
         _check_search_and_scheduler(search, scheduler)
         epochs = check_int("epochs", epochs, minimum=1)

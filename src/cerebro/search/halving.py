@@ -322,9 +322,10 @@ class ASHA(_Halving):
         self.rungs: tuple[int, ...] = tuple(rungs)
 
     def propose(self, trials: Sequence[Trial]) -> list[dict[str, Any]]:
+        total = self._proposal_count()
         own = own_trials(trials)
         running = sum(t.status is RUNNING for t in own)
-        free = min(self._parallelism() - running, self._proposal_count() - len(own))
+        free = min(self._parallelism() - running, total - len(own))
         if free <= 0:
             return []
         return [dict(c) for c in self._configs[len(own) : len(own) + free]]
