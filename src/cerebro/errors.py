@@ -153,7 +153,7 @@ def check_number(
 
 
 def check_bool(argument: str, value: Any, hint: str = "") -> bool:
-    """``value`` if it is True or False (not 0, 1 or a string).
+    """``value`` as a bool if it is True or False, Python's or NumPy's (not 0, 1 or a string).
 
     Example:
         >>> check_bool("deterministic", "yes")
@@ -161,9 +161,15 @@ def check_bool(argument: str, value: Any, hint: str = "") -> bool:
         ...
         cerebro.errors.ConfigError: deterministic='yes' is not accepted: expected True or False
     """
-    if not isinstance(value, bool):
+    if not (isinstance(value, bool) or _is_numpy_bool(value)):
         raise ConfigError(argument, value, "True or False", hint)
-    return value
+    return bool(value)
+
+
+def _is_numpy_bool(value: Any) -> bool:
+    # By name, so that this module does not import NumPy (``import cerebro`` stays cheap).
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
 
 
 def _int_range(minimum: int | None, maximum: int | None, unit: str, allow_none: bool) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, check_int, check_number, is_int, is_number
 
 
 class Dimension:
@@ -70,7 +70,7 @@ class Uniform(Dimension):
         return float(rng.uniform(self.low, self.high))
 
     def contains(self, value: Any) -> bool:
-        return _is_number(value) and self.low <= value <= self.high
+        return is_number(value) and self.low <= value <= self.high
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class LogUniform(Dimension):
         return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
 
     def contains(self, value: Any) -> bool:
-        return _is_number(value) and self.low <= value <= self.high
+        return is_number(value) and self.low <= value <= self.high
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class RandInt(Dimension):
 
     def contains(self, value: Any) -> bool:
         # bool(): a NumPy integer compares to a numpy.bool, not a bool.
-        return isinstance(value, (int, np.integer)) and bool(self.low <= value <= self.high)
+        return is_int(value) and bool(self.low <= value <= self.high)
 
 
 # quniform values are ``k * q`` rounded to 12 decimals, so that float noise such as
@@ -156,7 +156,7 @@ class QUniform(Dimension):
         return self.nearest(float(rng.uniform(self.low, self.high)))
 
     def contains(self, value: Any) -> bool:
-        if not _is_number(value) or not math.isfinite(value):
+        if not is_number(value):
             return False
         first, last = self.multipliers()
         k = round(value / self.q)
@@ -212,8 +212,7 @@ def loguniform(low: float, high: float) -> LogUniform:
 def randint(low: int, high: int) -> RandInt:
     """An integer uniform on [low, high], both included."""
     for name, value in (("low", low), ("high", high)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise ConfigError(f"randint({name})", value, "an integer")
+        check_int(f"randint({name})", value)
     _check_bounds("randint", low, high)
     return RandInt(int(low), int(high))
 
@@ -226,7 +225,7 @@ def quniform(low: float, high: float, q: float) -> QUniform:
     True
     """
     _check_bounds("quniform", low, high)
-    if not _is_number(q) or not math.isfinite(q) or q <= 0:
+    if not is_number(q) or q <= 0:
         raise ConfigError("quniform(q)", q, "a number > 0")
     if q < _MIN_Q:
         raise ConfigError(
@@ -357,14 +356,9 @@ def _holds_array(value: Any) -> bool:
     return False
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def _check_bounds(kind: str, low: Any, high: Any) -> None:
     for name, value in (("low", low), ("high", high)):
-        if not _is_number(value) or not math.isfinite(value):
-            raise ConfigError(f"{kind}({name})", value, "a finite number")
+        check_number(f"{kind}({name})", value)
     if low > high:
         raise ConfigError(f"{kind}(high)", high, f"a number >= low={low}")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,12 +61,7 @@ class ModelSpec:
             raise ConfigError("ModelSpec.optimizer", self.optimizer, "a torch.optim.Optimizer")
         if not callable(self.loss):
             raise ConfigError("ModelSpec.loss", self.loss, "a callable loss(outputs, targets)")
-        if (
-            not isinstance(self.batch_size, int)
-            or isinstance(self.batch_size, bool)
-            or self.batch_size < 1
-        ):
-            raise ConfigError("ModelSpec.batch_size", self.batch_size, "an integer >= 1")
+        self.batch_size = check_int("ModelSpec.batch_size", self.batch_size, minimum=1)
         if not isinstance(self.metrics, dict):
             raise ConfigError("ModelSpec.metrics", self.metrics, "a dict of name -> callable")
         for name, fn in self.metrics.items():

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import files
-from ..errors import ConfigError
+from ..errors import ConfigError, check_bool, check_int, is_number
 from . import checks, folder
 from .dataset import FORMAT_VERSION, MANIFEST, Dataset
 from .fingerprint import source_fingerprint
@@ -142,23 +142,12 @@ def _write_dataset(
 def _check_arguments(
     num_shards: Any, seed: Any, validation: Any, overwrite: Any, drop_invalid: Any
 ) -> None:
-    _check_int("num_shards", num_shards, minimum=1)
-    _check_int("seed", seed, minimum=None)
-    if (
-        not isinstance(validation, (int, float))
-        or isinstance(validation, bool)
-        or not (0 <= validation < 1)
-    ):
+    check_int("num_shards", num_shards, minimum=1)
+    check_int("seed", seed)
+    if not is_number(validation) or not 0 <= validation < 1:
         raise ConfigError("validation", validation, "a fraction in [0, 1)")
     for name, value in (("overwrite", overwrite), ("drop_invalid", drop_invalid)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise ConfigError(name, value, "True or False")
-
-
-def _check_int(name: str, value: Any, minimum: int | None) -> None:
-    bad = not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-    if bad or (minimum is not None and value < minimum):
-        raise ConfigError(name, value, "an integer" + (f" >= {minimum}" if minimum else ""))
+        check_bool(name, value)
 
 
 def _choose_columns(

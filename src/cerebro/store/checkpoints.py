@@ -12,9 +12,10 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterable
+from typing import Any
 
 from .. import files
-from ..errors import ConfigError
+from ..errors import ConfigError, is_int
 from ..files import replace_atomically
 
 POLICIES = ("last_and_best", "last", "all")
@@ -65,12 +66,12 @@ def verified(path: str, expected: str | None) -> bool:
     return bool(expected) and files.exists(path) and checksum(path) == expected
 
 
-def check_policy(keep: object) -> str | int:
+def check_policy(keep: Any) -> str | int:
     """``"last_and_best"`` (default), ``"last"``, ``"all"``, or k >= 1: the last k and the best."""
     if isinstance(keep, str) and keep in POLICIES:
         return keep
-    if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
-        return keep
+    if is_int(keep) and int(keep) >= 1:
+        return int(keep)
     raise ConfigError("keep_checkpoints", keep, f"one of {list(POLICIES)} or an integer >= 1")
 
 
