@@ -102,6 +102,21 @@ def test_asha_rung_rules_hold_when_tpe_proposes(seed):
     check_asha_rung_rules(asha, driver, final, every_promotion_given=True)
 
 
+def test_hyperband_brackets_fill_when_tpe_proposes():
+    """Played: Hyperband's rung 0 waits for its whole bracket; TPE, which does not count the
+    models Hyperband pauses, goes on proposing until the bracket is there."""
+    rng = np.random.default_rng(0)
+    quality = rng.permutation(13).astype(float)  # distinct: no ties
+    hb = cerebro.Hyperband(max_epochs=9)
+    tpe = TPESearch(HALVING_SPACE, num_models=13, seed=0, parallelism=4)
+    driver = Driver(Composed(tpe, hb), context(9), lambda i, e: quality[i] / e, rng=rng)
+    final = driver.run()
+    assert driver.leftover == []  # every paused model was decided, none pruned for waiting
+    assert [(b.size, b.rungs) for b in hb.brackets] == [(9, (1, 3, 9)), (4, (3, 9))]
+    assert sorted(t.epochs_done for t in final[:9]) == [1] * 6 + [3] * 2 + [9]
+    assert sorted(t.epochs_done for t in final[9:]) == [3] * 3 + [9]
+
+
 def test_tpe_counts_paused_models_in_flight_only_without_a_pausing_scheduler():
     tpe = TPESearch(SPACE, num_models=10, seed=0, parallelism=4)
     tpe.attach(SearchContext("val_loss", "min", 3, 4, 2))
@@ -422,6 +437,21 @@ def test_pure_schedulers_propose_nothing():
     rule = cerebro.MedianStopping()
     rule.attach(SearchContext("val_loss", "min", 3, 4, 2))
     assert rule.decide(Trial(0, {}, "running", []), []) == Decision(Action.CONTINUE)
+
+
+def test_pbt_scheduler_perturbs_within_its_own_space_if_given_one():
+    own = {"lr": cerebro.uniform(0.5, 0.6), "width": cerebro.choice([16, 32])}
+    pbt = cerebro.PBT(own, perturb_every=1, mutable=["lr"])
+    assert not pbt.proposes and pbt.mutable == ("lr",)
+    pbt.attach(SearchContext("loss", "min", 3, 4, 2))  # the search has no space: PBT's own
+    trials = [
+        Trial(i, {"lr": 0.55, "width": 16}, "running", [{"loss": v}])
+        for i, v in enumerate([1.0, 2.0])
+    ]
+    decision = pbt.decide(trials[1], trials)
+    assert decision.action is Action.EXPLOIT and decision.source == 0
+    assert 0.5 <= decision.params["lr"] <= 0.6 and decision.params["width"] == 16
+    assert pbt.fingerprint() != cerebro.PBT(perturb_every=1, mutable=["lr"]).fingerprint()
 
 
 # --------------------------------------------------------------------------------------------

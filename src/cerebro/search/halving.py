@@ -422,11 +422,10 @@ class Hyperband(_Halving):
     As a scheduler (``Hyperband(max_epochs=27)``, no space), it sizes its brackets at
     :meth:`attach` from the search's ``num_models`` (``SearchContext.num_models``: a ConfigError
     if the search does not say it), and the search's own trials fill them in model-id order,
-    whenever the search proposes them. A rung 0 waits for its whole bracket, so the search must
-    propose a bracket's models before they are needed: RandomSearch and GridSearch propose all
-    at once; TPESearch keeps ``parallelism`` running (it does not count the models Hyperband
-    pauses), so the brackets fill as models pause, with fewer results to learn from per
-    proposal than with ASHA.
+    whenever the search proposes them. A bracket's first rung waits for all its members, so the
+    search must go on proposing while models wait: RandomSearch and GridSearch propose all at
+    once; TPESearch keeps ``parallelism`` running (it does not count the models Hyperband
+    pauses), so a bracket fills as its first models pause.
 
     Example:
         >>> from cerebro import loguniform
