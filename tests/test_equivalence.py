@@ -12,7 +12,8 @@ from conftest import BACKENDS, make_backend, state_equal
 
 import cerebro
 from cerebro import training
-from cerebro.backends.base import StateSaved, Unit, UnitDone
+from cerebro.backends.base import StateSaved, Unit, UnitDone, UnitMember
+from cerebro.kinds import UnitKind
 
 SEED = 7
 MODEL_ID = 3
@@ -33,17 +34,20 @@ def _hop_through_workers(dataset, order, tmp_path):
     try:
         for epoch, shards in enumerate(order):
             for i, shard in enumerate(shards):
-                unit = Unit(
-                    unit_id=version,
+                member = UnitMember(
                     model_id=MODEL_ID,
-                    kind="train",
-                    epoch=epoch,
-                    shard=shard,
-                    worker_id=shard,
                     params=PARAMS,
                     state_path=state_path,
                     version=version,
                     shuffle_seed=training.shuffle_seed(SEED, MODEL_ID, epoch, shard),
+                )
+                unit = Unit(
+                    unit_id=version,
+                    kind=UnitKind.TRAIN,
+                    epoch=epoch,
+                    shard=shard,
+                    worker_id=shard,
+                    members=(member,),
                     end_of_epoch=i == len(shards) - 1,
                 )
                 backend.submit(unit)

@@ -13,10 +13,8 @@ from conftest import state_equal
 
 import cerebro
 from cerebro import training
-from cerebro.engine.driver import Driver, RunConfig
+from cerebro.engine.building import ModelBuilder
 from cerebro.engine.preflight import Preflight
-from cerebro.progress import RunProgress
-from cerebro.search.base import SearchContext
 
 # builder, what the message must name (the argument first), and the fix or the shapes it says.
 BAD_BUILDS = [
@@ -78,29 +76,15 @@ def test_a_build_that_cannot_train_one_step_fails_the_run_before_any_worker_star
 
 
 def test_preflight_leaves_each_models_initial_state_as_build_made_it(digits, tmp_path):
-    search = cerebro.GridSearch(
-        {"lr": cerebro.choice([0.01, 0.02]), "dropout": cerebro.choice([0.5])}
-    )
-    search.attach(SearchContext("val_accuracy", "max", 1, digits.num_shards, 1))
-    config = RunConfig(
-        build=builders.mlp,  # dropout, Adam and an LR scheduler: all have state to disturb
-        dataset=digits,
-        search=search,
-        epochs=1,
-        metric="val_accuracy",
-        mode="max",
-        seed=5,
-        checkpoint_dir=str(tmp_path),
-    )
-    driver = Driver(
-        config, cerebro.LocalBackend(workers=1), RunProgress(False, "val_accuracy", "max")
-    )
-    driver.prepare()
-    assert len(driver._prepared) == 2
-    for model, state, error in driver._prepared:
-        assert error is None
-        seed = training.init_seed(5, model.model_id)
-        expected = training.build_spec(builders.mlp, model.params, seed)
+    builder = ModelBuilder(builders.mlp, digits, "val_accuracy", seed=5)
+    # dropout, Adam and an LR scheduler: all have state to disturb
+    for model_id, lr in enumerate([0.01, 0.02]):
+        params = {"lr": lr, "dropout": 0.5}
+        initial = builder.initial_state(model_id, params, strict=True)
+        assert initial.error is None and initial.state is not None
+        state = initial.state
+        seed = training.init_seed(5, model_id)
+        expected = training.build_spec(builders.mlp, params, seed)
         expected_rng = torch.get_rng_state()  # the stream the model's first hop continues
         assert state_equal(state["model"], expected.model.state_dict())
         assert state_equal(state["optimizer"], expected.optimizer.state_dict())

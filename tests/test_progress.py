@@ -12,7 +12,8 @@ import types
 import pytest
 from rich.console import Console
 
-from cerebro.progress import RunProgress, Standing
+from cerebro.trackers import Standing
+from cerebro.trackers.progress import RunProgress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,55 +44,55 @@ def _lines(out: io.StringIO) -> list[str]:
 
 def test_the_epoch_shown_starts_at_one_and_never_passes_the_last():
     progress, out, clock = _plain(interval=0.0)  # a line per update
-    progress.start()
-    progress.status({0: Standing()}, 0, 5)  # before any report of the epoch in training
+    progress.run_started()
+    progress.standings({0: Standing()}, 0, 5)  # before any report of the epoch in training
     for epoch in (1, 3, 5, 6):  # 6: a finished model's count of epochs, one past the last
-        progress.status({0: Standing()}, epoch, 5)
-    progress.stop()
+        progress.standings({0: Standing()}, epoch, 5)
+    progress.run_finished()
     shown = [re.search(r"epoch (\d+)/5", line).group(1) for line in _lines(out)]
     assert shown == ["1", "1", "3", "5", "5", "5"]
 
 
 def test_best_is_the_best_last_epoch_value_as_the_leaderboard_ranks_it():
     progress, out, _ = _plain()
-    progress.start()
-    progress.epoch_done(0, 0.90)
-    progress.epoch_done(0, 0.99)  # model 0's best epoch, but not its last
-    progress.epoch_done(1, 0.95)
-    progress.epoch_done(0, 0.93)
-    progress.epoch_done(1, 0.96)
-    progress.epoch_done(2, float("nan"))  # no value ranks nowhere
+    progress.run_started()
+    progress.epoch_ended(0, 0, {progress.metric: 0.90})
+    progress.epoch_ended(0, 0, {progress.metric: 0.99})  # model 0's best epoch, but not its last
+    progress.epoch_ended(1, 0, {progress.metric: 0.95})
+    progress.epoch_ended(0, 0, {progress.metric: 0.93})
+    progress.epoch_ended(1, 0, {progress.metric: 0.96})
+    progress.epoch_ended(2, 0, {progress.metric: float("nan")})  # no value ranks nowhere
     assert progress.best() == (1, 0.96)
-    progress.stop()
+    progress.run_finished()
     assert "best val_accuracy 0.96 (model 1, last epoch)" in _lines(out)[-1]
     assert "0.99" not in out.getvalue().splitlines()[-1]
 
     # Completed models rank first, as in Result.ranked; ties go to the lower id.
-    progress.status({0: Standing("completed", 0.93), 1: Standing("failed", 0.96)}, 2, 2)
+    progress.standings({0: Standing("completed", 0.93), 1: Standing("failed", 0.96)}, 2, 2)
     assert progress.best() == (0, 0.93)
-    progress.status({3: Standing("completed", 0.5), 2: Standing("completed", 0.5)}, 2, 2)
+    progress.standings({3: Standing("completed", 0.5), 2: Standing("completed", 0.5)}, 2, 2)
     assert progress.best() == (2, 0.5)
 
 
 def test_best_in_min_mode_is_the_lowest_last_value():
     progress, _, _ = _plain(mode="min")
-    progress.status({0: Standing("completed", 0.3), 1: Standing("completed", 0.2)}, 1, 1)
+    progress.standings({0: Standing("completed", 0.3), 1: Standing("completed", 0.2)}, 1, 1)
     assert progress.best() == (1, 0.2)
     assert "best val_accuracy 0.2 (model 1, last epoch)" in progress.status_text()
 
 
 def test_a_non_terminal_gets_complete_plain_lines_every_interval_and_at_the_end():
     progress, out, clock = _plain(interval=10.0)
-    progress.set_total(80)
-    progress.start()
+    progress.plan(80)
+    progress.run_started()
     for _ in range(32):
-        progress.advance()  # the first prints a line, the rest fall inside the interval
+        progress.unit_done()  # the first prints a line, the rest fall inside the interval
     clock.now += 5
-    progress.status({i: Standing() for i in range(8)}, 2, 5)
+    progress.standings({i: Standing() for i in range(8)}, 2, 5)
     assert len(_lines(out)) == 1
     clock.now += 7  # 12 s after the first line
-    progress.epoch_done(3, 0.981)
-    progress.stop()
+    progress.epoch_ended(3, 0, {progress.metric: 0.981})
+    progress.run_finished()
     lines = _lines(out)
     assert lines[0] == "cerebro: units 1/80 (1%) · starting · 0:00:00"
     assert lines[1] == (
@@ -105,12 +106,12 @@ def test_a_non_terminal_gets_complete_plain_lines_every_interval_and_at_the_end(
 def test_disabled_prints_nothing():
     out = io.StringIO()
     progress = RunProgress(False, "val_accuracy", "max", console=Console(file=out))
-    progress.set_total(4)
-    progress.start()
-    progress.advance()
-    progress.epoch_done(0, 0.5)
-    progress.status({0: Standing("completed", 0.5)}, 1, 1)
-    progress.stop()
+    progress.plan(4)
+    progress.run_started()
+    progress.unit_done()
+    progress.epoch_ended(0, 0, {progress.metric: 0.5})
+    progress.standings({0: Standing("completed", 0.5)}, 1, 1)
+    progress.run_finished()
     assert out.getvalue() == ""
 
 
@@ -118,11 +119,11 @@ def test_a_terminal_gets_rich_bar_with_the_status():
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, force_jupyter=False, width=200)
     progress = RunProgress(True, "val_accuracy", "max", console=console)
-    progress.set_total(8)
-    progress.start()
-    progress.advance()
-    progress.status({0: Standing("running", 0.8)}, 2, 2)
-    progress.stop()
+    progress.plan(8)
+    progress.run_started()
+    progress.unit_done()
+    progress.standings({0: Standing("running", 0.8)}, 2, 2)
+    progress.run_finished()
     text = out.getvalue()
     assert "━" in text and "epoch 2/2" in text and "best val_accuracy 0.8 (model 0" in text
 
@@ -146,11 +147,11 @@ def test_jupyter_without_ipywidgets_updates_a_single_line(monkeypatch):
     out, clock = io.StringIO(), Clock()
     console = Console(file=out, force_jupyter=True)
     progress = RunProgress(True, "val_accuracy", "max", console=console, clock=clock)
-    progress.start()
-    progress.advance()
+    progress.run_started()
+    progress.unit_done()
     clock.now += 2
-    progress.status({0: Standing()}, 1, 3)
-    progress.stop()
+    progress.standings({0: Standing()}, 1, 3)
+    progress.run_finished()
     assert [kind for kind, _ in shown] == ["display", "update", "update"]
     assert "epoch 1/3" in shown[-1][1]
     assert out.getvalue() == ""
@@ -198,5 +199,5 @@ def test_a_run_with_its_stderr_on_a_pipe_logs_true_epochs_and_the_leaderboard_be
 @pytest.mark.parametrize("value", [None, float("inf")])
 def test_a_model_without_a_finite_last_value_is_not_best(value):
     progress, _, _ = _plain()
-    progress.status({0: Standing("completed", value), 1: Standing("running", 0.1)}, 1, 1)
+    progress.standings({0: Standing("completed", value), 1: Standing("running", 0.1)}, 1, 1)
     assert progress.best() == (1, 0.1)

@@ -13,6 +13,7 @@ from rich.table import Table
 from .engine import Result
 from .errors import ConfigError
 from .formatting import format_metric, format_params
+from .kinds import ModelStatus
 from .store import sqlite_file
 from .store.records import reading
 
@@ -203,7 +204,7 @@ def _resume(path: str, console: Console) -> int:
         )
         return 2
     status = result.experiment["status"]
-    unfinished = sum(m.status in ("running", "paused") for m in result.models)
+    unfinished = sum(ModelStatus(m.status).is_live for m in result.models)
     console.print(
         f"resuming {result.experiment['name']!r} ({status}, {unfinished} models unfinished): "
         f"{' '.join(command['argv'])} (in {command['cwd']})"
@@ -256,7 +257,7 @@ def leaderboard_table(result: Result) -> Table:
     ranked = result.ranked()
     for rank, model in enumerate(ranked + [m for m in result.models if m not in ranked], 1):
         table.add_row(
-            str(rank) if model.status == "completed" else model.status,
+            str(rank) if model.status == ModelStatus.COMPLETED else model.status,
             str(model.id),
             format_metric(model.metrics.get(result.metric)),
             format_metric(model.metrics.get(second)),

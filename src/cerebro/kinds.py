@@ -1,4 +1,4 @@
-"""The named values parts of Cerebro exchange: one definition of each.
+"""The named values parts of Cerebro exchange (and the records hold): one definition of each.
 
 They are ``str`` enums, so a value read back from the records (a plain string) compares equal
 to its member, and a member is written to the records, JSON or a log as its plain value.
@@ -93,3 +93,30 @@ class EventKind(_Named):
     WORKER_LOST = "worker_lost"
     CONTROL = "control"
     BUILD_REPLACED = "build_replaced"
+
+
+class ExperimentStatus(_Named):
+    """An experiment as a whole: a driver runs it, it finished, or its driver stopped early
+    (an error, Ctrl-C, or a killed process, told by the driver's lock being free)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+
+
+class ControlOp(_Named):
+    """What a person may ask of a running experiment (see :func:`cerebro.control`)."""
+
+    STOP = "stop"
+    RESUME = "resume"
+    SET_EPOCHS = "set_epochs"
+    CLONE = "clone"
+    ADD = "add"
+
+
+class ControlState(_Named):
+    """Where a request is: waiting for the driver, or settled one way or the other."""
+
+    PENDING = "pending"
+    APPLIED = "applied"
+    REJECTED = "rejected"

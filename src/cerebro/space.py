@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -361,6 +363,29 @@ def _check_bounds(kind: str, low: Any, high: Any) -> None:
         check_number(f"{kind}({name})", value)
     if low > high:
         raise ConfigError(f"{kind}(high)", high, f"a number >= low={low}")
+
+
+def space_digest(space: Mapping[str, Dimension], ordered: bool) -> str:
+    """A short digest of a search space, for a search's fingerprint (a resumed experiment must
+    use the same space).
+
+    ``ordered``: whether the order of the dimensions counts (it does for searches whose draws
+    follow it, such as TPE's); unordered digests are the ones ASHA, Hyperband and PBT have
+    always recorded, kept so that their recorded experiments still resume.
+
+    Example:
+        >>> a = {"lr": loguniform(1e-4, 1e-1), "width": choice([32, 64])}
+        >>> b = dict(reversed(list(a.items())))
+        >>> space_digest(a, ordered=False) == space_digest(b, ordered=False)
+        True
+        >>> space_digest(a, ordered=True) == space_digest(b, ordered=True)
+        False
+    """
+    if ordered:
+        text = json.dumps([[name, repr(dim)] for name, dim in space.items()])
+    else:
+        text = json.dumps({name: repr(dim) for name, dim in space.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def describe_space(space: Mapping[str, Dimension]) -> dict[str, dict[str, Any]]:

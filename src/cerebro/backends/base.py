@@ -1,7 +1,7 @@
 """What every backend does: start workers that hold shards, run units, report events.
 
-A backend knows nothing about search or epochs. The driver sends :class:`Unit` objects naming a
-model, a shard and the path of the model's state; the backend reports :class:`UnitDone` when the
+A backend knows nothing about search or epochs. The driver sends :class:`Unit` objects naming
+models, a shard and the paths of the models' states; the backend reports :class:`UnitDone` when the
 worker has finished computing (the worker is free again) and, for training units,
 :class:`StateSaved` when the model's new state is written (the model may hop on).
 """
@@ -10,61 +10,97 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..kinds import UnitKind
+from ..state import HopRecord
+from ..techniques import Technique
 
 
 @dataclass(frozen=True)
-class Unit:
-    """One model on one shard: a training hop (``kind="train"``) or an evaluation pass."""
+class UnitMember:
+    """One model of a unit: the state it starts from and its seeds for this unit.
 
-    unit_id: int
+    ``shuffle_seed`` orders the shard's rows for this model; ``rng_seed`` (deterministic mode)
+    seeds torch before its hop instead of the RNG state it carries.
+    """
+
     model_id: int
-    kind: str
-    epoch: int
-    shard: int
-    worker_id: int
     params: dict[str, Any]
     state_path: str
     version: int
     shuffle_seed: int = 0
+    rng_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A group of one or more models on one shard, on one worker: a training hop of each
+    (``kind=TRAIN``) or an evaluation pass. The worker runs it with the runner of
+    ``technique`` (see :mod:`cerebro.techniques`); today every unit holds one model."""
+
+    unit_id: int
+    kind: UnitKind
+    epoch: int
+    shard: int
+    worker_id: int
+    members: tuple[UnitMember, ...]
     end_of_epoch: bool = False
-    rng_seed: int | None = None  # deterministic mode: seed torch with it instead of the carried RNG
+    technique: Technique = Technique.PLAIN
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a unit holds at least one model")
+
+    @property
+    def model_ids(self) -> tuple[int, ...]:
+        return tuple(m.model_id for m in self.members)
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    """What a unit measured for one of its models: row-weighted metric sums over ``rows``."""
+
+    model_id: int
+    rows: int
+    sums: dict[str, float]
 
 
 @dataclass(frozen=True)
 class UnitDone:
-    """A worker finished computing a unit. ``start``/``end`` bound the computation (seconds,
-    wall clock); ``load_s`` is the time spent before it bringing the model's state in."""
+    """A worker finished computing a unit (the worker is free again). ``start``/``end`` bound
+    the computation (seconds, wall clock); ``load_s`` is the time spent before it bringing the
+    models' states in. ``ok=False``: the unit failed (``error`` says why) and no state changed."""
 
     unit_id: int
     worker_id: int
     ok: bool
-    rows: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
+    results: tuple[MemberResult, ...] = ()
     start: float = 0.0
     end: float = 0.0
     load_s: float = 0.0
     error: str | None = None
 
-    def hop(self, shard: int) -> dict[str, Any]:
-        """The record of this hop, as the driver stores it and a model's state carries it."""
-        return {
-            "shard": shard,
-            "rows": self.rows,
-            "sums": dict(self.sums),
-            "worker": self.worker_id,
-            "start": self.start,
-            "end": self.end,
-            "load_s": self.load_s,
-        }
+    def hop(self, unit: Unit, model_id: int) -> HopRecord:
+        """The record of ``model_id``'s hop in ``unit``, as the records and its state keep it."""
+        result = next(r for r in self.results if r.model_id == model_id)
+        return HopRecord(
+            shard=unit.shard,
+            rows=result.rows,
+            sums=dict(result.sums),
+            worker=self.worker_id,
+            start=self.start,
+            end=self.end,
+            load_s=self.load_s,
+            unit=unit.unit_id,
+        )
 
 
 @dataclass(frozen=True)
 class StateSaved:
-    """The state a training unit produced is written to ``Unit.state_path``."""
+    """The states a training unit produced are written to each member's ``state_path``."""
 
     unit_id: int
     worker_id: int

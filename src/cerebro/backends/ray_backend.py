@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, WorkerError
+from ..kinds import UnitKind
 from .allocator import tune_malloc_for_training
 from .base import (
     Backend,
@@ -349,10 +350,13 @@ class RayBackend(Backend):
 
     def submit(self, unit: Unit) -> None:
         placed = self._workers[unit.worker_id]
-        published = self._states.get(unit.model_id)
-        # Nested in a list, the ref is not fetched before the call: a worker that has the model
-        # cached at this version never transfers it.
-        refs = [published[1]] if published and published[0] == unit.version else []
+        # Nested in a dict, the refs are not fetched before the call: a worker that has a
+        # model cached at this version never transfers it.
+        refs = {}
+        for member in unit.members:
+            published = self._states.get(member.model_id)
+            if published and published[0] == member.version:
+                refs[member.model_id] = published[1]
         ref = placed.actor.run.remote(unit, refs)
         self._pending[ref] = ("run", unit.worker_id, placed.generation, unit)
         self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
@@ -383,14 +387,18 @@ class RayBackend(Backend):
             if what == "run":
                 events.append(value)
                 self._watchdog.unit_took(value.end - value.start)
-                if value.ok and unit.kind == "train":
+                if value.ok and unit.kind is UnitKind.TRAIN:
                     placed = self._workers[worker_id]
                     saved_ref = placed.actor.saved.remote(unit.unit_id)
                     self._pending[saved_ref] = ("saved", worker_id, generation, unit)
             else:
                 saved, published = value
-                if saved.ok and published:
-                    self._states[unit.model_id] = (unit.version + 1, published[0])
+                for member in unit.members:
+                    if saved.ok and member.model_id in published:
+                        self._states[member.model_id] = (
+                            member.version + 1,
+                            published[member.model_id],
+                        )
                 events.append(saved)
         for worker_id in sorted(dead):
             events.append(self._replace(worker_id))
@@ -532,29 +540,34 @@ class _WorkerActor:
     def heartbeat(self) -> None:
         """Answered by another thread while a unit runs: only a stuck process stays silent."""
 
-    def run(self, unit: Unit, published: list[Any]) -> UnitDone:
+    def run(self, unit: Unit, published: dict[int, Any]) -> UnitDone:
         import ray
 
         received = time.time()
-        state = None
-        if published and self.runtime.needs_state(unit):
-            try:
-                state = from_object_store(ray.get(published[0], timeout=_FETCH_TIMEOUT_S))
-            except ray.exceptions.RayError:
-                state = None  # lost with its node: the state file holds the same state
-        done, save = self.runtime.run(unit, state, received)
+        states = {}
+        for member in unit.members:
+            if member.model_id in published and self.runtime.needs_state(member):
+                try:
+                    ref = published[member.model_id]
+                    states[member.model_id] = from_object_store(
+                        ray.get(ref, timeout=_FETCH_TIMEOUT_S)
+                    )
+                except ray.exceptions.RayError:
+                    pass  # lost with its node: the state file holds the same state
+        done, save = self.runtime.run(unit, states, received)
         if save is not None:
             with self._lock:
                 self._saves[unit.unit_id] = self._writer.submit(save)
         return done
 
-    def saved(self, unit_id: int) -> tuple[StateSaved, list[Any]]:
-        """Wait for a unit's state to be published and written; the state's ref, if published."""
+    def saved(self, unit_id: int) -> tuple[StateSaved, dict[int, Any]]:
+        """Wait for a unit's states to be published and written; the refs of those published,
+        by model id."""
         with self._lock:
             future = self._saves.pop(unit_id)
         saved = future.result()
-        ref = self.runtime.published.pop(unit_id, None)
-        return saved, [ref] if ref is not None and saved.ok else []
+        refs = self.runtime.published.pop(unit_id, {})
+        return saved, refs if saved.ok else {}
 
 
 class _PublishingRuntime(WorkerRuntime):
@@ -562,18 +575,24 @@ class _PublishingRuntime(WorkerRuntime):
 
     def __init__(self, config: WorkerConfig) -> None:
         super().__init__(config)
-        self.published: dict[int, Any] = {}  # unit id -> ref of the state it produced
+        # unit id -> {model id: ref of the state the unit produced for it}
+        self.published: dict[int, dict[int, Any]] = {}
 
-    def save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
+    def save_job(
+        self, unit: Unit, snapshots: dict[int, dict[str, Any]]
+    ) -> Callable[[], StateSaved]:
         import ray
 
-        write = super().save_job(unit, snapshot)
+        write = super().save_job(unit, snapshots)
 
         def publish_and_write() -> StateSaved:
             # Published first: the copy into the object store is fast, the file write slower.
             # A state that cannot be published (object store full, say) hops through its file.
-            with contextlib.suppress(ray.exceptions.RayError, MemoryError):
-                self.published[unit.unit_id] = ray.put(to_object_store(snapshot))
+            refs = {}
+            for model_id, snapshot in snapshots.items():
+                with contextlib.suppress(ray.exceptions.RayError, MemoryError):
+                    refs[model_id] = ray.put(to_object_store(snapshot))
+            self.published[unit.unit_id] = refs
             return write()
 
         return publish_and_write

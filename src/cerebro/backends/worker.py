@@ -1,5 +1,6 @@
-"""The worker's side of MOP, shared by every backend: it keeps its shards in memory, brings a
-model's state in, runs one unit, and hands back a job that writes the new state.
+"""The worker's side of MOP, shared by every backend: it keeps its shards in memory, brings
+each model of a unit in, has the unit's runner (:mod:`cerebro.techniques`) train or evaluate
+them, and hands back a job that writes their new states.
 
 Models a worker trained recently stay built in memory (an LRU cache), so a model that comes back
 to the same worker with no hop elsewhere in between starts without reading its state.
@@ -18,20 +19,13 @@ import torch
 
 from .. import training
 from ..data import Dataset, Shard
+from ..kinds import UnitKind
 from ..spec import ModelSpec
-from .base import StateSaved, Unit, UnitDone, WorkerInfo
+from ..state import Counters
+from ..techniques import runner_for
+from ..techniques.base import MemberSeeds, ModelInHand
+from .base import MemberResult, StateSaved, Unit, UnitDone, UnitMember, WorkerInfo
 from .shipping import load_build
-
-
-@dataclass
-class _CachedModel:
-    spec: ModelSpec
-    version: int
-    rng: dict[str, Any]  # "rng" (and "cuda_rng") to restore before the model's next hop
-    counters: dict[str, int]
-    params: dict[str, Any]  # what it was built with (PBT may change a model's params)
-    nbytes: int = 0  # its tensors' size, measured when it arrives and after each training hop
-
 
 _in_worker = False
 
@@ -82,7 +76,7 @@ class WorkerRuntime:
         _in_worker = True  # before user modules are imported: they may call Experiment.run()
         self.build = load_build(config.build)
         self.cache_budget = config.model_cache_mb * 2**20
-        self._cache: OrderedDict[int, _CachedModel] = OrderedDict()
+        self._cache: OrderedDict[int, ModelInHand] = OrderedDict()
         dataset = Dataset.open(config.dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
         for split in ("train", "val"):
@@ -99,107 +93,111 @@ class WorkerRuntime:
             bytes_loaded=sum(s.nbytes for s in self.data.values()),
         )
 
-    def needs_state(self, unit: Unit) -> bool:
-        """Whether running ``unit`` will read the model's state (it is not cached here at the
-        unit's version): a backend holding the state elsewhere can hand it to :meth:`run`."""
-        entry = self._cache.get(unit.model_id)
-        return entry is None or entry.params != unit.params or entry.version != unit.version
+    def needs_state(self, member: UnitMember) -> bool:
+        """Whether running a unit with ``member`` will read its state (it is not cached here at
+        the member's version): a backend holding the state elsewhere can hand it to :meth:`run`."""
+        entry = self._cache.get(member.model_id)
+        return entry is None or entry.params != member.params or entry.version != member.version
 
     def run(
-        self, unit: Unit, state: dict[str, Any] | None = None, received: float | None = None
+        self,
+        unit: Unit,
+        states: dict[int, dict[str, Any]] | None = None,
+        received: float | None = None,
     ) -> tuple[UnitDone, Callable[[], StateSaved] | None]:
-        """Run one unit. Returns its result and, for training units, the job writing the state.
+        """Run one unit with its technique's runner. Returns its result and, for training
+        units, the job writing every member's new state.
 
-        ``state``: the model's state at ``unit.version`` if the backend already has it (from an
-        object store, say); otherwise it is read from ``unit.state_path`` when needed.
-        ``received``: when the unit reached the worker (``time.time()``), if the backend spent
-        time fetching ``state`` before this call; the hop's ``load_s`` counts from there.
+        ``states``: members' states at their unit versions that the backend already has (from
+        an object store, say), by model id; the others are read from their ``state_path`` when
+        needed. ``received``: when the unit reached the worker (``time.time()``), if the backend
+        spent time fetching ``states`` before this call; the hop's ``load_s`` counts from there.
         """
         received = received or time.time()
+        states = states or {}
         try:
-            entry = self._bring_in(unit, state)
+            runner = runner_for(unit.technique)
+            runner.check(len(unit.members))
+            models = [self._bring_in(m, states.get(m.model_id)) for m in unit.members]
             load_s = time.time() - received
-            if unit.kind == "train":
-                if unit.rng_seed is not None:
-                    torch.manual_seed(unit.rng_seed)  # CPU and every CUDA device
-                else:
-                    training.set_rng({**entry.rng, "counters": entry.counters}, self.device)
-                start = time.time()
-                stats = training.run_train_hop(
-                    entry.spec,
-                    self.data[("train", unit.shard)],
-                    unit.shuffle_seed,
-                    self.device,
-                    unit.end_of_epoch,
-                )
-                end = time.time()
-                done = self._done(unit, stats, start, end, load_s)
-                entry.version = unit.version + 1
-                entry.rng = {"rng": torch.get_rng_state()}
-                if self.device.type == "cuda":
-                    entry.rng["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-                entry.counters = _progress(entry.counters, unit, done.hop(unit.shard))
-                snapshot = training.capture_state(entry.spec, entry.counters, self.device)
-                entry.nbytes = _nbytes(entry.spec)  # the optimizer state may have just been created
-                self._evict()
-                save = self.save_job(unit, snapshot)
+            shard = self.data[("train" if unit.kind is UnitKind.TRAIN else "val", unit.shard)]
+            start = time.time()
+            if unit.kind is UnitKind.TRAIN:
+                seeds = [MemberSeeds(m.shuffle_seed, m.rng_seed) for m in unit.members]
+                stats = runner.train(models, seeds, shard, self.device, unit.end_of_epoch)
             else:
-                start = time.time()
-                stats = training.run_eval_hop(
-                    entry.spec, self.data[("val", unit.shard)], self.device
-                )
-                end = time.time()
-                done = self._done(unit, stats, start, end, load_s)
-                save = None
+                stats = runner.evaluate(models, shard, self.device)
+            end = time.time()
+            done = UnitDone(
+                unit.unit_id,
+                self.worker_id,
+                ok=True,
+                results=tuple(
+                    MemberResult(m.model_id, s.rows, dict(s.sums))
+                    for m, s in zip(unit.members, stats, strict=True)
+                ),
+                start=start,
+                end=end,
+                load_s=load_s,
+            )
+            save = None
+            if unit.kind is UnitKind.TRAIN:
+                snapshots = {}
+                for member, model in zip(unit.members, models, strict=True):
+                    model.version = member.version + 1
+                    model.counters = model.counters.after_hop(
+                        done.hop(unit, member.model_id), epoch=unit.epoch
+                    )
+                    snapshots[member.model_id] = training.capture_state(
+                        model.spec, {**model.counters.to_dict()}, self.device
+                    )
+                    # The optimizer state may have just been created: measured again.
+                    model.nbytes = _nbytes(model.spec)
+                self._evict()
+                save = self.save_job(unit, snapshots)
         except Exception:
-            # The model's objects may be half-updated: forget them, the last saved state is intact.
-            self._cache.pop(unit.model_id, None)
+            # The models' objects may be half-updated: forget them, the last saved states are
+            # intact.
+            for member in unit.members:
+                self._cache.pop(member.model_id, None)
             return UnitDone(
                 unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
             ), None
         return done, save
 
-    def _done(
-        self, unit: Unit, stats: training.HopStats, start: float, end: float, load_s: float
-    ) -> UnitDone:
-        return UnitDone(
-            unit.unit_id,
-            self.worker_id,
-            ok=True,
-            rows=stats.rows,
-            sums=dict(stats.sums),
-            start=start,
-            end=end,
-            load_s=load_s,
-        )
-
-    def _bring_in(self, unit: Unit, state: dict[str, Any] | None) -> _CachedModel:
-        entry = self._cache.get(unit.model_id)
-        if entry is not None and not self.needs_state(unit):
-            self._cache.move_to_end(unit.model_id)
+    def _bring_in(self, member: UnitMember, state: dict[str, Any] | None) -> ModelInHand:
+        entry = self._cache.get(member.model_id)
+        if entry is not None and not self.needs_state(member):
+            self._cache.move_to_end(member.model_id)
             return entry
-        if entry is not None and entry.params != unit.params:
+        if entry is not None and entry.params != member.params:
             entry = None  # rebuilt: batch size or layers may depend on the new params
         if entry is None:
-            spec = training.build_spec(self.build, unit.params, init_seed=None)
+            spec = training.build_spec(self.build, member.params, init_seed=None)
             spec.model.to(self.device)
         else:
             spec = entry.spec
         if state is None:
-            state = training.load_state(unit.state_path)
-        found = state["counters"]["version"]
-        if found != unit.version:
+            state = training.load_state(member.state_path)
+        counters = Counters.from_dict(state["counters"])
+        if counters.version != member.version:
             raise RuntimeError(
-                f"state of model {unit.model_id} at {unit.state_path} is version {found}, "
-                f"expected {unit.version}"
+                f"state of model {member.model_id} at {member.state_path} is version "
+                f"{counters.version}, expected {member.version}"
             )
         training.restore_state(spec, state, self.device)
         rng: dict[str, Any] = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
-        entry = _CachedModel(
-            spec, unit.version, rng, dict(state["counters"]), dict(unit.params), _nbytes(spec)
+        entry = ModelInHand(
+            member.model_id,
+            spec,
+            member.version,
+            rng,
+            counters,
+            dict(member.params),
+            _nbytes(spec),
         )
-        self._cache[unit.model_id] = entry
-        self._cache.move_to_end(unit.model_id)
+        self._cache[member.model_id] = entry
+        self._cache.move_to_end(member.model_id)
         self._evict()
         return entry
 
@@ -209,16 +207,21 @@ class WorkerRuntime:
         while len(self._cache) > 1 and total > self.cache_budget:
             total -= self._cache.popitem(last=False)[1].nbytes
 
-    def save_job(self, unit: Unit, snapshot: dict[str, Any]) -> Callable[[], StateSaved]:
-        """The job that writes a training unit's new state to ``unit.state_path`` (run by the
-        backend, off the unit's critical path). Backends may wrap it to publish the state too."""
+    def save_job(
+        self, unit: Unit, snapshots: dict[int, dict[str, Any]]
+    ) -> Callable[[], StateSaved]:
+        """The job that writes a training unit's new states, each to its member's
+        ``state_path`` (run by the backend, off the unit's critical path). Backends may wrap
+        it to publish the states too."""
+        paths = {m.model_id: m.state_path for m in unit.members}
 
         def save() -> StateSaved:
             began = time.time()
             try:
-                training.save_state(snapshot, unit.state_path)
+                for model_id, snapshot in snapshots.items():
+                    training.save_state(snapshot, paths[model_id])
             except Exception:
-                # The cache belongs to the main thread; the driver fails this model anyway.
+                # The cache belongs to the main thread; the driver fails these models anyway.
                 return StateSaved(
                     unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
                 )
@@ -233,18 +236,3 @@ def _nbytes(spec: ModelSpec) -> int:
     for state in spec.optimizer.state.values():
         total += sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor))
     return total
-
-
-def _progress(counters: dict[str, Any], unit: Unit, hop: dict[str, Any]) -> dict[str, Any]:
-    """Counters after a training hop. Besides the version, the state records which shards its
-    current epoch has visited and what each hop measured, so that a resumed driver can rebuild
-    the model's progress from the state file alone (records may lag it by one hop)."""
-    same_epoch = counters.get("epoch") == unit.epoch
-    hops = [*(counters.get("hops", []) if same_epoch else []), hop]
-    return {
-        **counters,
-        "version": unit.version + 1,
-        "epoch": unit.epoch,
-        "visited": [h["shard"] for h in hops],
-        "hops": hops,
-    }

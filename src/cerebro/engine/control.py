@@ -22,12 +22,18 @@ from typing import Any
 
 import pandas as pd
 
-from ..errors import CerebroError, ConfigError
+from ..errors import CerebroError, ConfigError, check_bool, is_int
+from ..kinds import ControlOp, ControlState, ModelStatus
 from ..space import Dimension, LogUniform, QUniform, RandInt, Uniform, space_from_description
 from ..store import RecordStore, place
 from ..store.records import reading
-
-_LIVE = ("running", "paused")
+from .requests import (
+    check_epochs_option,
+    check_model_id,
+    check_new_budget,
+    check_resumable,
+    check_stoppable,
+)
 
 
 class ControlRejected(CerebroError):
@@ -39,7 +45,7 @@ class ControlRequest:
     """A queued request. :meth:`wait` blocks until the driver has applied or rejected it."""
 
     id: int
-    op: str
+    op: ControlOp
     model_id: int | None
     _store: RecordStore
 
@@ -58,9 +64,9 @@ class ControlRequest:
         deadline = time.monotonic() + timeout
         while True:
             row = self.status()
-            if row["state"] == "applied":
+            if row["state"] == ControlState.APPLIED:
                 return row["outcome"] or {}
-            if row["state"] == "rejected":
+            if row["state"] == ControlState.REJECTED:
                 raise ControlRejected(f"control #{self.id} ({self.op}) rejected: {row['error']}")
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -139,39 +145,28 @@ class Controller:
     def stop(self, model_id: int) -> ControlRequest:
         """Stop a running or paused model after its current hop; its state is kept."""
         model = self._model(model_id)
-        if model["status"] not in _LIVE:
-            raise ConfigError(
-                "model_id", model_id, "a running or paused model", hint=f"it is {model['status']}"
-            )
-        return self._request("stop", model_id)
+        check_stoppable(model_id, ModelStatus(model["status"]))
+        return self._request(ControlOp.STOP, model_id)
 
     def resume(self, model_id: int) -> ControlRequest:
         """Let a stopped (or pruned) model train on from where it stopped."""
         model = self._model(model_id)
         stopping = any(
-            r["op"] == "stop" and r["model_id"] == model_id and r["state"] == "pending"
+            r["op"] == ControlOp.STOP
+            and r["model_id"] == model_id
+            and r["state"] == ControlState.PENDING
             for r in self.requests()
         )
-        if model["status"] not in ("stopped", "pruned") and not stopping:
-            raise ConfigError(
-                "model_id",
-                model_id,
-                "a stopped or pruned model",
-                hint=f"it is {model['status']}; set_epochs gives a completed model more epochs",
-            )
-        return self._request("resume", model_id)
+        if not stopping:
+            check_resumable(model_id, ModelStatus(model["status"]))
+        return self._request(ControlOp.RESUME, model_id)
 
     def set_epochs(self, model_id: int, epochs: int) -> ControlRequest:
         """Change one model's epoch budget (a completed model given more epochs trains on)."""
         model = self._model(model_id)
         done = sum(row["model_id"] == model_id for row in self._store.epochs())
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < max(done, 1):
-            raise ConfigError(
-                "epochs", epochs, f"an integer >= {max(done, 1)} (epochs model {model_id} has done)"
-            )
-        if model["status"] == "failed":
-            raise ConfigError("model_id", model_id, "a model that has not failed")
-        return self._request("set_epochs", model_id, options={"epochs": epochs})
+        epochs = check_new_budget(model_id, ModelStatus(model["status"]), epochs, max(done, 1))
+        return self._request(ControlOp.SET_EPOCHS, model_id, options={"epochs": epochs})
 
     def clone(
         self,
@@ -189,11 +184,10 @@ class Controller:
         outside the search space (recorded as forced).
         """
         self._model(model_id)
-        if not isinstance(warm_start, bool):
-            raise ConfigError("warm_start", warm_start, "True or False")
+        check_bool("warm_start", warm_start)
         changes = self._check_params(dict(params or {}), force, complete=False)
-        options = {"warm_start": warm_start, "epochs": _check_epochs(epochs), "force": force}
-        return self._request("clone", model_id, changes, options)
+        options = {"warm_start": warm_start, "epochs": check_epochs_option(epochs), "force": force}
+        return self._request(ControlOp.CLONE, model_id, changes, options)
 
     def add(
         self, params: Mapping[str, Any], epochs: int | None = None, force: bool = False
@@ -202,28 +196,23 @@ class Controller:
         for ``epochs`` (default: the experiment's)."""
         checked = self._check_params(dict(params), force, complete=True)
         return self._request(
-            "add", None, checked, {"epochs": _check_epochs(epochs), "force": force}
+            ControlOp.ADD, None, checked, {"epochs": check_epochs_option(epochs), "force": force}
         )
 
     def _request(
         self,
-        op: str,
+        op: ControlOp,
         model_id: int | None,
         params: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
     ) -> ControlRequest:
-        control_id = self._store.request_control(op, self.who, model_id, params, options)
+        control_id = self._store.request_control(op.value, self.who, model_id, params, options)
         return ControlRequest(control_id, op, model_id, self._store)
 
     def _model(self, model_id: Any) -> dict[str, Any]:
         models = self._store.models()
-        if not isinstance(model_id, int) or isinstance(model_id, bool):
-            raise ConfigError("model_id", model_id, "an integer model id")
-        found = next((m for m in models if m["model_id"] == model_id), None)
-        if found is None:
-            ids = f"0-{len(models) - 1}" if models else "none yet"
-            raise ConfigError("model_id", model_id, f"a model of this experiment (ids {ids})")
-        return found
+        check_model_id(model_id, len(models))  # model ids are 0, 1, ... in the order added
+        return next(m for m in models if m["model_id"] == model_id)
 
     def _check_params(self, params: dict[str, Any], force: bool, complete: bool) -> dict[str, Any]:
         if self.space is None:
@@ -268,7 +257,7 @@ def coerce(dim: Dimension, value: Any) -> Any:
         with contextlib.suppress(ValueError):
             value = json.loads(value)
     continuous = isinstance(dim, (Uniform, LogUniform, QUniform))
-    if continuous and isinstance(value, int) and not isinstance(value, bool):
+    if continuous and is_int(value):
         return float(value)
     if isinstance(dim, RandInt) and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -278,14 +267,6 @@ def coerce(dim: Dimension, value: Any) -> Any:
         if len(by_text) == 1:
             return by_text[0]
     return value
-
-
-def _check_epochs(epochs: Any) -> int | None:
-    if epochs is not None and (
-        not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1
-    ):
-        raise ConfigError("epochs", epochs, "an integer >= 1, or None (the experiment's)")
-    return epochs
 
 
 def control(

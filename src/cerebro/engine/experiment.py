@@ -28,7 +28,7 @@ from ..errors import (
     shown_url,
 )
 from ..files import write_bytes_atomically
-from ..progress import RunProgress
+from ..kinds import ExperimentStatus
 from ..search import Search
 from ..search.base import (
     COMPLETED,
@@ -51,8 +51,10 @@ from ..store import (
     sqlite_file,
     sqlite_url,
 )
-from ..store.tensorboard import TensorBoardLog
-from ..store.tensorboard import available as tensorboard_available
+from ..trackers import Tracker, Trackers
+from ..trackers.progress import RunProgress
+from ..trackers.tensorboard import TensorBoardLog
+from ..trackers.tensorboard import available as tensorboard_available
 from . import identity
 from .driver import Driver, RunConfig
 from .result import BUILD_FILE, Result
@@ -326,10 +328,11 @@ class Experiment:
                 checkpoint_mirror=self.checkpoint_mirror,
                 scheduler=self.scheduler,
             )
-            progress = RunProgress(self.progress, self.metric, self.mode)
-            logdir = os.path.join(self.path, "tensorboard")
-            board = TensorBoardLog(logdir) if self.tensorboard else None
-            driver = Driver(config, self.backend, progress, board)
+            trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
+            if self.tensorboard:
+                trackers.append(TensorBoardLog(os.path.join(self.path, "tensorboard")))
+            tracker = Trackers(trackers)
+            driver = Driver(config, self.backend, tracker)
             store = None
             if earlier is not None:
                 store = RecordStore(open_engine(self.storage_url), earlier["id"])
@@ -345,22 +348,20 @@ class Experiment:
                 if store is None:
                     recorded = self._record_config(driver.fingerprints)
                     store = RecordStore.create(self.storage_url, self.name, recorded)
-                store.set_experiment_status("running")
+                store.set_experiment_status(ExperimentStatus.RUNNING.value)
             except BaseException:
                 self.backend.shutdown(graceful=False)
-                if board is not None:
-                    board.close()
+                tracker.run_finished()
                 raise
             if idle:
-                if board is not None:
-                    board.close()
+                tracker.run_finished()
             else:
                 try:
                     driver.run(store)
                 except BaseException:
-                    store.set_experiment_status("interrupted")
+                    store.set_experiment_status(ExperimentStatus.INTERRUPTED.value)
                     raise
-            store.set_experiment_status("completed")
+            store.set_experiment_status(ExperimentStatus.COMPLETED.value)
         _raise_if_every_model_failed(store, self.path)
         return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
 

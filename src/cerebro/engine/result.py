@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ import torch
 from .. import files, training
 from ..errors import ConfigError, first_line
 from ..formatting import format_metric
+from ..history import finite, last_metrics, ranking_key
+from ..kinds import ModelStatus
 from ..store import RecordStore, place
 from ..store.checkpoints import state_path
 from ..store.records import reading
@@ -114,13 +115,14 @@ class Result:
         scored = [m for m in self.models if finite(m.metrics.get(self.metric))]
         rank = ranking_key(self.mode)
         return sorted(
-            scored, key=lambda m: (m.status != "completed", rank(m.metrics[self.metric]), m.id)
+            scored,
+            key=lambda m: (m.status != ModelStatus.COMPLETED, rank(m.metrics[self.metric]), m.id),
         )
 
     @property
     def best(self) -> ModelRecord | None:
         """The completed model with the best last-epoch ``metric`` (None if no model completed)."""
-        ranked = [m for m in self.ranked() if m.status == "completed"]
+        ranked = [m for m in self.ranked() if m.status == ModelStatus.COMPLETED]
         return ranked[0] if ranked else None
 
     def leaderboard(self) -> pd.DataFrame:
@@ -182,22 +184,6 @@ class Result:
             else "none"
         )
         return f"Result(models={counts}, best {shown})"
-
-
-def ranking_key(mode: str) -> Callable[[float], float]:
-    """Sort key under which the best value of a metric comes first (``mode`` "min"/"max")."""
-    return (lambda value: -value) if mode == "max" else (lambda value: value)
-
-
-def last_metrics(history: list[dict[str, float]]) -> dict[str, float]:
-    """The metrics of a model's last recorded epoch (without the epoch number)."""
-    if not history:
-        return {}
-    return {k: v for k, v in history[-1].items() if k != "epoch"}
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 BUILD_FILE = "build.pkl"

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..history import metric_after
 from ..kinds import Action, ModelStatus, Origin
 from ..space import Dimension
 
@@ -67,10 +67,7 @@ class Trial:
 
     def value(self, metric: str) -> float | None:
         """The metric at the last finished epoch; None if absent or not finite."""
-        value = self.history[-1].get(metric) if self.history else None
-        if value is None or not math.isfinite(value):
-            return None
-        return float(value)
+        return metric_after(self.history, metric, len(self.history))
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,12 @@ or can be given beside one (``early_stopping=``: asked first, after a model's ne
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
-from typing import Any
 
 from ..errors import check_int
+from ..history import as_finite
 from .base import EarlyStopping, Trial
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 class MedianStopping(EarlyStopping):
@@ -64,7 +55,7 @@ class MedianStopping(EarlyStopping):
         t = trial.epochs_done
         if t <= self.grace_epochs:
             return None
-        own = [v for h in trial.history if (v := _finite(h.get(metric))) is not None]
+        own = [v for h in trial.history if (v := as_finite(h.get(metric))) is not None]
         if not own:
             return None
         best = max(own, key=context.score)
@@ -72,7 +63,7 @@ class MedianStopping(EarlyStopping):
         for other in trials:
             if other.model_id == trial.model_id or other.epochs_done < t:
                 continue
-            values = [v for h in other.history[:t] if (v := _finite(h.get(metric))) is not None]
+            values = [v for h in other.history[:t] if (v := as_finite(h.get(metric))) is not None]
             if values:
                 averages.append(sum(values) / len(values))
         if len(averages) < self.min_trials:

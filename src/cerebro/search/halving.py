@@ -28,17 +28,16 @@ Conventions shared by both:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 from ..errors import ConfigError, check_int
+from ..history import metric_after
 from ..kinds import Action, Origin
-from ..space import Dimension, normalize_space
+from ..space import normalize_space, space_digest
 from .base import (
     COMPLETED,
     CONTINUE,
@@ -60,25 +59,8 @@ from .random import RandomSearch
 _ENDED = frozenset({COMPLETED, FAILED, STOPPED, PRUNED})
 
 
-def _value_after(trial: Trial, metric: str, epochs: int) -> float | None:
-    """The metric recorded for the ``epochs``-th finished epoch; None if absent or not finite."""
-    if epochs < 1 or epochs > len(trial.history):
-        return None
-    value = trial.history[epochs - 1].get(metric)
-    try:
-        value = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
-
-
-def _space_digest(space: Mapping[str, Dimension]) -> str:
-    text = json.dumps({name: repr(dim) for name, dim in space.items()}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _with_trial(trial: Trial, trials: Sequence[Trial]) -> list[Trial]:
@@ -247,7 +229,7 @@ class _Halving(Search, Scheduler):
     def fingerprint(self) -> str:
         if self.space is None:
             return repr(self)
-        return f"{self!r}:space={_space_digest(self.space)}"
+        return f"{self!r}:space={space_digest(self.space, ordered=False)}"
 
 
 def _hint_if_missing(value: Any, hint: str) -> str:
@@ -343,10 +325,10 @@ class ASHA(_Halving):
         k = self.rungs.index(done)
         where = f"rung {k} ({_epochs(done)})"
         metric = context.metric
-        if _value_after(trial, metric, done) is None:
+        if metric_after(trial.history, metric, done) is None:
             return Decision(Action.STOP, reason=f"{where}: {metric} is missing or not finite")
         own = _with_trial(trial, trials)
-        scored = [(t, v) for t in own if (v := _value_after(t, metric, done)) is not None]
+        scored = [(t, v) for t in own if (v := metric_after(t.history, metric, done)) is not None]
         scored.sort(key=lambda tv: (-context.score(tv[1]), tv[0].model_id))
         ranked = [t for t, _ in scored]
         n = len(ranked)
@@ -518,7 +500,11 @@ class Hyperband(_Halving):
     def _ranked(self, group: list[Trial], rung: int) -> list[Trial]:
         """The members of ``group`` with a finite metric at ``rung``, best first."""
         context = self._context()
-        scored = [(t, v) for t in group if (v := _value_after(t, context.metric, rung)) is not None]
+        scored = [
+            (t, v)
+            for t in group
+            if (v := metric_after(t.history, context.metric, rung)) is not None
+        ]
         scored.sort(key=lambda tv: (-context.score(tv[1]), tv[0].model_id))
         return [t for t, _ in scored]
 
@@ -544,7 +530,7 @@ class Hyperband(_Halving):
             return CONTINUE
         i = bracket.rungs.index(done)
         where = f"bracket {bracket.index} (s={bracket.s}) rung {i} ({_epochs(done)})"
-        if _value_after(trial, context.metric, done) is None:
+        if metric_after(trial.history, context.metric, done) is None:
             return Decision(
                 Action.STOP, reason=f"{where}: {context.metric} is missing or not finite"
             )

@@ -9,8 +9,6 @@ and the scheduler deciding."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -20,7 +18,16 @@ import numpy as np
 from ..errors import ConfigError, check_int, check_number, is_number
 from ..kinds import Action, Origin
 from ..seeding import derive_seed
-from ..space import Choice, Dimension, LogUniform, QUniform, RandInt, Uniform, normalize_space
+from ..space import (
+    Choice,
+    Dimension,
+    LogUniform,
+    QUniform,
+    RandInt,
+    Uniform,
+    normalize_space,
+    space_digest,
+)
 from .base import (
     COMPLETED,
     CONTINUE,
@@ -368,7 +375,4 @@ class PBT(Search, Scheduler):
     def fingerprint(self) -> str:
         if self._own_space is None:
             return repr(self)  # the space is the search's, in the search's fingerprint
-        text = json.dumps(
-            {name: repr(dim) for name, dim in self._own_space.items()}, sort_keys=True
-        )
-        return f"{self!r}:space={hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        return f"{self!r}:space={space_digest(self._own_space, ordered=False)}"

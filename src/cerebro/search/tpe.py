@@ -9,8 +9,6 @@ A resumed experiment therefore proposes exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,7 +27,16 @@ from optuna.trial import TrialState
 
 from ..errors import ConfigError, check_int
 from ..seeding import derive_seed
-from ..space import Choice, Dimension, LogUniform, QUniform, RandInt, Uniform, normalize_space
+from ..space import (
+    Choice,
+    Dimension,
+    LogUniform,
+    QUniform,
+    RandInt,
+    Uniform,
+    normalize_space,
+    space_digest,
+)
 from .base import (
     COMPLETED,
     FAILED,
@@ -191,8 +198,7 @@ class TPESearch(Search):
         return self.context
 
     def _space_hash(self) -> str:
-        text = json.dumps([[name, repr(dim)] for name, dim in self._dims.items()])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return space_digest(self._dims, ordered=True)  # its draws follow the space's order
 
     def _to_optuna(self, trial: Trial, metric: str) -> optuna.trial.FrozenTrial | None:
         """``trial`` as an Optuna trial, or None if it tells nothing (or is outside the space)."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import files
 from ..errors import ConfigError
+from ..kinds import ExperimentStatus
 from .records import sqlite_file, sqlite_problem
 
 LOCK_FILE = ".lock"
@@ -188,8 +189,8 @@ def driver_running(path: str | None) -> bool | None:
 def live_status(recorded: str, path: str | None) -> str:
     """An experiment's status as a reader should report it: a recorded ``running`` whose
     driver no longer holds the path's lock was interrupted (the driver was killed)."""
-    if recorded == "running" and driver_running(path) is False:
-        return "interrupted"
+    if recorded == ExperimentStatus.RUNNING and driver_running(path) is False:
+        return ExperimentStatus.INTERRUPTED.value
     return recorded
 
 

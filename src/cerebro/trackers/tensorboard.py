@@ -12,13 +12,19 @@ import os
 from typing import Any
 
 from ..errors import ConfigError
+from ..history import last_metrics
+from ..kinds import ModelStatus
+from .base import Tracker
+
+# A model that ended in one of these has its hyper-parameters and last metrics in HParams.
+_HPARAMS_ON = (ModelStatus.COMPLETED, ModelStatus.PRUNED, ModelStatus.FAILED)
 
 
 def available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-class TensorBoardLog:
+class TensorBoardLog(Tracker):
     """Writes scalars and HParams of each model (needs the ``tensorboard`` package)."""
 
     def __init__(self, logdir: str) -> None:
@@ -41,15 +47,24 @@ class TensorBoardLog:
             )
         return self._writers[model_id]
 
-    def epoch(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
+    def epoch_ended(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
         writer = self._writer(model_id)
         for name, value in metrics.items():
             split, _, metric = name.partition("_")
             writer.add_scalar(f"{metric}/{split}", value, epoch)
         writer.flush()
 
-    def finish(self, model_id: int, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    def model_ended(
+        self,
+        model_id: int,
+        status: ModelStatus,
+        params: dict[str, Any],
+        history: list[dict[str, float]],
+    ) -> None:
         """Record the model's hyper-parameters against its last metrics, then close its run."""
+        if status not in _HPARAMS_ON or not history:
+            return
+        metrics = last_metrics(history)
         writer = self._writer(model_id)
         hparams = {
             k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in params.items()
@@ -58,7 +73,7 @@ class TensorBoardLog:
         writer.close()
         del self._writers[model_id]
 
-    def close(self) -> None:
+    def run_finished(self) -> None:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -25,26 +24,15 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from .formatting import format_metric
+from ..formatting import format_metric
+from ..kinds import ModelStatus
+from .base import Standing, Tracker
 
 # Jupyter's text line is updated in place, so it may change often; a log line is kept.
 _JUPYTER_INTERVAL_S = 1.0
 
 
-@dataclass(frozen=True)
-class Standing:
-    """What the display needs of one model.
-
-    Attributes:
-        status: "running", "completed", "failed", "paused", "stopped" or "pruned".
-        last: the metric of its last recorded epoch (None before its first, or if not finite).
-    """
-
-    status: str = "running"
-    last: float | None = None
-
-
-class RunProgress:
+class RunProgress(Tracker):
     """Shows how far a run is: units (hops and validation passes), models, epoch, best model.
 
     Disabled (prints nothing) when ``enabled`` is False.
@@ -84,37 +72,38 @@ class RunProgress:
 
     # What the driver reports -------------------------------------------------------------------
 
-    def start(self) -> None:
+    def run_started(self) -> None:
         self._started = self._clock()
         if self._view is not None:
             self._view.start()
 
-    def stop(self) -> None:
+    def run_finished(self) -> None:
         """End the display; shows the final state (a last line where lines are printed)."""
-        if self._view is not None:
+        if self._view is not None and self._started is not None:
             self._view.stop()
 
-    def set_total(self, total: int) -> None:
+    def plan(self, units_total: int) -> None:
         """The units the run will have done in all (it changes as models start and end)."""
-        self._total = total
+        self._total = units_total
         self._show()
 
-    def advance(self) -> None:
+    def unit_done(self, model_ids: tuple[int, ...] = ()) -> None:
         """One more unit done."""
         self._done += 1
         self._show()
 
-    def epoch_done(self, model_id: int, value: float | None) -> None:
-        """A model recorded an epoch with ``value`` of the metric: it is now its last value."""
+    def epoch_ended(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
+        """A model recorded an epoch: its value of the metric is now its last value."""
+        value = metrics.get(self.metric)
         old = self._models.get(model_id, Standing())
         self._models[model_id] = Standing(old.status, _finite_or_none(value))
         self._show()
 
-    def status(self, models: Mapping[int, Standing], epoch: int, epochs: int) -> None:
+    def standings(self, models: Mapping[int, Standing], epoch: int, epochs: int) -> None:
         """Every model's standing, and the epoch in training (1-based) out of ``epochs``.
 
         The driver's records are the truth (they include models restored on resume and
-        epochs rolled back), so they replace what :meth:`epoch_done` reported.
+        epochs rolled back), so they replace what :meth:`epoch_ended` reported.
         """
         self._models = {i: Standing(s.status, _finite_or_none(s.last)) for i, s in models.items()}
         # Clamped: the display never shows epoch 0 or an epoch past the last one.
@@ -128,7 +117,7 @@ class RunProgress:
         sign = -1.0 if self.mode == "max" else 1.0
         first = min(
             (
-                (s.status != "completed", sign * s.last, i, s.last)
+                (s.status is not ModelStatus.COMPLETED, sign * s.last, i, s.last)
                 for i, s in self._models.items()
                 if s.last is not None
             ),
@@ -143,8 +132,8 @@ class RunProgress:
             return "starting"
         statuses = [s.status for s in self._models.values()]
         parts = [
-            f"{statuses.count('completed')}/{len(statuses)} done",
-            f"{statuses.count('failed')} failed",
+            f"{statuses.count(ModelStatus.COMPLETED)}/{len(statuses)} done",
+            f"{statuses.count(ModelStatus.FAILED)} failed",
         ]
         if self._epoch is not None:
             parts.append(f"epoch {self._epoch[0]}/{self._epoch[1]}")

@@ -1,0 +1,109 @@
+"""Turning a configuration into a model's initial training state, or into the reason it has none.
+
+``build(params)`` is the user's code: it may raise, return something that is not a ModelSpec,
+produce metrics other than the experiment's, or fail its first training step. In the first
+proposals (``strict``) each of these is a ConfigError raised before anything is written; later
+(a search's next proposal, a person's add or clone) the model is recorded as failed with the
+reason, and the others go on.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import training
+from ..data import Dataset
+from ..errors import ConfigError
+from ..spec import ModelSpec
+from ..state import Counters
+from .identity import Fingerprints
+from .preflight import Preflight, naming
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class InitialState:
+    """A built model's first training state, or why it could not be built (one is None)."""
+
+    state: dict[str, Any] | None
+    error: str | None
+
+    @classmethod
+    def failed(cls, error: str) -> InitialState:
+        return cls(None, error)
+
+
+def metric_names(spec: ModelSpec, has_validation: bool) -> list[str]:
+    """The metrics an experiment over ``spec`` records, e.g. train_loss, val_accuracy."""
+    splits = ("train", "val") if has_validation else ("train",)
+    return [f"{split}_{name}" for split in splits for name in spec.metric_names()]
+
+
+def check_metric(metric: str, spec: ModelSpec, has_validation: bool) -> None:
+    accepted = metric_names(spec, has_validation)
+    if metric not in accepted:
+        raise ConfigError("metric", metric, f"one of the metrics the spec produces: {accepted}")
+
+
+class ModelBuilder:
+    """Builds models of one experiment, checks each, and keeps their fingerprints.
+
+    Args:
+        build: the user's ``build(params) -> ModelSpec``.
+        dataset: the experiment's dataset (the trial step runs on a few of its rows).
+        metric: the experiment's metric (every spec must produce it).
+        seed: the experiment's seed (model ``i`` is initialized from ``init_seed(seed, i)``).
+    """
+
+    def __init__(
+        self, build: Callable[[dict[str, Any]], ModelSpec], dataset: Dataset, metric: str, seed: int
+    ) -> None:
+        self.build = build
+        self.metric = metric
+        self.seed = seed
+        self.has_validation = any(n > 0 for n in dataset.shard_rows("val"))
+        self.preflight = Preflight(dataset, build)
+        self.fingerprints = Fingerprints()  # of every model built (the config keeps the first)
+
+    def initial_state(self, model_id: int, params: dict[str, Any], strict: bool) -> InitialState:
+        """Model ``model_id``'s state before its first hop (``strict``: raise ConfigError)."""
+        seed = training.init_seed(self.seed, model_id)
+        try:
+            torch.manual_seed(seed)
+            spec = self.build(dict(params))
+        except ConfigError as e:  # ModelSpec refused a field: reported as the checks below are
+            if strict:
+                raise naming(e, params) from e
+            return InitialState.failed(str(naming(e, params)))
+        except Exception:
+            return InitialState.failed(traceback.format_exc())
+        try:
+            training.check_is_spec(spec, self.build)
+            check_metric(self.metric, spec, self.has_validation)
+        except ConfigError as e:
+            if strict:
+                raise
+            return InitialState.failed(str(e))
+        self.fingerprints.add(model_id, params, spec)
+        counters = Counters(version=0, epoch=0, init_seed=seed)
+        state = training.capture_state(spec, counters.to_dict(), _CPU)
+        try:
+            self.preflight.check(spec, params)  # a trial step on copies, after the capture
+        except ConfigError as e:
+            if strict:
+                raise
+            return InitialState.failed(str(e))
+        return InitialState(state, None)
+
+    def warm_started(
+        self, params: dict[str, Any], source_state: dict[str, Any], counters: Counters
+    ) -> dict[str, Any]:
+        """A state that continues ``source_state`` under ``params`` (see
+        :func:`cerebro.training.warm_start_state`); raises what building or loading raises."""
+        return training.warm_start_state(self.build, params, source_state, counters.to_dict())

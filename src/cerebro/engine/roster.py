@@ -1,0 +1,219 @@
+"""The driver's view of every model: where each one is in its epoch, and what it may still do.
+
+Pure state and arithmetic over it (no store, no processes): the lifecycle, recovery, control
+requests and the loop all read and change the same :class:`Roster`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import training
+from ..kinds import ModelStatus, Origin, UnitKind
+from ..search import Trial
+from ..store.checkpoints import state_path
+from .scheduler import ModelSlot
+
+
+@dataclass
+class SplitSums:
+    """Row-weighted metric sums of one split in one epoch, kept per shard."""
+
+    by_shard: dict[int, tuple[int, dict[str, float]]] = field(default_factory=dict)
+
+    def add(self, shard: int, rows: int, sums: dict[str, float]) -> None:
+        self.by_shard[shard] = (rows, sums)
+
+    def means(self, prefix: str) -> dict[str, float]:
+        """``{prefix_name: mean}`` over every shard so far.
+
+        Example:
+            >>> split = SplitSums()
+            >>> split.add(1, 10, {"loss": 5.0}); split.add(0, 30, {"loss": 3.0})
+            >>> split.means("val")
+            {'val_loss': 0.2}
+        """
+        # Added in shard order, not arrival order, so that float64 rounding, and so the
+        # reported metrics, do not depend on which worker finished first.
+        rows = sum(r for r, _ in self.by_shard.values())
+        if not rows:
+            return {}
+        totals: dict[str, float] = {}
+        for shard in sorted(self.by_shard):
+            for name, value in self.by_shard[shard][1].items():
+                totals[name] = totals.get(name, 0.0) + value
+        return {f"{prefix}_{name}": value / rows for name, value in totals.items()}
+
+
+@dataclass
+class ModelRun:
+    """One model as the driver tracks it between hops."""
+
+    model_id: int
+    params: dict[str, Any]
+    state_path: str
+    status: ModelStatus = ModelStatus.RUNNING
+    epoch: int = 0  # the epoch it trains now (= epochs finished, at a boundary)
+    phase: UnitKind = UnitKind.TRAIN
+    remaining: list[int] = field(default_factory=list)  # shards left in this phase, in order
+    busy: bool = False
+    version: int = 0  # of its state file: training hops (and exploits) so far
+    last_worker: int | None = None
+    train: SplitSums = field(default_factory=SplitSums)
+    val: SplitSums = field(default_factory=SplitSums)
+    history: list[dict[str, float]] = field(default_factory=list)
+    units_done: int = 0
+    failures: int = 0  # consecutive units lost with a worker
+    origin: Origin = Origin.SEARCH
+    parent: int | None = None  # a clone's source
+    max_epochs: int | None = None  # its own budget, set by a person; None: the search's
+
+    @property
+    def folder(self) -> str:
+        """Where the model's state and epoch checkpoints live."""
+        return os.path.dirname(self.state_path)
+
+    def start_epoch(self, train_order: list[int]) -> None:
+        """Begin the next epoch's training phase (sums of the last one are cleared)."""
+        self.train, self.val = SplitSums(), SplitSums()
+        self.phase, self.remaining = UnitKind.TRAIN, list(train_order)
+
+
+class Roster:
+    """Every model of the experiment, and the rules that depend only on the experiment's shape:
+    each model's epoch budget, shard order, and what the MOP scheduler is told.
+
+    Args:
+        checkpoint_dir: where model folders live.
+        num_shards: training shards (every one is visited once per epoch).
+        val_shards: validation shards that hold rows (each evaluated once per epoch).
+        epochs: the experiment's epochs.
+        search_epochs: the most epochs the search (or its scheduler) trains one of its own
+            models, None if it has no limit of its own.
+        seed, deterministic: deterministic mode fixes each epoch's shard order by the seed.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str,
+        num_shards: int,
+        val_shards: frozenset[int],
+        epochs: int,
+        search_epochs: int | None,
+        seed: int,
+        deterministic: bool,
+    ) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.train_shards = frozenset(range(num_shards))
+        self.val_shards = val_shards
+        self.epochs = epochs
+        self.search_epochs = search_epochs
+        self.seed = seed
+        self.deterministic = deterministic
+        self.models: dict[int, ModelRun] = {}
+        self.changed = True  # models started, ended or paused since the search was last asked
+
+    def new(self, params: dict[str, Any], origin: Origin, **fields: Any) -> ModelRun:
+        """A model with the next id (not yet in the records)."""
+        model_id = len(self.models)
+        model = ModelRun(model_id, params, self.state_path(model_id), origin=origin, **fields)
+        self.models[model_id] = model
+        self.changed = True
+        return model
+
+    def state_path(self, model_id: int) -> str:
+        return state_path(self.checkpoint_dir, model_id)
+
+    def __getitem__(self, model_id: int) -> ModelRun:
+        return self.models[model_id]
+
+    def __iter__(self) -> Iterator[ModelRun]:
+        return iter(self.models.values())
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def with_status(self, *statuses: ModelStatus) -> list[ModelRun]:
+        return [m for m in self.models.values() if m.status in statuses]
+
+    # Budgets and orders ------------------------------------------------------------------------
+
+    def budget(self, model: ModelRun) -> int:
+        """The epochs a model trains: its own (set by a person), its search's, the experiment's."""
+        if model.max_epochs is not None:
+            return model.max_epochs
+        if model.origin is Origin.SEARCH and self.search_epochs is not None:
+            return min(self.search_epochs, self.epochs)
+        return self.epochs
+
+    @property
+    def units_per_epoch(self) -> int:
+        return len(self.train_shards) + len(self.val_shards)
+
+    def train_order(self, model: ModelRun) -> list[int]:
+        """The shards of the model's current epoch. Deterministic mode fixes their order by
+        (seed, model, epoch); free mode lets the scheduler take them in any order."""
+        shards = sorted(self.train_shards)
+        if not self.deterministic:
+            return shards
+        return training.shard_order(self.seed, model.model_id, model.epoch, shards)
+
+    def units_total(self) -> int:
+        """Units the run will have done: all of each live model's, what ended ones did."""
+        return sum(
+            m.units_done if m.status.ended_early else self.budget(m) * self.units_per_epoch
+            for m in self.models.values()
+        )
+
+    def epoch_started(self, model: ModelRun) -> bool:
+        """Whether any unit of the model's current epoch has run or is running."""
+        return (
+            model.busy
+            or model.epoch > len(model.history)
+            or model.phase is not UnitKind.TRAIN
+            or len(model.remaining) < len(self.train_shards)
+        )
+
+    # What the search and the scheduler see -----------------------------------------------------
+
+    def trial(self, model: ModelRun) -> Trial:
+        return Trial(
+            model.model_id,
+            dict(model.params),
+            model.status,
+            list(model.history),
+            origin=model.origin,
+            max_epochs=self.budget(model),
+        )
+
+    def trials(self) -> list[Trial]:
+        return [self.trial(m) for m in self.models.values()]
+
+    def schedulable(self) -> bool:
+        """A running model waits for a worker (nothing in flight for it, shards left)."""
+        return any(
+            m.status is ModelStatus.RUNNING and not m.busy and m.remaining
+            for m in self.models.values()
+        )
+
+    def slots(self) -> list[ModelSlot]:
+        """The MOP scheduler's view of every running model: the shards it may take next and
+        how many units it has left (the scheduler starts the longest first)."""
+        slots = []
+        for m in self.models.values():
+            if m.status is not ModelStatus.RUNNING:
+                continue
+            later = max(self.budget(m) - m.epoch - 1, 0) * self.units_per_epoch
+            this = len(m.remaining) + (len(self.val_shards) if m.phase is UnitKind.TRAIN else 0)
+            slots.append(
+                ModelSlot(m.model_id, self._eligible(m), m.busy, later + this, m.last_worker)
+            )
+        return slots
+
+    def _eligible(self, model: ModelRun) -> frozenset[int]:
+        if self.deterministic and model.phase is UnitKind.TRAIN and model.remaining:
+            return frozenset(model.remaining[:1])
+        return frozenset(model.remaining)

@@ -1,0 +1,80 @@
+"""What a runner is given and what it must do.
+
+The worker brings each member of a unit in (built from its state, or found in its cache) as a
+:class:`ModelInHand`, and asks the unit's runner to train or evaluate the group on the shard.
+A training run leaves each member's objects (weights, optimizer, LR scheduler) and its ``rng``
+as they are after the hop; the worker then captures every member's state in the one per-model
+format, so checkpoints, clones, PBT and recovery never know which runner trained a model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..data import Shard
+from ..spec import ModelSpec
+from ..state import Counters
+from ..training import HopStats
+
+
+@dataclass
+class ModelInHand:
+    """One model as a worker holds it between units (and keeps it, in its cache).
+
+    Attributes:
+        model_id: which model.
+        spec: its built objects, on the worker's device.
+        version: the version of the state they hold.
+        rng: torch's generator state(s) to continue before its next hop (``"rng"``, and
+            ``"cuda_rng"`` on a GPU).
+        counters: its progress, as its state file has it.
+        params: what it was built with (PBT may change a model's params: then it is rebuilt).
+        nbytes: its tensors' size (measured when it arrives and after each training hop).
+    """
+
+    model_id: int
+    spec: ModelSpec
+    version: int
+    rng: dict[str, Any]
+    counters: Counters
+    params: dict[str, Any]
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class MemberSeeds:
+    """A member's seeds for one unit: its row order, and (deterministic mode) the seed torch
+    starts from instead of the generator state the model carries."""
+
+    shuffle_seed: int
+    rng_seed: int | None
+
+
+class Runner(ABC):
+    """Trains or evaluates a group of models on one shard."""
+
+    @abstractmethod
+    def check(self, size: int) -> None:
+        """Raise ValueError if this runner cannot take a group of ``size`` models."""
+
+    @abstractmethod
+    def train(
+        self,
+        models: list[ModelInHand],
+        seeds: list[MemberSeeds],
+        shard: Shard,
+        device: torch.device,
+        end_of_epoch: bool,
+    ) -> list[HopStats]:
+        """One training hop of each model over ``shard`` (rows in each member's own order);
+        each model's ``rng`` is left at its state after the hop. Returns each one's sums."""
+
+    @abstractmethod
+    def evaluate(
+        self, models: list[ModelInHand], shard: Shard, device: torch.device
+    ) -> list[HopStats]:
+        """Each model's loss and metrics over every row of ``shard`` (nothing changes)."""
