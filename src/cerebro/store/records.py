@@ -15,6 +15,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import pandas as pd
@@ -191,15 +192,52 @@ def reader_url(file: str) -> str | URL:
     return URL.create("sqlite", database=database, query={"uri": "true"})
 
 
-def sqlite_problem(file: str) -> str | None:
-    """Why a SQLite file holds no readable cerebro experiment, e.g. ``"missing (no cerebro.db)"``,
+class Fault(Enum):
+    """Why a SQLite file holds no readable cerebro experiment."""
+
+    MISSING = "missing"
+    EMPTY = "empty"
+    UNREADABLE = "unreadable"
+    FOREIGN = "not cerebro's"  # another program's database: never cerebro's to delete
+
+
+@dataclass(frozen=True)
+class RecordsProblem:
+    """A SQLite file that holds no readable cerebro experiment: its :class:`Fault` and what
+    was found. ``str()`` says both, e.g. ``"missing (no cerebro.db)"``."""
+
+    fault: Fault
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.fault.value} ({self.detail})"
+
+
+def sqlite_problem(file: str) -> RecordsProblem | None:
+    """Why a SQLite file holds no readable cerebro experiment, e.g. ``missing (no cerebro.db)``,
     or None if it holds one. Found without writing anything."""
+    problem = _file_problem(file)
+    if problem is not None:
+        return problem
+    engine = open_engine(reader_url(file), create=False)
+    try:
+        return _tables_problem(engine, os.path.basename(file))
+    finally:
+        engine.dispose()
+
+
+def _file_problem(file: str) -> RecordsProblem | None:
+    """A file that is missing or empty (found without opening it)."""
     name = os.path.basename(file)
     if not os.path.isfile(file):
-        return f"missing (no {name})"
+        return RecordsProblem(Fault.MISSING, f"no {name}")
     if os.path.getsize(file) == 0:
-        return f"empty ({name} has 0 bytes: it holds no experiment)"
-    engine = open_engine(reader_url(file), create=False)
+        return RecordsProblem(Fault.EMPTY, f"{name} has 0 bytes: it holds no experiment")
+    return None
+
+
+def _tables_problem(engine: Engine, name: str) -> RecordsProblem | None:
+    """What a SQLite database opened by a reader's ``engine`` lacks to hold an experiment."""
     count = 0
     try:
         with engine.connect() as conn:
@@ -208,14 +246,16 @@ def sqlite_problem(file: str) -> str | None:
             if "experiments" in names:
                 count = conn.execute(select(func.count()).select_from(experiments)).scalar_one()
     except SQLAlchemyError as e:
-        return f"unreadable ({name} is not a cerebro database or is damaged: {database_cause(e)})"
-    finally:
-        engine.dispose()
+        return RecordsProblem(
+            Fault.UNREADABLE, f"{name} is not a cerebro database or is damaged: {database_cause(e)}"
+        )
     if names and "experiments" not in names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        return f"not cerebro's ({name} is not a cerebro database: its tables are {shown})"
+        return RecordsProblem(
+            Fault.FOREIGN, f"{name} is not a cerebro database: its tables are {shown}"
+        )
     if not names or not count:
-        return f"empty ({name} holds no experiment)"
+        return RecordsProblem(Fault.EMPTY, f"{name} holds no experiment")
     return None
 
 
