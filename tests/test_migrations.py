@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import old_records_build as fixture
@@ -458,3 +460,27 @@ def test_postgres_store_of_a_newer_cerebro_is_refused(postgres_url):
     with pytest.raises(RecordsTooNew) as caught:
         open_engine(url)
     assert shown in str(caught.value) and "unused" not in str(caught.value)  # no password
+
+
+OPEN_CURRENT = """
+import sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from cerebro.store.records import RecordStore, open_engine, sqlite_url
+RecordStore.create(sqlite_url(sys.argv[1]), "x", {}).close()  # a new store: stamped, no Alembic
+statements = []
+event.listen(Engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+open_engine(sqlite_url(sys.argv[1])).dispose()
+print(len(statements), [s.split()[0] for s in statements], "alembic" in sys.modules)
+"""
+
+
+def test_opening_a_current_store_is_one_version_query_without_alembic(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", OPEN_CURRENT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "['BEGIN',", "'SELECT']", "False"], done.stdout
