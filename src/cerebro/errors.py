@@ -37,6 +37,28 @@ class ConfigError(CerebroError, ValueError):
         super().__init__(message)
 
 
+class RecordsTooNew(ConfigError):
+    """Records whose schema version this Cerebro does not know: a newer Cerebro wrote them.
+
+    Example:
+        >>> raise RecordsTooNew("x/cerebro.db", "0003", "0002")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cerebro.errors.RecordsTooNew: records at x/cerebro.db are schema version 3, newer than ...
+    """
+
+    def __init__(self, where: str, found: str, supported: str) -> None:
+        self.argument, self.value, self.hint = "records", where, ""
+        self.found, self.supported = found, supported
+        shown = [str(int(r)) if r.isdigit() else repr(r) for r in (found, supported)]
+        self.accepted = f"records of schema version {shown[1]} or older"
+        CerebroError.__init__(
+            self,
+            f"records at {where} are schema version {shown[0]}, newer than this Cerebro's "
+            f"{shown[1]}: upgrade cerebro (pip install -U cerebro) to open them",
+        )
+
+
 class WorkerError(CerebroError, RuntimeError):
     """A worker process stopped or could not start."""
 

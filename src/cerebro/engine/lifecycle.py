@@ -199,6 +199,7 @@ class Lifecycle:
             load_s=hop.load_s,
             save_s=None,
             metrics=hop.means(),
+            unit=hop.unit,
         )
 
     def unit_finished(self, model: ModelRun, worker_id: int) -> None:

@@ -99,7 +99,8 @@ class Result:
         """Run-level events, oldest first: e.g. ``{"kind": "worker_lost", "detail": {...}}``."""
         self.hops: pd.DataFrame = records.hops
         """Every unit run: model_id, epoch, kind ("train"/"eval"), shard, worker, start, end
-        (seconds since the experiment started), rows, load_s, save_s, metrics."""
+        (seconds since the experiment started), rows, load_s, save_s, metrics, unit (the id of
+        the unit that ran it; missing in records from before units had ids)."""
 
     @property
     def history(self) -> pd.DataFrame:

@@ -8,7 +8,7 @@ after :func:`check_claim` has let a run take the path.
 
 Example:
     >>> held = survey("runs/never-made", "runs/never-made/checkpoints", own_records=True)
-    >>> held.records, held.checkpoints, held.foreign
+    >>> str(held.records), held.checkpoints, held.foreign
     ('missing (no cerebro.db)', [], [])
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 from .. import files
 from ..errors import ConfigError
 from ..kinds import ExperimentStatus
-from .records import sqlite_file, sqlite_problem
+from .records import Fault, RecordsProblem, sqlite_file, sqlite_problem
 
 LOCK_FILE = ".lock"
 _RECORD_FILES = ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm", "cerebro.db-journal")
@@ -43,14 +43,14 @@ class Holdings:
         path: the experiment path.
         checkpoint_dir: where its models' states and checkpoints live.
         records: None if the records at ``path`` hold an experiment (or live in ``storage``),
-            else why not, e.g. ``"missing (no cerebro.db)"``, ``"empty (cerebro.db has 0 bytes)"``.
+            else why not, e.g. ``missing (no cerebro.db)``, ``empty (cerebro.db has 0 bytes)``.
         checkpoints: the ``model-NNNNN`` folders in ``checkpoint_dir`` that hold files.
         foreign: entries of ``path`` that cerebro did not write (a person's files).
     """
 
     path: str
     checkpoint_dir: str
-    records: str | None
+    records: RecordsProblem | None
     checkpoints: list[str]
     foreign: list[str]
 
@@ -59,7 +59,7 @@ class Holdings:
         """Whether cerebro left anything here besides an experiment the records hold: a
         cerebro.db that holds none (empty, unreadable), or models' states. The caller knows
         whether the records (at ``path`` or in ``storage``) hold this experiment."""
-        own_db = self.records is not None and not self.records.startswith("missing")
+        own_db = self.records is not None and self.records.fault is not Fault.MISSING
         return own_db or bool(self.checkpoints)
 
 
@@ -93,8 +93,9 @@ def check_claim(held: Holdings, has_records: bool, overwrite: bool) -> None:
             the one that made them); records that are not cerebro's, or unreadable; with
             ``overwrite``, a path that holds someone else's files and nothing of cerebro's.
     """
-    records = held.records or ""
-    if records.startswith("not cerebro's"):  # another program's database: never ours to delete
+    records = held.records
+    fault = records.fault if records is not None else None
+    if fault is Fault.FOREIGN:  # another program's database: never ours to delete
         raise ConfigError(
             "path",
             held.path,
@@ -103,7 +104,11 @@ def check_claim(held: Holdings, has_records: bool, overwrite: bool) -> None:
         )
     recovery = "restore cerebro.db from a backup, move {} away, or pass overwrite=True to delete {}"
     if held.checkpoints and not has_records and not overwrite:
-        where = f"their records are {records}" if records else "the storage holds no record of them"
+        where = (
+            f"their records are {records}"
+            if records is not None
+            else "the storage holds no record of them"
+        )
         raise ConfigError(
             "path",
             held.path,
@@ -112,7 +117,7 @@ def check_claim(held: Holdings, has_records: bool, overwrite: bool) -> None:
             f"({_shown(held.checkpoints)}), but {where}: nothing was written or deleted; "
             + recovery.format("the checkpoints", "them"),
         )
-    if records.startswith("unreadable") and not overwrite:
+    if fault is Fault.UNREADABLE and not overwrite:
         raise ConfigError(
             "path",
             held.path,

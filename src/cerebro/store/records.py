@@ -1,8 +1,11 @@
 """Experiment records through SQLAlchemy: SQLite file by default, any SQLAlchemy URL otherwise.
 
 Tables: ``experiments``, ``models`` (params, status, error), ``epochs`` (metrics of each model and
-epoch) and ``hops`` (every unit a worker ran: model, epoch, kind, shard, worker, times, rows,
-metrics). Search decisions and results are derived from these rows.
+epoch) and ``hops`` (every unit a worker ran: model, epoch, kind, shard, worker, unit, times,
+rows, metrics). Search decisions and results are derived from these rows.
+
+The tables carry a schema version (:mod:`.schema`): a writer's :func:`open_engine` upgrades an
+older store, a reader reads it as it is, and both refuse a store written by a newer Cerebro.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import pandas as pd
@@ -32,6 +36,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    null,
     select,
     update,
 )
@@ -39,6 +44,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..errors import ConfigError, first_line, shown_url
+from . import schema
 
 metadata = MetaData()
 
@@ -94,6 +100,7 @@ hops = Table(
     Column("load_s", Float, nullable=False),
     Column("save_s", Float),
     Column("metrics", JSON, nullable=False),
+    Column("unit", Integer),  # the id of the unit that ran it (None: recorded before version 2)
 )
 
 checkpoints = Table(
@@ -150,6 +157,7 @@ HOP_COLUMNS = [
     "load_s",
     "save_s",
     "metrics",
+    "unit",
 ]
 
 
@@ -191,15 +199,52 @@ def reader_url(file: str) -> str | URL:
     return URL.create("sqlite", database=database, query={"uri": "true"})
 
 
-def sqlite_problem(file: str) -> str | None:
-    """Why a SQLite file holds no readable cerebro experiment, e.g. ``"missing (no cerebro.db)"``,
+class Fault(Enum):
+    """Why a SQLite file holds no readable cerebro experiment."""
+
+    MISSING = "missing"
+    EMPTY = "empty"
+    UNREADABLE = "unreadable"
+    FOREIGN = "not cerebro's"  # another program's database: never cerebro's to delete
+
+
+@dataclass(frozen=True)
+class RecordsProblem:
+    """A SQLite file that holds no readable cerebro experiment: its :class:`Fault` and what
+    was found. ``str()`` says both, e.g. ``"missing (no cerebro.db)"``."""
+
+    fault: Fault
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.fault.value} ({self.detail})"
+
+
+def sqlite_problem(file: str) -> RecordsProblem | None:
+    """Why a SQLite file holds no readable cerebro experiment, e.g. ``missing (no cerebro.db)``,
     or None if it holds one. Found without writing anything."""
+    problem = _file_problem(file)
+    if problem is not None:
+        return problem
+    engine = open_engine(reader_url(file), create=False)
+    try:
+        return _tables_problem(engine, os.path.basename(file))
+    finally:
+        engine.dispose()
+
+
+def _file_problem(file: str) -> RecordsProblem | None:
+    """A file that is missing or empty (found without opening it)."""
     name = os.path.basename(file)
     if not os.path.isfile(file):
-        return f"missing (no {name})"
+        return RecordsProblem(Fault.MISSING, f"no {name}")
     if os.path.getsize(file) == 0:
-        return f"empty ({name} has 0 bytes: it holds no experiment)"
-    engine = open_engine(reader_url(file), create=False)
+        return RecordsProblem(Fault.EMPTY, f"{name} has 0 bytes: it holds no experiment")
+    return None
+
+
+def _tables_problem(engine: Engine, name: str) -> RecordsProblem | None:
+    """What a SQLite database opened by a reader's ``engine`` lacks to hold an experiment."""
     count = 0
     try:
         with engine.connect() as conn:
@@ -208,14 +253,16 @@ def sqlite_problem(file: str) -> str | None:
             if "experiments" in names:
                 count = conn.execute(select(func.count()).select_from(experiments)).scalar_one()
     except SQLAlchemyError as e:
-        return f"unreadable ({name} is not a cerebro database or is damaged: {database_cause(e)})"
-    finally:
-        engine.dispose()
+        return RecordsProblem(
+            Fault.UNREADABLE, f"{name} is not a cerebro database or is damaged: {database_cause(e)}"
+        )
     if names and "experiments" not in names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        return f"not cerebro's ({name} is not a cerebro database: its tables are {shown})"
+        return RecordsProblem(
+            Fault.FOREIGN, f"{name} is not a cerebro database: its tables are {shown}"
+        )
     if not names or not count:
-        return f"empty ({name} holds no experiment)"
+        return RecordsProblem(Fault.EMPTY, f"{name} holds no experiment")
     return None
 
 
@@ -259,9 +306,14 @@ def normalize_url(url: str) -> str:
 def open_engine(url: str | URL, create: bool = True) -> Engine:
     """A SQLAlchemy engine; SQLite files use WAL so readers never block the run.
 
-    ``create`` makes missing tables and sets WAL mode (a writer's job). Readers pass False and
-    write nothing: WAL mode is kept in the file by its writer, and an archived run may be
-    read-only.
+    ``create``: a writer's engine. It sets WAL mode and brings the records to this code's
+    schema version (:func:`schema.upgrade`: tables made in an empty database, an older store
+    upgraded; one version query when it is current). Readers pass False: the engine writes
+    nothing (WAL mode is kept in the file by its writer, and an archived run may be read-only)
+    and does not look at the records yet (see :meth:`RecordStore.find`).
+
+    Raises:
+        RecordsTooNew: with ``create``, records written by a newer Cerebro.
     """
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
@@ -280,10 +332,15 @@ def open_engine(url: str | URL, create: bool = True) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            # A migration asks for BEGIN IMMEDIATE: the write lock before its first read.
+            conn.exec_driver_sql(conn.get_execution_options().get("cerebro_begin", "BEGIN"))
 
     if create:
-        metadata.create_all(engine)
+        try:
+            schema.upgrade(engine, metadata, schema.describe(engine))
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
 
 
@@ -294,9 +351,13 @@ class RecordStore:
         >>> store = RecordStore.create("sqlite:///runs/x/cerebro.db", "x", {})  # doctest: +SKIP
     """
 
-    def __init__(self, engine: Engine, experiment_id: int) -> None:
+    def __init__(
+        self, engine: Engine, experiment_id: int, absent: frozenset[str] = frozenset()
+    ) -> None:
         self.engine = engine
         self.experiment_id = experiment_id
+        # Columns an older store (opened by a reader, which never upgrades) lacks: read as None.
+        self.absent = absent
 
     @classmethod
     def create(cls, url: str, name: str, config: dict[str, Any]) -> RecordStore:
@@ -320,20 +381,18 @@ class RecordStore:
         experiment folder holding ``cerebro.db`` or at a database URL, and its row.
 
         A reader's: it makes no table and sets no mode (an empty or foreign file stays as it
-        is), and opens a read-only archived run.
+        is), opens a read-only archived run, and never upgrades the schema: records of an older
+        version are read as they are (columns added since read as None), one SQLite file is
+        opened once.
+
+        Raises:
+            ConfigError: no readable experiment there; RecordsTooNew (a ConfigError) for
+                records written by a newer Cerebro.
         """
         text = os.fspath(path_or_url)
         if "://" in text:
             url: str | URL = normalize_url(text)
         elif os.path.isfile(sqlite_file(text)):
-            problem = sqlite_problem(sqlite_file(text))
-            if problem is not None:
-                raise ConfigError(
-                    "path_or_url",
-                    text,
-                    "an experiment folder whose cerebro.db holds a cerebro experiment",
-                    hint=f"its records are {problem}",
-                )
             url = reader_url(sqlite_file(text))
         else:
             raise ConfigError(
@@ -341,23 +400,47 @@ class RecordStore:
             )
         try:
             engine = open_engine(url, create=False)
-            rows = cls.list_experiments(engine)
         except SQLAlchemyError as e:
             raise ConfigError(
                 "path_or_url", shown_url(text), "a reachable Cerebro database", hint=first_line(e)
             ) from e
-        if not rows:
+        try:
+            if "://" not in text:
+                file = sqlite_file(text)
+                problem = _file_problem(file) or _tables_problem(engine, os.path.basename(file))
+                if problem is not None:
+                    raise ConfigError(
+                        "path_or_url",
+                        text,
+                        "an experiment folder whose cerebro.db holds a cerebro experiment",
+                        hint=f"its records are {problem}",
+                    )
+            try:
+                revision = schema.check(engine, schema.describe(engine))
+                absent = schema.absent_columns(engine, metadata, revision)
+                rows = cls.list_experiments(engine, absent)
+            except SQLAlchemyError as e:
+                raise ConfigError(
+                    "path_or_url",
+                    shown_url(text),
+                    "a reachable Cerebro database",
+                    hint=first_line(e),
+                ) from e
+            if not rows:
+                raise ConfigError(
+                    "path_or_url", shown_url(text), "a database that holds a cerebro experiment"
+                )
+            if experiment is not None:
+                rows = [r for r in rows if experiment in (r["id"], r["name"])]
+            if not rows:
+                raise ConfigError(
+                    "experiment", experiment, "an experiment recorded in that database"
+                )
+        except BaseException:
             engine.dispose()
-            raise ConfigError(
-                "path_or_url", shown_url(text), "a database that holds a cerebro experiment"
-            )
-        if experiment is not None:
-            rows = [r for r in rows if experiment in (r["id"], r["name"])]
-        if not rows:
-            engine.dispose()
-            raise ConfigError("experiment", experiment, "an experiment recorded in that database")
+            raise
         row = max(rows, key=lambda r: r["id"])
-        return cls(engine, row["id"]), row
+        return cls(engine, row["id"], absent), row
 
     @staticmethod
     def delete_experiment(engine: Engine, experiment_id: int) -> None:
@@ -368,10 +451,13 @@ class RecordStore:
             conn.execute(delete(experiments).where(experiments.c.id == experiment_id))
 
     @staticmethod
-    def list_experiments(engine: Engine) -> list[dict[str, Any]]:
+    def list_experiments(
+        engine: Engine, absent: frozenset[str] = frozenset()
+    ) -> list[dict[str, Any]]:
         """Every experiment recorded in a database, oldest first."""
+        query = select(*readable(experiments, absent)).order_by(experiments.c.id)
         with engine.begin() as conn:
-            rows = conn.execute(select(experiments).order_by(experiments.c.id)).mappings().all()
+            rows = conn.execute(query).mappings().all()
         return [dict(r) for r in rows]
 
     def set_experiment_status(self, status: str) -> None:
@@ -485,9 +571,42 @@ class RecordStore:
             if event is not None:
                 self._insert_event(conn, *event)
 
-    def add_hop(self, **values: Any) -> None:
+    def add_hop(
+        self,
+        *,
+        model_id: int,
+        epoch: int,
+        kind: str,
+        shard: int,
+        worker: int,
+        start: float,
+        end: float,
+        rows: int,
+        load_s: float,
+        save_s: float | None,
+        metrics: dict[str, float],
+        unit: int | None = None,
+    ) -> None:
+        """Record a hop: what ``worker`` ran of ``model_id`` on ``shard`` (``kind`` "train" or
+        "eval") in ``epoch``, as part of unit ``unit`` (its id; None when not known)."""
         with self.engine.begin() as conn:
-            conn.execute(insert(hops).values(experiment_id=self.experiment_id, **values))
+            conn.execute(
+                insert(hops).values(
+                    experiment_id=self.experiment_id,
+                    model_id=model_id,
+                    epoch=epoch,
+                    kind=kind,
+                    shard=shard,
+                    worker=worker,
+                    start=start,
+                    end=end,
+                    rows=rows,
+                    load_s=load_s,
+                    save_s=save_s,
+                    metrics=metrics,
+                    unit=unit,
+                )
+            )
 
     def add_event(self, kind: str, **detail: Any) -> None:
         """Something that happened to the run as a whole (e.g. a worker was lost)."""
@@ -536,7 +655,7 @@ class RecordStore:
         self, pending_only: bool = False, control_id: int | None = None
     ) -> list[dict[str, Any]]:
         """Control requests (all, the pending ones, or one), oldest first."""
-        query = select(controls).order_by(controls.c.id)
+        query = select(*readable(controls, self.absent)).order_by(controls.c.id)
         if pending_only:
             query = query.where(controls.c.state == "pending")
         if control_id is not None:
@@ -660,13 +779,17 @@ class RecordStore:
         )
         with self.engine.connect().execution_options(**options) as conn, conn.begin():
             experiment = dict(
-                conn.execute(select(experiments).where(experiments.c.id == self.experiment_id))
+                conn.execute(
+                    select(*readable(experiments, self.absent)).where(
+                        experiments.c.id == self.experiment_id
+                    )
+                )
                 .mappings()
                 .one()
             )
 
             def rows(table: Table, columns: list[str] | None, *order: str) -> list[dict[str, Any]]:
-                chosen = [table.c[c] for c in columns] if columns else [table]
+                chosen = readable(table, self.absent, columns)
                 query = (
                     select(*chosen)
                     .where(table.c.experiment_id == self.experiment_id)
@@ -681,6 +804,7 @@ class RecordStore:
             hop_rows = rows(hops, HOP_COLUMNS, "id")
             control_rows = rows(controls, None, "id")
         frame = pd.DataFrame(hop_rows, columns=HOP_COLUMNS)
+        frame["unit"] = frame["unit"].astype("Int64")  # None for hops recorded without one
         frame["start"] = frame["start"] - experiment["created"]
         frame["end"] = frame["end"] - experiment["created"]
         return Snapshot(
@@ -695,14 +819,19 @@ class RecordStore:
 
     def models(self) -> list[dict[str, Any]]:
         """This experiment's model rows (one table read, not a whole snapshot)."""
-        return self._rows(select(models).order_by(models.c.model_id), models)
+        return self._rows(
+            select(*readable(models, self.absent)).order_by(models.c.model_id), models
+        )
 
     def epochs(self) -> list[dict[str, Any]]:
-        return self._rows(select(epochs).order_by(epochs.c.model_id, epochs.c.epoch), epochs)
+        query = select(*readable(epochs, self.absent)).order_by(epochs.c.model_id, epochs.c.epoch)
+        return self._rows(query, epochs)
 
     def experiment(self) -> dict[str, Any]:
         """This experiment's own row: name, status, config."""
-        query = select(experiments).where(experiments.c.id == self.experiment_id)
+        query = select(*readable(experiments, self.absent)).where(
+            experiments.c.id == self.experiment_id
+        )
         with self.engine.begin() as conn:
             return dict(conn.execute(query).mappings().one())
 
@@ -713,6 +842,15 @@ class RecordStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def readable(table: Table, absent: frozenset[str], columns: list[str] | None = None) -> list[Any]:
+    """The columns of ``table`` to select (all, or those named): those that an older store
+    lacks (``absent``, as ``"table.column"``) are read as NULL under their name."""
+    names = columns if columns is not None else list(table.columns.keys())
+    return [
+        null().label(name) if f"{table.name}.{name}" in absent else table.c[name] for name in names
+    ]
 
 
 def jsonable(value: Any) -> Any:
