@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int
 from ..kinds import UnitKind
 from ..state import HopRecord
 from ..techniques import Technique
@@ -52,7 +52,12 @@ class Unit:
 
     def __post_init__(self) -> None:
         if not self.members:
-            raise ValueError("a unit holds at least one model")
+            raise ValueError(f"unit {self.unit_id} holds no model: a unit holds one or more")
+        ids = [m.model_id for m in self.members]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"unit {self.unit_id} holds a model more than once: {sorted(ids)}")
+        object.__setattr__(self, "kind", UnitKind(self.kind))  # frozen: normalized once here
+        object.__setattr__(self, "technique", Technique(self.technique))
 
     @property
     def model_ids(self) -> tuple[int, ...]:
@@ -189,12 +194,8 @@ class Backend(ABC):
 
 def check_worker_options(threads_per_worker: Any, model_cache_mb: Any) -> None:
     """The options every backend's workers take: refuse bad values before anything starts."""
-    if threads_per_worker is not None and (
-        not isinstance(threads_per_worker, int) or threads_per_worker < 1
-    ):
-        raise ConfigError("threads_per_worker", threads_per_worker, "an integer >= 1 or None")
-    if not isinstance(model_cache_mb, int) or model_cache_mb < 0:
-        raise ConfigError("model_cache_mb", model_cache_mb, "an integer >= 0 (MiB)")
+    check_int("threads_per_worker", threads_per_worker, minimum=1, allow_none=True)
+    check_int("model_cache_mb", model_cache_mb, minimum=0, unit="MiB")
 
 
 def check_workers_fit_shards(workers: int, num_shards: int) -> None:

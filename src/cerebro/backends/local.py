@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, WorkerError
+from ..errors import ConfigError, WorkerError, check_int
 from .allocator import tune_malloc_for_training
 from .base import (
     Backend,
@@ -75,8 +75,7 @@ class LocalBackend(Backend):
         model_cache_mb: int = 1024,
         worker_timeout: float | None = None,
     ) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ConfigError("workers", workers, "an integer >= 1")
+        check_int("workers", workers, minimum=1)
         self.devices = _check_devices(devices)
         check_worker_options(threads_per_worker, model_cache_mb)
         self.workers = workers

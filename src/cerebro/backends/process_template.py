@@ -38,7 +38,13 @@ from typing import Any
 from ..errors import WorkerError
 
 # What the template loads before forking: everything a worker needs for its first unit.
-_PRELOAD = ("torch", "torch._dynamo", "pyarrow.parquet", "cerebro.backends.worker")
+_PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "pyarrow.parquet",
+    "cerebro.backends.worker",
+    "cerebro.techniques.plain",  # imported by a worker's first unit
+)
 _BOOT_TIMEOUT_S = 300.0
 
 

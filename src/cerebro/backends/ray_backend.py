@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, WorkerError
+from ..errors import ConfigError, WorkerError, check_int, check_number
 from ..kinds import UnitKind
 from .allocator import tune_malloc_for_training
 from .base import (
@@ -115,16 +115,9 @@ class RayBackend(Backend):
             ) from e
         if address is not None and (not isinstance(address, str) or not address.strip()):
             raise ConfigError("address", address, 'None, "auto", "host:port" or "ray://host:port"')
-        if workers is not None and (
-            not isinstance(workers, int) or isinstance(workers, bool) or workers < 1
-        ):
-            raise ConfigError("workers", workers, "an integer >= 1, or None for all that fit")
-        for name, value in (
-            ("gpus_per_worker", gpus_per_worker),
-            ("cpus_per_worker", cpus_per_worker),
-        ):
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-                raise ConfigError(name, value, "a number >= 0")
+        check_int("workers", workers, minimum=1, allow_none=True, hint="None: all that fit")
+        check_number("gpus_per_worker", gpus_per_worker, minimum=0)
+        check_number("cpus_per_worker", cpus_per_worker, minimum=0)
         if cpus_per_worker == 0 and gpus_per_worker == 0:
             raise ConfigError(
                 "cpus_per_worker", cpus_per_worker, "a number > 0 when gpus_per_worker is 0"

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_number
 
 HEARTBEAT_S = 1.0
 DEFAULT_FLOOR_S = 30.0
@@ -31,11 +31,7 @@ def check_worker_timeout(worker_timeout: float | None) -> float | None:
     """Refuse a bad ``worker_timeout`` before anything starts."""
     if worker_timeout is None:
         return None
-    if (
-        not isinstance(worker_timeout, int | float)
-        or isinstance(worker_timeout, bool)
-        or not worker_timeout > 2 * HEARTBEAT_S
-    ):
+    if not is_number(worker_timeout) or not worker_timeout > 2 * HEARTBEAT_S:
         raise ConfigError(
             "worker_timeout",
             worker_timeout,

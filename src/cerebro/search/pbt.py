@@ -123,14 +123,19 @@ def perturb(
     return result
 
 
+def _check_name_list(argument: str, mutable: Any) -> list[str]:
+    """A list (or other iterable, not a string) of parameter names."""
+    if isinstance(mutable, str) or not isinstance(mutable, Iterable):
+        raise ConfigError(argument, mutable, "a list of parameter names of the space")
+    return list(mutable)
+
+
 def _mutable_names(
     dims: Mapping[str, Dimension], mutable: Iterable[str] | None, argument: str
 ) -> frozenset[str]:
     if mutable is None:
         return frozenset(name for name, dim in dims.items() if not _fixed(dim))
-    if isinstance(mutable, str) or not isinstance(mutable, Iterable):
-        raise ConfigError(argument, mutable, "a list of parameter names of the space")
-    names = list(mutable)
+    names = _check_name_list(argument, mutable)
     unknown = [n for n in names if not isinstance(n, str) or n not in dims]
     if unknown:
         raise ConfigError(
@@ -240,9 +245,9 @@ class PBT(Search, Scheduler):
             raise ConfigError("quantile", quantile, "a number in (0, 0.5]")
         self.quantile: float = float(quantile)
         self.seed: int = check_int("seed", seed)
-        if mutable is not None and (isinstance(mutable, str) or not isinstance(mutable, Iterable)):
-            raise ConfigError("mutable", mutable, "a list of parameter names of the space")
-        self._mutable_given: tuple[str, ...] | None = None if mutable is None else tuple(mutable)
+        self._mutable_given: tuple[str, ...] | None = (
+            None if mutable is None else tuple(_check_name_list("mutable", mutable))
+        )
         self.mutable: tuple[str, ...] = ()
         if self._own_space is not None:
             self.mutable = self._mutable_of(self._own_space)

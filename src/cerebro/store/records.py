@@ -44,6 +44,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..errors import ConfigError, first_line, shown_url
+from ..kinds import ControlState, ExperimentStatus
 from . import schema
 
 metadata = MetaData()
@@ -144,7 +145,6 @@ controls = Table(
     Column("error", Text),
 )
 
-MODEL_STATUSES = ("running", "paused", "completed", "failed", "stopped", "pruned")
 HOP_COLUMNS = [
     "model_id",
     "epoch",
@@ -365,7 +365,10 @@ class RecordStore:
         with engine.begin() as conn:
             result = conn.execute(
                 insert(experiments).values(
-                    name=name, created=time.time(), status="running", config=jsonable(config)
+                    name=name,
+                    created=time.time(),
+                    status=ExperimentStatus.RUNNING.value,
+                    config=jsonable(config),
                 )
             )
             key = result.inserted_primary_key
@@ -484,8 +487,11 @@ class RecordStore:
         with self.engine.begin() as conn:
             changed = conn.execute(
                 update(experiments)
-                .where(experiments.c.id == self.experiment_id, experiments.c.status == "running")
-                .values(status="interrupted")
+                .where(
+                    experiments.c.id == self.experiment_id,
+                    experiments.c.status == ExperimentStatus.RUNNING.value,
+                )
+                .values(status=ExperimentStatus.INTERRUPTED.value)
             ).rowcount
             if changed:
                 note = "the previous driver ended without recording it (killed, or its host died)"
@@ -644,7 +650,7 @@ class RecordStore:
                     model_id=model_id,
                     params=jsonable(params) if params is not None else None,
                     options=jsonable(options or {}),
-                    state="pending",
+                    state=ControlState.PENDING.value,
                 )
             )
             key = result.inserted_primary_key
@@ -657,7 +663,7 @@ class RecordStore:
         """Control requests (all, the pending ones, or one), oldest first."""
         query = select(*readable(controls, self.absent)).order_by(controls.c.id)
         if pending_only:
-            query = query.where(controls.c.state == "pending")
+            query = query.where(controls.c.state == ControlState.PENDING.value)
         if control_id is not None:
             query = query.where(controls.c.id == control_id)
         return self._rows(query, controls)
@@ -673,7 +679,7 @@ class RecordStore:
         with self.engine.begin() as conn:
             conn.execute(
                 update(controls)
-                .where(controls.c.id == control_id, controls.c.state == "pending")
+                .where(controls.c.id == control_id, controls.c.state == ControlState.PENDING.value)
                 .values(
                     state=state,
                     settled=time.time(),
