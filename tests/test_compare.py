@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "compare.py")
 APPROACHES = (
@@ -42,6 +44,7 @@ def _markdown_table(text: str, heading: str) -> list[dict[str, str]]:
     return [dict(zip(header, row, strict=True)) for row in body]
 
 
+@pytest.mark.slow  # a minute: every approach end to end (the default run stays under 10 minutes)
 def test_quick_run_writes_a_row_per_approach_plots_and_every_metric(tmp_path):
     done = _compare("--quick", "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -99,6 +99,7 @@ def test_workers_are_spread_over_nodes(cluster, digits, tmp_path):
         backend.shutdown()
 
 
+@pytest.mark.slow  # 40 s: a node stopped mid-run (the default run stays under 10 minutes)
 def test_losing_a_node_mid_run_gives_identical_results(cluster, digits, tmp_path, reference):
     backend = _cluster_backend(cluster, workers=2)
     path = tmp_path / "run"
