@@ -139,7 +139,8 @@ def check_int(
     ok = is_int(value)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
-        raise ConfigError(argument, value, _int_range(minimum, maximum, unit, allow_none), hint)
+        accepted = _in_range("an integer", "an integer", minimum, maximum, unit)
+        raise ConfigError(argument, value, accepted + (" or None" if allow_none else ""), hint)
     return int(value)
 
 
@@ -162,15 +163,8 @@ def check_number(
     ok = is_number(value)
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
-        if minimum is not None and maximum is not None:
-            accepted = f"a number in [{minimum}, {maximum}]"
-        elif minimum is not None:
-            accepted = f"a number >= {minimum}"
-        elif maximum is not None:
-            accepted = f"a number <= {maximum}"
-        else:
-            accepted = "a finite number"
-        raise ConfigError(argument, value, accepted + (f" ({unit})" if unit else ""), hint)
+        accepted = _in_range("a number", "a finite number", minimum, maximum, unit)
+        raise ConfigError(argument, value, accepted, hint)
     return float(value)
 
 
@@ -194,18 +188,19 @@ def _is_numpy_bool(value: Any) -> bool:
     return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
 
 
-def _int_range(minimum: int | None, maximum: int | None, unit: str, allow_none: bool) -> str:
+def _in_range(
+    kind: str, unbounded: str, minimum: float | None, maximum: float | None, unit: str
+) -> str:
+    """What a bounded check accepts, e.g. "an integer >= 1 (epochs)", "a number in [0, 1]"."""
     if minimum is not None and maximum is not None:
-        text = f"an integer in [{minimum}, {maximum}]"
+        text = f"{kind} in [{minimum}, {maximum}]"
     elif minimum is not None:
-        text = f"an integer >= {minimum}"
+        text = f"{kind} >= {minimum}"
     elif maximum is not None:
-        text = f"an integer <= {maximum}"
+        text = f"{kind} <= {maximum}"
     else:
-        text = "an integer"
-    if unit:
-        text += f" ({unit})"
-    return text + (" or None" if allow_none else "")
+        text = unbounded
+    return text + (f" ({unit})" if unit else "")
 
 
 def first_line(error: BaseException) -> str:

@@ -118,7 +118,8 @@ class WorkerRuntime:
         try:
             runner = runner_for(unit.technique)
             runner.check(len(unit.members))
-            models = [self._bring_in(m, states.get(m.model_id)) for m in unit.members]
+            in_unit = frozenset(unit.model_ids)
+            models = [self._bring_in(m, states.get(m.model_id), in_unit) for m in unit.members]
             load_s = time.time() - received
             shard = self.data[("train" if unit.kind is UnitKind.TRAIN else "val", unit.shard)]
             start = time.time()
@@ -153,7 +154,7 @@ class WorkerRuntime:
                     )
                     # The optimizer state may have just been created: measured again.
                     model.nbytes = _nbytes(model.spec)
-                self._evict()
+                self._evict(in_unit)
                 save = self.save_job(unit, snapshots)
         except Exception:
             # The models' objects may be half-updated: forget them, the last saved states are
@@ -165,7 +166,9 @@ class WorkerRuntime:
             ), None
         return done, save
 
-    def _bring_in(self, member: UnitMember, state: dict[str, Any] | None) -> ModelInHand:
+    def _bring_in(
+        self, member: UnitMember, state: dict[str, Any] | None, in_unit: frozenset[int]
+    ) -> ModelInHand:
         entry = self._cache.get(member.model_id)
         if entry is not None and not self.needs_state(member):
             self._cache.move_to_end(member.model_id)
@@ -198,14 +201,17 @@ class WorkerRuntime:
         )
         self._cache[member.model_id] = entry
         self._cache.move_to_end(member.model_id)
-        self._evict()
+        self._evict(in_unit)
         return entry
 
-    def _evict(self) -> None:
-        """Drop least recently used models until the cache fits its budget (keep the newest)."""
+    def _evict(self, in_unit: frozenset[int]) -> None:
+        """Drop least recently used models until the cache fits its budget; the models of the
+        unit running stay (they are in use)."""
         total = sum(e.nbytes for e in self._cache.values())
-        while len(self._cache) > 1 and total > self.cache_budget:
-            total -= self._cache.popitem(last=False)[1].nbytes
+        for model_id in [i for i in self._cache if i not in in_unit]:  # oldest first
+            if total <= self.cache_budget:
+                break
+            total -= self._cache.pop(model_id).nbytes
 
     def save_job(
         self, unit: Unit, snapshots: dict[int, dict[str, Any]]
