@@ -51,7 +51,7 @@ def test_plain_runner_trains_bit_for_bit_as_one_process(digits):
     spec = training.build_spec(builders.mlp, PARAMS[0], init_seed=None)
     training.restore_state(spec, state, CPU)
     counters = Counters.from_dict(state["counters"])
-    model = ModelInHand(0, spec, 0, {"rng": state["rng"]}, counters, PARAMS[0])
+    model = ModelInHand(0, spec, {"rng": state["rng"]}, counters, PARAMS[0])
     runner = runner_for(Technique.PLAIN)
     for epoch, shard_ids in enumerate(order):
         for i, shard in enumerate(shard_ids):
@@ -79,7 +79,7 @@ def test_plain_runner_refuses_a_group_of_two(digits):
     models = []
     for model_id in (0, 1):
         spec = training.build_spec(builders.mlp, PARAMS[model_id], init_seed=None)
-        models.append(ModelInHand(model_id, spec, 0, {"rng": state["rng"]}, Counters(), {}))
+        models.append(ModelInHand(model_id, spec, {"rng": state["rng"]}, Counters(), {}))
     shard = digits.load_shard("train", 0)
     runner = PlainRunner()
     message = "the plain runner trains one model per unit, not a group of 2"

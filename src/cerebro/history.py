@@ -20,11 +20,6 @@ from typing import Any
 from .errors import is_number
 
 
-def finite(value: Any) -> bool:
-    """A real number that is neither NaN nor infinite (bools are not metric values)."""
-    return is_number(value)
-
-
 def as_finite(value: Any) -> float | None:
     """``value`` as a float if it is a finite number (a string of one too), else None."""
     try:
@@ -56,7 +51,7 @@ def metric_after(history: list[dict[str, float]], metric: str, epochs: int) -> f
 
 def best_epoch(history: list[dict[str, float]], metric: str, mode: str) -> int | None:
     """The epoch with the best finite value of ``metric`` (the first of equal ones)."""
-    scored = [h for h in history if finite(h.get(metric))]
+    scored = [h for h in history if is_number(h.get(metric))]
     if not scored:
         return None
     rank = ranking_key(mode)

@@ -386,8 +386,8 @@ class RayBackend(Backend):
                     self._pending[saved_ref] = ("saved", worker_id, generation, unit)
             else:
                 saved, published = value
-                for member in unit.members:
-                    if saved.ok and member.model_id in published:
+                for member in unit.members:  # published holds refs only of states saved
+                    if member.model_id in published:
                         self._states[member.model_id] = (
                             member.version + 1,
                             published[member.model_id],

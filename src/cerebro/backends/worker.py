@@ -97,7 +97,11 @@ class WorkerRuntime:
         """Whether running a unit with ``member`` will read its state (it is not cached here at
         the member's version): a backend holding the state elsewhere can hand it to :meth:`run`."""
         entry = self._cache.get(member.model_id)
-        return entry is None or entry.params != member.params or entry.version != member.version
+        return (
+            entry is None
+            or entry.params != member.params
+            or entry.counters.version != member.version
+        )
 
     def run(
         self,
@@ -145,12 +149,11 @@ class WorkerRuntime:
             if unit.kind is UnitKind.TRAIN:
                 snapshots = {}
                 for member, model in zip(unit.members, models, strict=True):
-                    model.version = member.version + 1
                     model.counters = model.counters.after_hop(
                         done.hop(unit, member.model_id), epoch=unit.epoch
                     )
                     snapshots[member.model_id] = training.capture_state(
-                        model.spec, {**model.counters.to_dict()}, self.device
+                        model.spec, model.counters.to_dict(), self.device
                     )
                     # The optimizer state may have just been created: measured again.
                     model.nbytes = _nbytes(model.spec)
@@ -191,13 +194,7 @@ class WorkerRuntime:
         training.restore_state(spec, state, self.device)
         rng: dict[str, Any] = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
         entry = ModelInHand(
-            member.model_id,
-            spec,
-            member.version,
-            rng,
-            counters,
-            dict(member.params),
-            _nbytes(spec),
+            member.model_id, spec, rng, counters, dict(member.params), _nbytes(spec)
         )
         self._cache[member.model_id] = entry
         self._cache.move_to_end(member.model_id)

@@ -12,9 +12,9 @@ import pandas as pd
 import torch
 
 from .. import files, training
-from ..errors import ConfigError, first_line
+from ..errors import ConfigError, first_line, is_number
 from ..formatting import format_metric
-from ..history import finite, last_metrics, ranking_key
+from ..history import last_metrics, ranking_key
 from ..kinds import ModelStatus
 from ..store import RecordStore, place
 from ..store.checkpoints import state_path
@@ -113,7 +113,7 @@ class Result:
 
     def ranked(self) -> list[ModelRecord]:
         """Models that reported ``metric``, best first (completed models before the others)."""
-        scored = [m for m in self.models if finite(m.metrics.get(self.metric))]
+        scored = [m for m in self.models if is_number(m.metrics.get(self.metric))]
         rank = ranking_key(self.mode)
         return sorted(
             scored,

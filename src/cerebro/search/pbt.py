@@ -151,17 +151,6 @@ def _probability(value: Any) -> float:
     return check_number("resample_probability", value, minimum=0, maximum=1)
 
 
-def _latest(trial: Trial, metric: str) -> float | None:
-    if not trial.history:
-        return None
-    value = trial.history[-1].get(metric)
-    try:
-        value = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 class PBT(Search, Scheduler):
     """Population-based training: exploit the best members, explore around them.
 
@@ -323,14 +312,14 @@ class PBT(Search, Scheduler):
         if trial.origin is not Origin.SEARCH or done == 0 or done % self.perturb_every:
             return CONTINUE
         metric = context.metric
-        own_value = _latest(trial, metric)
+        own_value = trial.value(metric)
         worst = (math.inf, math.inf)  # a trial whose own latest metric is not finite ranks last
         entries = [(trial, own_value)] + [
             (t, v)
             for t in own_trials(trials)
             if t.model_id != trial.model_id
             and t.status in _RANKED_STATUSES
-            and (v := _latest(t, metric)) is not None
+            and (v := t.value(metric)) is not None
         ]
         entries.sort(
             key=lambda tv: worst if tv[1] is None else (-context.score(tv[1]), tv[0].model_id)

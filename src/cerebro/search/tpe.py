@@ -26,6 +26,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 
 from ..errors import ConfigError, check_int
+from ..history import as_finite
 from ..seeding import derive_seed
 from ..space import (
     Choice,
@@ -216,9 +217,9 @@ class TPESearch(Search):
                 return None
             steps = {}
             for i, entry in enumerate(trial.history):
-                value = entry.get(metric)
-                if value is not None and math.isfinite(value):
-                    steps[int(entry.get("epoch", i))] = float(value)
+                value = as_finite(entry.get(metric))
+                if value is not None:
+                    steps[int(entry.get("epoch", i))] = value
             if not steps:
                 return optuna.trial.create_trial(state=TrialState.FAIL, **kwargs)
             return optuna.trial.create_trial(

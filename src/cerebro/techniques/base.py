@@ -28,17 +28,16 @@ class ModelInHand:
     Attributes:
         model_id: which model.
         spec: its built objects, on the worker's device.
-        version: the version of the state they hold.
         rng: torch's generator state(s) to continue before its next hop (``"rng"``, and
             ``"cuda_rng"`` on a GPU).
-        counters: its progress, as its state file has it.
+        counters: its progress, as its state file has it (``counters.version`` is the version
+            of the state its objects hold).
         params: what it was built with (PBT may change a model's params: then it is rebuilt).
         nbytes: its tensors' size (measured when it arrives and after each training hop).
     """
 
     model_id: int
     spec: ModelSpec
-    version: int
     rng: dict[str, Any]
     counters: Counters
     params: dict[str, Any]

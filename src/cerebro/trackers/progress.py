@@ -14,7 +14,6 @@ The best value shown is the one the leaderboard puts first: each model's *last* 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
@@ -25,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from ..formatting import format_metric
+from ..history import as_finite
 from ..kinds import ModelStatus
 from .base import Standing, Tracker
 
@@ -96,7 +96,8 @@ class RunProgress(Tracker):
         """A model recorded an epoch: its value of the metric is now its last value."""
         value = metrics.get(self.metric)
         old = self._models.get(model_id, Standing())
-        self._models[model_id] = Standing(old.status, _finite_or_none(value))
+        # A NaN or infinite last value ranks nowhere, as in Result.ranked.
+        self._models[model_id] = Standing(old.status, as_finite(value))
         self._show()
 
     def standings(self, models: Mapping[int, Standing], epoch: int, epochs: int) -> None:
@@ -105,7 +106,7 @@ class RunProgress(Tracker):
         The driver's records are the truth (they include models restored on resume and
         epochs rolled back), so they replace what :meth:`epoch_ended` reported.
         """
-        self._models = {i: Standing(s.status, _finite_or_none(s.last)) for i, s in models.items()}
+        self._models = {i: Standing(s.status, as_finite(s.last)) for i, s in models.items()}
         # Clamped: the display never shows epoch 0 or an epoch past the last one.
         self._epoch = (min(max(epoch, 1), epochs), epochs)
         self._show()
@@ -257,10 +258,3 @@ def _jupyter_line() -> Callable[[str], None]:
             handle.update(Pretty(text))
 
     return write
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    # A NaN or infinite last value ranks nowhere, as in Result.ranked.
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
