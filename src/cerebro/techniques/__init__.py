@@ -20,12 +20,16 @@ class Technique(_Named):
     """The runners a unit may ask for."""
 
     PLAIN = "plain"  # one model, trained and evaluated as written
+    FUSED = "fused"  # models of one shape, trained as one with stacked tensors
 
 
 def runner_for(technique: Technique) -> Runner:
     """The runner of a technique (imported here, on first use: backends import this package
-    for :class:`Technique` alone)."""
+    for :class:`Technique` alone, and the fused runner's imports are not needed without it)."""
+    if Technique(technique) is Technique.FUSED:
+        from .fused import FusedRunner
+
+        return FusedRunner()
     from .plain import PlainRunner
 
-    runners: dict[Technique, type[Runner]] = {Technique.PLAIN: PlainRunner}
-    return runners[Technique(technique)]()
+    return PlainRunner()

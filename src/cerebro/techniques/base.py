@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..data import Shard
+from ..errors import ModelFailed
 from ..spec import ModelSpec
 from ..state import Counters
 from ..training import HopStats
@@ -53,8 +54,19 @@ class MemberSeeds:
     rng_seed: int | None
 
 
+# A member's outcome of one unit: its sums, or why it alone cannot go on (a non-finite loss,
+# say). A runner raises instead when the whole unit failed.
+Outcome = HopStats | ModelFailed
+
+
 class Runner(ABC):
-    """Trains or evaluates a group of models on one shard."""
+    """Trains or evaluates a group of models on one shard.
+
+    A runner returns one :data:`Outcome` per member, in the members' order: a member that fails
+    alone (its loss or a metric turned non-finite) gets a :class:`~cerebro.errors.ModelFailed`
+    that names it, and the others' results stand. An exception raised from ``train`` or
+    ``evaluate`` fails every member of the unit.
+    """
 
     @abstractmethod
     def check(self, size: int) -> None:
@@ -68,12 +80,12 @@ class Runner(ABC):
         shard: Shard,
         device: torch.device,
         end_of_epoch: bool,
-    ) -> list[HopStats]:
+    ) -> list[Outcome]:
         """One training hop of each model over ``shard`` (rows in each member's own order);
         each model's ``rng`` is left at its state after the hop. Returns each one's sums."""
 
     @abstractmethod
     def evaluate(
         self, models: list[ModelInHand], shard: Shard, device: torch.device
-    ) -> list[HopStats]:
+    ) -> list[Outcome]:
         """Each model's loss and metrics over every row of ``shard`` (nothing changes)."""

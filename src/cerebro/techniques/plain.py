@@ -6,8 +6,7 @@ import torch
 
 from .. import training
 from ..data import Shard
-from ..training import HopStats
-from .base import MemberSeeds, ModelInHand, Runner
+from .base import MemberSeeds, ModelInHand, Outcome, Runner
 
 
 class PlainRunner(Runner):
@@ -32,7 +31,7 @@ class PlainRunner(Runner):
         shard: Shard,
         device: torch.device,
         end_of_epoch: bool,
-    ) -> list[HopStats]:
+    ) -> list[Outcome]:
         self.check(len(models))
         (model,), (seed,) = models, seeds
         if seed.rng_seed is not None:
@@ -49,6 +48,6 @@ class PlainRunner(Runner):
 
     def evaluate(
         self, models: list[ModelInHand], shard: Shard, device: torch.device
-    ) -> list[HopStats]:
+    ) -> list[Outcome]:
         self.check(len(models))
         return [training.run_eval_hop(models[0].spec, shard, device)]
