@@ -102,8 +102,8 @@ def test_a_unit_holds_at_least_one_model_and_each_once():
 
 
 def test_unknown_technique_is_refused():
-    with pytest.raises(ValueError, match="'fused' is not a valid Technique"):
-        runner_for("fused")
+    with pytest.raises(ValueError, match="'shared-prefix' is not a valid Technique"):
+        runner_for("shared-prefix")
 
 
 # The worker ------------------------------------------------------------------------------------

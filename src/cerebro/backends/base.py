@@ -66,18 +66,25 @@ class Unit:
 
 @dataclass(frozen=True)
 class MemberResult:
-    """What a unit measured for one of its models: row-weighted metric sums over ``rows``."""
+    """What a unit measured for one of its models: row-weighted metric sums over ``rows``, or
+    (``error`` set) why this model alone failed in it; the unit's other models go on."""
 
     model_id: int
     rows: int
     sums: dict[str, float]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)
 class UnitDone:
     """A worker finished computing a unit (the worker is free again). ``start``/``end`` bound
     the computation (seconds, wall clock); ``load_s`` is the time spent before it bringing the
-    models' states in. ``ok=False``: the unit failed (``error`` says why) and no state changed."""
+    models' states in. ``ok=False``: the unit failed (``error`` says why) and no state changed;
+    with ``ok=True`` a member may still have failed alone (its result's ``error``)."""
 
     unit_id: int
     worker_id: int
@@ -88,9 +95,12 @@ class UnitDone:
     load_s: float = 0.0
     error: str | None = None
 
+    def result(self, model_id: int) -> MemberResult:
+        return next(r for r in self.results if r.model_id == model_id)
+
     def hop(self, unit: Unit, model_id: int) -> HopRecord:
         """The record of ``model_id``'s hop in ``unit``, as the records and its state keep it."""
-        result = next(r for r in self.results if r.model_id == model_id)
+        result = self.result(model_id)
         return HopRecord(
             shard=unit.shard,
             rows=result.rows,

@@ -19,11 +19,12 @@ import torch
 
 from .. import training
 from ..data import Dataset, Shard
+from ..errors import ModelFailed
 from ..kinds import UnitKind
 from ..spec import ModelSpec
 from ..state import Counters
 from ..techniques import runner_for
-from ..techniques.base import MemberSeeds, ModelInHand
+from ..techniques.base import MemberSeeds, ModelInHand, Outcome
 from .base import MemberResult, StateSaved, Unit, UnitDone, UnitMember, WorkerInfo
 from .shipping import load_build
 
@@ -129,26 +130,31 @@ class WorkerRuntime:
             start = time.time()
             if unit.kind is UnitKind.TRAIN:
                 seeds = [MemberSeeds(m.shuffle_seed, m.rng_seed) for m in unit.members]
-                stats = runner.train(models, seeds, shard, self.device, unit.end_of_epoch)
+                outcomes = runner.train(models, seeds, shard, self.device, unit.end_of_epoch)
             else:
-                stats = runner.evaluate(models, shard, self.device)
+                outcomes = runner.evaluate(models, shard, self.device)
             end = time.time()
             done = UnitDone(
                 unit.unit_id,
                 self.worker_id,
                 ok=True,
                 results=tuple(
-                    MemberResult(m.model_id, s.rows, dict(s.sums))
-                    for m, s in zip(unit.members, stats, strict=True)
+                    _member_result(m.model_id, outcome)
+                    for m, outcome in zip(unit.members, outcomes, strict=True)
                 ),
                 start=start,
                 end=end,
                 load_s=load_s,
             )
+            for result in done.results:
+                if not result.ok:  # its objects may hold non-finite values: built again later
+                    self._cache.pop(result.model_id, None)
             save = None
             if unit.kind is UnitKind.TRAIN:
                 snapshots = {}
                 for member, model in zip(unit.members, models, strict=True):
+                    if not done.result(member.model_id).ok:
+                        continue  # failed alone: its last saved state stays
                     model.counters = model.counters.after_hop(
                         done.hop(unit, member.model_id), epoch=unit.epoch
                     )
@@ -231,6 +237,12 @@ class WorkerRuntime:
             return StateSaved(unit.unit_id, self.worker_id, ok=True, save_s=time.time() - began)
 
         return save
+
+
+def _member_result(model_id: int, outcome: Outcome) -> MemberResult:
+    if isinstance(outcome, ModelFailed):
+        return MemberResult(model_id, 0, {}, error=f"{type(outcome).__name__}: {outcome}")
+    return MemberResult(model_id, outcome.rows, dict(outcome.sums))
 
 
 def _nbytes(spec: ModelSpec) -> int:

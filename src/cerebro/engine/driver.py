@@ -279,6 +279,13 @@ class Driver:
             return
         for model in self._members(unit):
             model.units_done += 1
+            result = event.result(model.model_id)
+            if not result.ok:  # it failed alone: the unit's other models go on
+                self.lifecycle.fail(
+                    model, f"{unit.kind} unit on shard {unit.shard} failed:\n{result.error}"
+                )
+                self.requests.unit_over(model)
+                continue
             hop = event.hop(unit, model.model_id)
             self.lifecycle.record_hop(model.model_id, unit.epoch, unit.kind, hop)
             split = model.train if unit.kind is UnitKind.TRAIN else model.val
@@ -288,12 +295,15 @@ class Driver:
             return
         self.in_flight.pop(unit.unit_id)
         for model in self._members(unit):
-            self._unit_over(model, unit)
+            if event.result(model.model_id).ok:
+                self._unit_over(model, unit)
 
     def _state_saved(self, unit: Unit, event: StateSaved) -> None:
         """A training unit's new states are written: its models may hop on."""
         self._computed.discard(unit.unit_id)
         for model, member in zip(self._members(unit), unit.members, strict=True):
+            if model.status is ModelStatus.FAILED:
+                continue  # failed (alone in the unit, say): nothing of it was saved
             if not event.ok:
                 self.store.delete_hop(model.model_id, unit.epoch, UnitKind.TRAIN.value, unit.shard)
                 self.lifecycle.fail(
