@@ -198,3 +198,37 @@ def wrong_input_size(params: dict) -> cerebro.ModelSpec:
 def mlp_or_loss_per_row(params: dict) -> cerebro.ModelSpec:
     """``loss_per_row`` where ``params["bad"]``, else ``mlp``."""
     return loss_per_row(params) if params.get("bad") else mlp(params)
+
+
+class Residual(torch.nn.Module):
+    """A block with its own forward: a model holding it cannot be fused."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.relu(self.linear(x))
+
+
+def mlp_or_custom(params: dict) -> cerebro.ModelSpec:
+    """``mlp`` for width 32; width 48 adds a :class:`Residual` block (not fusable)."""
+    spec = mlp(params)
+    if params.get("width") == 48:
+        spec.model.insert(3, Residual(48))
+    return spec
+
+
+def sgd_mlp(params: dict) -> cerebro.ModelSpec:
+    """An MLP trained by SGD with momentum (a huge ``lr`` makes its loss overflow)."""
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=params["lr"], momentum=0.9)
+    return cerebro.ModelSpec(
+        model=model,
+        optimizer=optimizer,
+        loss=torch.nn.CrossEntropyLoss(),
+        batch_size=32,
+        metrics={"accuracy": cerebro.metrics.accuracy},
+    )

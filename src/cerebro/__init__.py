@@ -50,6 +50,7 @@ _EXPORTS = {
     ),
     **dict.fromkeys(["choice", "loguniform", "quniform", "randint", "uniform"], ".space"),
     "ModelSpec": ".spec",
+    "Fusion": ".engine.grouping",
 }
 # Names load on first use, so `import cerebro` is cheap and imports nothing optional.
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .data import Dataset, prepare_data
     from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, load
     from .engine.control import control  # the function: `.engine`'s `control` is also a module
+    from .engine.grouping import Fusion
     from .errors import AllModelsFailed, CerebroError, ConfigError, ModelFailed, WorkerError
     from .search import (
         ASHA,
@@ -90,6 +92,7 @@ __all__ = [
     "Dataset",
     "EarlyStopping",
     "Experiment",
+    "Fusion",
     "GridSearch",
     "Hyperband",
     "LocalBackend",

@@ -263,6 +263,9 @@ def leaderboard_table(result: Result) -> Table:
             format_metric(model.metrics.get(second)),
             format_params(model.params),
         )
+    fused = result.fused_models
+    if fused:
+        table.caption = f"{len(fused)} of {len(result.models)} models trained fused"
     return table
 
 

@@ -93,6 +93,8 @@ class EventKind(_Named):
     WORKER_LOST = "worker_lost"
     CONTROL = "control"
     BUILD_REPLACED = "build_replaced"
+    FUSION_COHORT = "fusion_cohort"  # models that may train fused, and their shared shard order
+    NOT_FUSED = "not_fused"  # a model that trains alone with fusion on, and why
 
 
 class ExperimentStatus(_Named):

@@ -18,9 +18,10 @@ import torch
 
 from .. import training
 from ..data import Dataset
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..spec import ModelSpec
 from ..state import Counters
+from ..techniques.fusable import Fusability, fusability
 from .identity import Fingerprints
 from .preflight import Preflight, naming
 
@@ -29,10 +30,12 @@ _CPU = torch.device("cpu")
 
 @dataclass(frozen=True)
 class InitialState:
-    """A built model's first training state, or why it could not be built (one is None)."""
+    """A built model's first training state, or why it could not be built (one is None);
+    ``fusion``: whether it can train fused with others, when the experiment fuses models."""
 
     state: dict[str, Any] | None
     error: str | None
+    fusion: Fusability | None = None
 
     @classmethod
     def failed(cls, error: str) -> InitialState:
@@ -59,12 +62,19 @@ class ModelBuilder:
         dataset: the experiment's dataset (the trial step runs on a few of its rows).
         metric: the experiment's metric (every spec must produce it).
         seed: the experiment's seed (model ``i`` is initialized from ``init_seed(seed, i)``).
+        fusion: whether to tell, for each model, if it can train fused with others.
     """
 
     def __init__(
-        self, build: Callable[[dict[str, Any]], ModelSpec], dataset: Dataset, metric: str, seed: int
+        self,
+        build: Callable[[dict[str, Any]], ModelSpec],
+        dataset: Dataset,
+        metric: str,
+        seed: int,
+        fusion: bool = False,
     ) -> None:
         self.build = build
+        self.fusion = fusion
         self.metric = metric
         self.seed = seed
         self.has_validation = any(n > 0 for n in dataset.shard_rows("val"))
@@ -99,7 +109,17 @@ class ModelBuilder:
             if strict:
                 raise
             return InitialState.failed(str(e))
-        return InitialState(state, None)
+        return InitialState(state, None, fusability(spec) if self.fusion else None)
+
+    def fusability(self, params: dict[str, Any]) -> Fusability | None:
+        """Whether the model ``params`` builds can train fused (None: fusion is off). For
+        models whose state comes from elsewhere (a warm-started clone)."""
+        if not self.fusion:
+            return None
+        try:
+            return fusability(training.build_spec(self.build, params, init_seed=None))
+        except Exception as e:
+            return Fusability(None, f"building it again failed: {first_line(e)}", 0)
 
     def warm_started(
         self, params: dict[str, Any], source_state: dict[str, Any], counters: Counters

@@ -32,6 +32,7 @@ from ..store.checkpoint_keeper import CheckpointKeeper
 from ..techniques import Technique
 from ..trackers import Standing, Tracker
 from .building import ModelBuilder
+from .grouping import Fusion, Grouping
 from .identity import Fingerprints
 from .lifecycle import Lifecycle, Proposal
 from .recovery import UNUSABLE_STATE, Recovery
@@ -61,6 +62,7 @@ class RunConfig:
     early_stopping: EarlyStopping | None = None
     checkpoint_mirror: checkpoints.Mirror | None = None
     scheduler: Scheduler | None = None  # None: the search decides what its models do
+    fusion: Fusion | None = None  # None: every unit trains one model
 
     @property
     def search_epochs(self) -> int | None:
@@ -91,8 +93,15 @@ class Driver:
             config.search_epochs,
             config.seed,
             config.deterministic,
+            Grouping(config.fusion, config.deterministic),
         )
-        self.builder = ModelBuilder(config.build, config.dataset, config.metric, config.seed)
+        self.builder = ModelBuilder(
+            config.build,
+            config.dataset,
+            config.metric,
+            config.seed,
+            fusion=config.fusion is not None,
+        )
         self.lifecycle = Lifecycle(
             self.roster,
             self.builder,
@@ -198,7 +207,9 @@ class Driver:
                 trials = self.roster.trials()
                 if not self.config.search.is_finished(trials):
                     self.lifecycle.add(self.lifecycle.propose(strict=False, trials=trials))
-            for assignment in schedule(self.roster.slots(), self._worker_slots()):
+            workers = self._worker_slots()
+            idle = sum(not w.busy for w in workers)
+            for assignment in schedule(self.roster.slots(idle), workers):
                 self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
             if not self.in_flight:
                 if self.roster.changed or self.roster.schedulable():
@@ -220,33 +231,43 @@ class Driver:
             for w in self.workers
         ]
 
-    def _submit(self, model_id: int, worker_id: int, shard: int) -> None:
-        model = self.roster[model_id]
-        model.remaining.remove(shard)
-        model.busy = True
-        self.busy_workers.add(worker_id)
+    def _submit(self, slot_id: int, worker_id: int, shard: int) -> None:
+        """Send the unit the scheduler matched: one model, or a bundle of fused ones."""
+        models = self.roster.bundle(slot_id)
+        first = models[0]
         seed = self.config.seed
-        member = UnitMember(
-            model_id=model_id,
-            params=model.params,
-            state_path=model.state_path,
-            version=model.version,
-            shuffle_seed=training.shuffle_seed(seed, model_id, model.epoch, shard),
-            rng_seed=(
-                training.hop_rng_seed(seed, model_id, model.epoch, shard)
-                if self.config.deterministic
-                else None
-            ),
-        )
+        members = []
+        for model in models:
+            model.remaining.remove(shard)
+            model.busy = True
+            members.append(
+                UnitMember(
+                    model_id=model.model_id,
+                    params=model.params,
+                    state_path=model.state_path,
+                    version=model.version,
+                    shuffle_seed=training.shuffle_seed(seed, model.model_id, model.epoch, shard),
+                    rng_seed=(
+                        training.hop_rng_seed(seed, model.model_id, model.epoch, shard)
+                        if self.config.deterministic
+                        else None
+                    ),
+                )
+            )
+        self.busy_workers.add(worker_id)
         unit = Unit(
             unit_id=self._next_unit,
-            kind=model.phase,
-            epoch=model.epoch,
+            kind=first.phase,
+            epoch=first.epoch,
             shard=shard,
             worker_id=worker_id,
-            members=(member,),
-            end_of_epoch=model.phase is UnitKind.TRAIN and not model.remaining,
-            technique=Technique.PLAIN,
+            members=tuple(members),
+            end_of_epoch=first.phase is UnitKind.TRAIN and not first.remaining,
+            # A fusable model runs on the fused runner even alone: its numbers then never
+            # depend on how many others a unit held (after a restart, say).
+            technique=(
+                Technique.FUSED if self.roster.grouping.fusable(first.model_id) else Technique.PLAIN
+            ),
         )
         self._next_unit += 1
         self.in_flight[unit.unit_id] = unit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sys
@@ -57,6 +58,7 @@ from ..trackers.tensorboard import TensorBoardLog
 from ..trackers.tensorboard import available as tensorboard_available
 from . import identity
 from .driver import Driver, RunConfig
+from .grouping import Fusion, fusion_option
 from .result import BUILD_FILE, Result
 
 
@@ -120,6 +122,15 @@ class Experiment:
             scheduler=ASHA(max_epochs=9)``). Default: the search decides (``ASHA(space, ...)``
             and the other adaptive searches given a space schedule their own models, and take
             no scheduler; grid, random and TPE search train every model to its end).
+        fusion: train models of one shape together as one wide model: ``True``,
+            ``cerebro.Fusion(max_models=..., memory_mb=...)`` for limits, or ``False`` (default).
+            Models whose built specs match (module structure and shapes, batch size, loss,
+            optimizer class: SGD, Adam or AdamW) and that are at the same point of training
+            hop as one unit; each keeps its own learning rate, weight decay, momentum, betas,
+            LR scheduler, dropout rate, BatchNorm statistics, random stream and row order, so
+            it does the same SGD as alone (up to float32 rounding). A model that cannot be
+            fused trains alone, and the records say why (``events`` of kind ``not_fused``).
+            In deterministic mode each epoch's shard order is shared by a fused cohort.
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -158,6 +169,7 @@ class Experiment:
         checkpoint_mirror: str | None = None,
         resume: str = "auto",
         scheduler: Scheduler | None = None,
+        fusion: bool | Fusion = False,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -208,6 +220,7 @@ class Experiment:
             )
         self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
         check_bool("deterministic", deterministic)
+        self.fusion = fusion_option(fusion)
         if not isinstance(resume, str) or resume not in ("auto", "force"):
             raise ConfigError(
                 "resume",
@@ -327,6 +340,7 @@ class Experiment:
                 early_stopping=self.early_stopping,
                 checkpoint_mirror=self.checkpoint_mirror,
                 scheduler=self.scheduler,
+                fusion=self.fusion,
             )
             trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
             if self.tensorboard:
@@ -480,6 +494,7 @@ class Experiment:
             "mode": self.mode,
             "seed": self.seed,
             "deterministic": self.deterministic,
+            "fusion": dataclasses.asdict(self.fusion) if self.fusion is not None else None,
             "command": _launch_command(),
             "path": os.path.abspath(self.path),
             "checkpoint_dir": (
@@ -517,6 +532,7 @@ _IDENTITY = (
     "mode",
     "seed",
     "deterministic",
+    "fusion",
 )
 
 

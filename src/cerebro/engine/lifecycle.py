@@ -128,7 +128,34 @@ class Lifecycle:
         (or whose state could not be written) is recorded as failed."""
         for proposal in proposals:
             self._register(proposal.model, proposal.initial)
+        self._enroll(proposals)
         self.trackers.plan(self.roster.units_total())
+
+    def _enroll(self, proposals: list[Proposal]) -> None:
+        """With fusion on: the new models' cohorts, and why a model cannot be fused, in the
+        records (a restarted run reads its cohorts back)."""
+        grouping = self.roster.grouping
+        if not grouping.enabled:
+            return
+        fusable = {}
+        for proposal in proposals:
+            model = proposal.model
+            if model.status is FAILED:
+                continue
+            facts = proposal.initial.fusion or self.builder.fusability(model.params)
+            if facts is None:
+                continue
+            fusable[model.model_id] = facts
+            if facts.key is None:
+                self.store.add_event(
+                    EventKind.NOT_FUSED.value, model=model.model_id, reason=facts.reason
+                )
+        for cohort in grouping.enroll(fusable):
+            self.store.add_event(EventKind.FUSION_COHORT.value, **cohort.event())
+        for proposal in proposals:  # a cohort's shard order is its anchor's
+            model = proposal.model
+            if model.status is RUNNING and not self.roster.epoch_started(model):
+                model.remaining = self.roster.train_order(model)
 
     def _register(self, model: ModelRun, initial: InitialState) -> None:
         error = initial.error

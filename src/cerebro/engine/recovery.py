@@ -103,6 +103,7 @@ class Recovery:
     def restore(self) -> None:
         """Every recorded model back in the roster, at the hop its state file holds."""
         records = self.store.snapshot()
+        self.roster.grouping.restore(records.events)  # cohorts fix shard orders: read first
         history: dict[int, list[dict[str, float]]] = {}
         for row in records.epochs:
             history.setdefault(row["model_id"], []).append(

@@ -126,13 +126,29 @@ class Result:
         ranked = [m for m in self.ranked() if m.status == ModelStatus.COMPLETED]
         return ranked[0] if ranked else None
 
+    @property
+    def fused_models(self) -> frozenset[int]:
+        """Ids of the models that trained in a fused unit (one ``unit`` in :attr:`hops`
+        shared with another model)."""
+        hops = self.hops.dropna(subset=["unit"])
+        sizes = hops.groupby("unit")["model_id"].transform("nunique")
+        return frozenset(int(i) for i in hops.model_id[sizes > 1])
+
     def leaderboard(self) -> pd.DataFrame:
-        """A table of every model: id, status, params and last-epoch metrics, best first."""
+        """A table of every model: id, status, params and last-epoch metrics, best first
+        (and ``fused``: whether it trained in a fused unit, when any model did)."""
         ranked_ids = [m.id for m in self.ranked()]
         order = ranked_ids + [m.id for m in self.models if m.id not in ranked_ids]
         by_id = {m.id: m for m in self.models}
+        fused = self.fused_models
         rows = [
-            {"model_id": i, "status": by_id[i].status, **by_id[i].params, **by_id[i].metrics}
+            {
+                "model_id": i,
+                "status": by_id[i].status,
+                **({"fused": i in fused} if fused else {}),
+                **by_id[i].params,
+                **by_id[i].metrics,
+            }
             for i in order
         ]
         return pd.DataFrame(rows)

@@ -15,6 +15,7 @@ from .. import training
 from ..kinds import ModelStatus, Origin, UnitKind
 from ..search import Trial
 from ..store.checkpoints import state_path
+from .grouping import Grouping
 from .scheduler import ModelSlot
 
 
@@ -94,6 +95,7 @@ class Roster:
         search_epochs: the most epochs the search (or its scheduler) trains one of its own
             models, None if it has no limit of its own.
         seed, deterministic: deterministic mode fixes each epoch's shard order by the seed.
+        grouping: which models may hop together (default: none, one model per unit).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class Roster:
         search_epochs: int | None,
         seed: int,
         deterministic: bool,
+        grouping: Grouping | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.train_shards = frozenset(range(num_shards))
@@ -113,7 +116,9 @@ class Roster:
         self.search_epochs = search_epochs
         self.seed = seed
         self.deterministic = deterministic
+        self.grouping = grouping or Grouping(None, deterministic)
         self.models: dict[int, ModelRun] = {}
+        self._bundles: dict[int, list[int]] = {}  # the units slots() offered, by slot id
         self.changed = True  # models started, ended or paused since the search was last asked
 
     def new(self, params: dict[str, Any], origin: Origin, **fields: Any) -> ModelRun:
@@ -155,11 +160,13 @@ class Roster:
 
     def train_order(self, model: ModelRun) -> list[int]:
         """The shards of the model's current epoch. Deterministic mode fixes their order by
-        (seed, model, epoch); free mode lets the scheduler take them in any order."""
+        (seed, model, epoch), a fused cohort's by its anchor; free mode lets the scheduler take
+        them in any order."""
         shards = sorted(self.train_shards)
         if not self.deterministic:
             return shards
-        return training.shard_order(self.seed, model.model_id, model.epoch, shards)
+        anchor = self.grouping.anchor(model.model_id)
+        return training.shard_order(self.seed, anchor, model.epoch, shards)
 
     def units_total(self) -> int:
         """Units the run will have done: all of each live model's, what ended ones did."""
@@ -199,19 +206,34 @@ class Roster:
             for m in self.models.values()
         )
 
-    def slots(self) -> list[ModelSlot]:
-        """The MOP scheduler's view of every running model: the shards it may take next and
-        how many units it has left (the scheduler starts the longest first)."""
-        slots = []
-        for m in self.models.values():
-            if m.status is not ModelStatus.RUNNING:
-                continue
-            later = max(self.budget(m) - m.epoch - 1, 0) * self.units_per_epoch
-            this = len(m.remaining) + (len(self.val_shards) if m.phase is UnitKind.TRAIN else 0)
+    def slots(self, idle_workers: int = 1) -> list[ModelSlot]:
+        """The MOP scheduler's view of the running models: one slot per unit they would run as
+        now (one model, or a bundle of fused ones; :meth:`bundle` gives its models), with the
+        shards it may take next and how many units it has left (the longest go first)."""
+        busy = [m for m in self.models.values() if m.status is ModelStatus.RUNNING and m.busy]
+        ready = [
+            m
+            for m in self.models.values()
+            if m.status is ModelStatus.RUNNING and not m.busy and m.remaining
+        ]
+        self._bundles = {}
+        slots = [ModelSlot(m.model_id, self._eligible(m), True, self._work_left(m)) for m in busy]
+        for bundle in self.grouping.bundles(ready, idle_workers):
+            first = bundle[0]
+            self._bundles[first.model_id] = [m.model_id for m in bundle]
+            work = max(self._work_left(m) for m in bundle)
             slots.append(
-                ModelSlot(m.model_id, self._eligible(m), m.busy, later + this, m.last_worker)
+                ModelSlot(first.model_id, self._eligible(first), False, work, first.last_worker)
             )
-        return slots
+        return sorted(slots, key=lambda s: s.model_id)
+
+    def bundle(self, slot_id: int) -> list[ModelRun]:
+        """The models of the unit that :meth:`slots` offered as ``slot_id``."""
+        return [self.models[i] for i in self._bundles.get(slot_id, [slot_id])]
+
+    def _work_left(self, m: ModelRun) -> int:
+        later = max(self.budget(m) - m.epoch - 1, 0) * self.units_per_epoch
+        return later + len(m.remaining) + (len(self.val_shards) if m.phase is UnitKind.TRAIN else 0)
 
     def _eligible(self, model: ModelRun) -> frozenset[int]:
         if self.deterministic and model.phase is UnitKind.TRAIN and model.remaining:

@@ -64,6 +64,7 @@ class RunProgress(Tracker):
         self._models: dict[int, Standing] = {}
         self._epoch: tuple[int, int] | None = None  # (epoch in training, of how many)
         self._done = 0
+        self._fused: set[int] = set()  # models that trained in a fused unit
         self._total: int | None = None
         self._started: float | None = None
         self._view: _Bar | _Lines | None = None
@@ -88,8 +89,11 @@ class RunProgress(Tracker):
         self._show()
 
     def unit_done(self, model_ids: tuple[int, ...] = ()) -> None:
-        """One more unit done."""
-        self._done += 1
+        """A unit done: one hop (or validation pass) of each of its models, as the plan counts
+        them; a unit of several models is a fused one."""
+        self._done += max(len(model_ids), 1)
+        if len(model_ids) > 1:
+            self._fused.update(model_ids)
         self._show()
 
     def epoch_ended(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
@@ -127,8 +131,9 @@ class RunProgress(Tracker):
         return None if first is None else (first[2], first[3])
 
     def status_text(self) -> str:
-        """Models done and failed, epoch, best model, e.g. "3/8 done · 0 failed · epoch 2/5 ·
-        best val_accuracy 0.981 (model 3, last epoch)"."""
+        """Models done and failed, how many trained fused (if any), epoch, best model, e.g.
+        "3/8 done · 0 failed · 8 fused · epoch 2/5 · best val_accuracy 0.981 (model 3, last
+        epoch)"."""
         if not self._models and self._epoch is None:
             return "starting"
         statuses = [s.status for s in self._models.values()]
@@ -136,6 +141,8 @@ class RunProgress(Tracker):
             f"{statuses.count(ModelStatus.COMPLETED)}/{len(statuses)} done",
             f"{statuses.count(ModelStatus.FAILED)} failed",
         ]
+        if self._fused:
+            parts.append(f"{len(self._fused)} fused")
         if self._epoch is not None:
             parts.append(f"epoch {self._epoch[0]}/{self._epoch[1]}")
         best = self.best()

@@ -1,0 +1,93 @@
+"""Model fusion end to end: experiments whose same-shape models train as fused units on real
+workers, compared with the same models trained alone."""
+
+from __future__ import annotations
+
+import builders
+import pytest
+import torch
+from conftest import assert_same_results, small_experiment
+
+import cerebro
+from cerebro import training
+
+SPACE = {
+    "lr": cerebro.choice([0.003, 0.01, 0.03, 0.05]),
+    "dropout": cerebro.choice([0.0]),
+}
+
+
+def _fused(digits, path, **overrides) -> cerebro.Result:
+    arguments = dict(
+        search=cerebro.GridSearch(SPACE), epochs=2, fusion=True, seed=5, deterministic=True
+    )
+    arguments.update(overrides)
+    return small_experiment(digits, path, **arguments).run()
+
+
+def _visits(result: cerebro.Result, model_id: int, epochs: int) -> list[list[int]]:
+    """The shards a model trained on, epoch by epoch, in the order it visited them."""
+    hops = result.hops[(result.hops.model_id == model_id) & (result.hops.kind == "train")]
+    hops = hops.sort_values("start")
+    return [list(hops[hops.epoch == e].shard) for e in range(epochs)]
+
+
+def test_fused_members_train_as_they_would_alone(digits, tmp_path):
+    """Each member of a fused unit ends as the same model trained alone in one process over the
+    shards it visited, in the same order. Tolerance: float32 rounding of batched matrix
+    products may differ from single ones; 2 epochs of Adam keep it well under 1e-4."""
+    result = _fused(digits, tmp_path / "run")
+    assert len(result.fused_models) == 4
+    units = result.hops.groupby("unit").model_id.nunique()
+    assert units.max() == 4, "the four models hop as one unit"
+    shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
+    for record in result.models:
+        alone = training.train_in_process(
+            builders.mlp, record.params, shards, _visits(result, record.id, 2), 5, record.id
+        )
+        fused = result.load_model(record.id).state_dict()
+        for name, tensor in alone.model.state_dict().items():
+            assert torch.allclose(fused[name], tensor, rtol=0, atol=1e-4), (record.id, name)
+
+
+def test_deterministic_fused_runs_are_identical_on_1_2_and_3_workers(digits, tmp_path):
+    one = _fused(digits, tmp_path / "one", backend=cerebro.LocalBackend(workers=1))
+    for workers in (2, 3):
+        other = _fused(
+            digits, tmp_path / f"w{workers}", backend=cerebro.LocalBackend(workers=workers)
+        )
+        assert_same_results(other, one)
+
+
+def test_the_records_say_which_models_trained_fused_and_why_one_did_not(digits, tmp_path):
+    search = cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.03]), "width": cerebro.choice(
+        [32, 48])})  # fmt: skip
+    result = _fused(digits, tmp_path / "run", search=search, build=builders.mlp_or_custom)
+    custom = [m.id for m in result.models if m.params["width"] == 48]
+    assert result.fused_models == {m.id for m in result.models} - set(custom)
+    reasons = {e["detail"]["model"]: e["detail"]["reason"] for e in result.events
+               if e["kind"] == "not_fused"}  # fmt: skip
+    assert set(reasons) == set(custom)
+    assert all("Residual" in reason for reason in reasons.values()), reasons
+    assert "fused" in result.leaderboard().columns
+
+
+def test_a_model_that_turns_nan_in_a_fused_unit_fails_alone(digits, tmp_path):
+    search = cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.05, 1e30])})
+    result = _fused(
+        digits, tmp_path / "run", search=search, build=builders.sgd_mlp, deterministic=False
+    )
+    by_lr = {m.params["lr"]: m for m in result.models}
+    assert by_lr[1e30].status == "failed"
+    assert f"model {by_lr[1e30].id}" in by_lr[1e30].error
+    assert by_lr[0.01].status == by_lr[0.05].status == "completed"
+    assert {by_lr[0.01].id, by_lr[0.05].id} <= result.fused_models
+
+
+def test_fusion_off_and_on_select_equally_good_models(digits, tmp_path):
+    """Free mode: the shard orders differ between the runs, so only the quality compares."""
+    fused = _fused(digits, tmp_path / "fused", deterministic=False)
+    alone = _fused(digits, tmp_path / "alone", fusion=False, deterministic=False)
+    assert not alone.fused_models and fused.fused_models
+    accuracy = fused.best.metrics["val_accuracy"]
+    assert accuracy == pytest.approx(alone.best.metrics["val_accuracy"], abs=0.03)
