@@ -71,12 +71,18 @@ def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
 
 
 @pytest.mark.parametrize(
-    "how", ["same script", "cerebro resume", pytest.param("on ray", marks=pytest.mark.slow)]
+    "how",
+    ["same script", "cerebro resume", "fused", pytest.param("on ray", marks=pytest.mark.slow)],
 )
 def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_path, digits, how):
     """ "on ray": the crashed run and its rerun use RayBackend (its local Ray, actors included,
-    dies with the driver); the reference ran on local worker processes."""
+    dies with the driver); the reference ran on local worker processes. "fused": models of one
+    width in fused cohorts of 3, killed while fused units are in flight."""
     total_train_hops = MODELS * EPOCHS * digits.num_shards
+    if how == "fused":
+        script = tmp_path / "run_fused.py"
+        text = _script_text(digits, extra=", fusion=cerebro.Fusion(max_models=3)")
+        script.write_text(text.replace('"width": cerebro.randint(16, 64)', '"width": 32'))
     uninterrupted = tmp_path / "uninterrupted"
     _run(script, uninterrupted)
 
@@ -92,7 +98,9 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
     finished_at_kill = {m.id for m in at_kill.models if m.status == "completed"}
     finished_states = {i: os.stat(training_state(crashed, i)).st_mtime_ns for i in finished_at_kill}
 
-    if how in ("same script", "on ray"):
+    if how == "fused":
+        assert len(at_kill.fused_models) == MODELS, "fused units ran before the kill"
+    if how in ("same script", "on ray", "fused"):
         _run(script, crashed)  # the same script again: it continues the experiment
     else:
         done = subprocess.run(

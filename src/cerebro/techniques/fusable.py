@@ -147,7 +147,11 @@ def fusability(spec: ModelSpec) -> Fusability:
     except ValueError as e:
         return Fusability(None, str(e), 0)
     scheduler = spec.lr_scheduler
-    if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+    schedulers = torch.optim.lr_scheduler
+    if scheduler is not None and (
+        not isinstance(scheduler, schedulers.LRScheduler)
+        or isinstance(scheduler, schedulers.ReduceLROnPlateau)  # it steps on a metric
+    ):
         return Fusability(None, f"LR scheduler {type(scheduler).__name__} is not supported", 0)
     dtypes = {p.dtype for p in spec.model.parameters()}
     parts += [f"batch={spec.batch_size}", f"interval={spec.lr_scheduler_interval}", str(dtypes)]
