@@ -49,3 +49,15 @@ def test_mop_scaling_refuses_more_workers_than_cores():
     )
     assert done.returncode == 2
     assert "--workers" in done.stderr and "cores" in done.stderr
+
+
+@pytest.mark.slow
+def test_fusion_quick_runs_both_parts():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "fusion.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fused_step_ms" in done.stdout and "makespan_speedup" in done.stdout

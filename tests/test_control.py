@@ -244,6 +244,7 @@ CONTROLLER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 17 s (the default run stays under 10 minutes)
 def test_two_controllers_at_once_never_corrupt_the_records(digits, tmp_path):
     path = tmp_path / "two"
     run = _Background(_experiment(digits, path, num_models=4, epochs=2))

@@ -91,3 +91,25 @@ def test_fusion_off_and_on_select_equally_good_models(digits, tmp_path):
     assert not alone.fused_models and fused.fused_models
     accuracy = fused.best.metrics["val_accuracy"]
     assert accuracy == pytest.approx(alone.best.metrics["val_accuracy"], abs=0.03)
+
+
+def test_models_leaving_fused_units_under_asha_keep_deterministic_results(digits, tmp_path):
+    """ASHA pauses and prunes members of fused units at their rungs; the others go on fused, a
+    promoted model resumes from its exact state: 1 and 2 workers give the same results."""
+    space = {"lr": cerebro.loguniform(1e-3, 1e-1), "dropout": cerebro.uniform(0.0, 0.3)}
+    runs = []
+    for workers in (1, 2):
+        runs.append(
+            _fused(
+                digits,
+                tmp_path / f"w{workers}",
+                search=cerebro.ASHA(space, num_models=6, max_epochs=3),
+                epochs=3,
+                backend=cerebro.LocalBackend(workers=workers),
+            )
+        )
+    one, two = runs
+    assert_same_results(two, one)
+    statuses = {m.status for m in one.models}
+    assert "pruned" in statuses or "paused" in statuses or len(set(one.history.epoch)) < 3
+    assert len(one.fused_models) >= 2

@@ -76,6 +76,7 @@ def _assert_same_results(result, reference):
     assert_same_results(result, reference)
 
 
+@pytest.mark.slow  # 30 s with its cluster (the default run stays under 10 minutes)
 def test_a_model_selection_runs_end_to_end_across_three_nodes(cluster, digits, tmp_path, reference):
     backend = _cluster_backend(cluster, workers=2)
     result = _experiment(digits, tmp_path / "run", backend).run()

@@ -72,7 +72,13 @@ def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
 
 @pytest.mark.parametrize(
     "how",
-    ["same script", "cerebro resume", "fused", pytest.param("on ray", marks=pytest.mark.slow)],
+    [
+        "same script",
+        # slow: the default run stays under its 10 minutes (the same path as "same script")
+        pytest.param("cerebro resume", marks=pytest.mark.slow),
+        "fused",
+        pytest.param("on ray", marks=pytest.mark.slow),
+    ],
 )
 def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_path, digits, how):
     """ "on ray": the crashed run and its rerun use RayBackend (its local Ray, actors included,

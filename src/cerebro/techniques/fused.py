@@ -29,7 +29,6 @@ from ..errors import ModelFailed
 from .base import MemberSeeds, ModelInHand, Outcome, Runner
 from .fusable import ELEMENTWISE, fusability, leaf_layers
 
-
 # Elements of one parameter stack the optimizer updates per pass (about 1 MB of float32).
 _CHUNK_ELEMENTS = 1 << 18
 
