@@ -175,6 +175,7 @@ def _grid():
     return cerebro.GridSearch({"lr": cerebro.choice([0.01, 0.02])})
 
 
+@pytest.mark.slow  # 17 s (the default run stays under 10 minutes)
 def test_bad_control_requests_are_refused_and_change_nothing(digits, tmp_path):
     path = tmp_path / "bad"
     _experiment(digits, path, num_models=2, epochs=1, search=_grid()).run()

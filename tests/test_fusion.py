@@ -32,14 +32,21 @@ def _visits(result: cerebro.Result, model_id: int, epochs: int) -> list[list[int
     return [list(hops[hops.epoch == e].shard) for e in range(epochs)]
 
 
-def test_fused_members_train_as_they_would_alone(digits, tmp_path):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_fused_members_train_as_they_would_alone(digits, tmp_path, deterministic):
     """Each member of a fused unit ends as the same model trained alone in one process over the
     shards it visited, in the same order. Tolerance: float32 rounding of batched matrix
-    products may differ from single ones; 2 epochs of Adam keep it well under 1e-4."""
-    result = _fused(digits, tmp_path / "run")
+    products may differ from single ones; 2 epochs of Adam keep it well under 1e-4. In free
+    mode dropout draws from each model's own stream, which hops with its state."""
+    space = {**SPACE, "dropout": cerebro.choice([0.0 if deterministic else 0.2])}
+    result = _fused(
+        digits, tmp_path / "run", deterministic=deterministic, search=cerebro.GridSearch(space)
+    )
     assert len(result.fused_models) == 4
     units = result.hops.groupby("unit").model_id.nunique()
-    assert units.max() == 4, "the four models hop as one unit"
+    # Deterministic: one cohort of four. Free mode splits ready models over idle workers, so
+    # its units depend on timing.
+    assert units.max() == 4 if deterministic else units.max() >= 2
     shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
     for record in result.models:
         alone = training.train_in_process(

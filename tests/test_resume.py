@@ -76,7 +76,7 @@ def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
         "same script",
         # slow: the default run stays under its 10 minutes (the same path as "same script")
         pytest.param("cerebro resume", marks=pytest.mark.slow),
-        "fused",
+        pytest.param("fused", marks=pytest.mark.slow),  # 25 s
         pytest.param("on ray", marks=pytest.mark.slow),
     ],
 )

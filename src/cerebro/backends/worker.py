@@ -158,9 +158,13 @@ class WorkerRuntime:
                     model.counters = model.counters.after_hop(
                         done.hop(unit, member.model_id), epoch=unit.epoch
                     )
-                    snapshots[member.model_id] = training.capture_state(
+                    snapshot = training.capture_state(
                         model.spec, model.counters.to_dict(), self.device
                     )
+                    # The runner left each member's own random stream in model.rng (a fused
+                    # runner draws from per-member generators, not torch's global one).
+                    snapshot.update({k: v.clone() for k, v in model.rng.items()})
+                    snapshots[member.model_id] = snapshot
                     # The optimizer state may have just been created: measured again.
                     model.nbytes = _nbytes(model.spec)
                 self._evict(in_unit)
