@@ -23,9 +23,11 @@ At the end of a hop everything is written back into each member's own objects (p
 BatchNorm buffers, ``optimizer.state`` in torch's exact format), so a member's state is the one
 per-model format and it may continue unfused at any epoch boundary.
 
-Measured choices (``benchmarks/fusion.py``): on a CPU a convolution is computed per member
-(a grouped convolution over ``[B, K*C, H, W]`` was no faster here and rounds differently, so a
-member's result would depend on its group); on CUDA the grouped convolution is one kernel.
+Measured choices (``benchmarks/fusion.py``, torch 2.13): on a CPU a convolution and a
+BatchNorm are computed per member (a grouped convolution over ``[B, K*C, H, W]`` was no faster
+here and rounds differently, and BatchNorm folded into channels has a backward that rounds
+differently, so a member's result would depend on its group); on CUDA both are one kernel for
+the group (grouped convolution, BatchNorm over ``K*C`` channels), equal to float32 rounding.
 """
 
 from __future__ import annotations
@@ -287,16 +289,38 @@ class _Group:
         assert isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and layer.norm is not None
         K, B = x.shape[:2]
         mean, var = self.running[layer.norm]
+        weight = None if layer.weight is None else self.params[layer.weight]
+        bias = None if layer.bias is None else self.params[layer.bias]
+        momentum = m.momentum if m.momentum is not None else 0.0
+        if x.device.type != "cuda":
+            # Per member, exactly plain's call: folded into channels, the forward pass and the
+            # running statistics are bit-identical but the CPU backward kernel rounds the
+            # gradients differently (measured on torch 2.13).
+            return torch.stack(
+                [
+                    F.batch_norm(
+                        x[k],
+                        mean[k],
+                        var[k],
+                        None if weight is None else weight[k],
+                        None if bias is None else bias[k],
+                        training_mode,
+                        momentum,
+                        m.eps,
+                    )
+                    for k in range(K)
+                ]
+            )
         # Members folded into channels: [B, K*C, ...]; each channel's statistics are its own.
         folded = x.transpose(0, 1).reshape(B, K * x.shape[2], *x.shape[3:])
         y = F.batch_norm(
             folded,
             mean.view(-1),
             var.view(-1),
-            None if layer.weight is None else self.params[layer.weight].view(-1),
-            None if layer.bias is None else self.params[layer.bias].view(-1),
+            None if weight is None else weight.view(-1),
+            None if bias is None else bias.view(-1),
             training_mode,
-            m.momentum if m.momentum is not None else 0.0,
+            momentum,
             m.eps,
         )
         return y.view(B, K, *x.shape[2:]).transpose(0, 1)
