@@ -122,20 +122,26 @@ def fusability(spec: ModelSpec, input_shape: Sequence[int] | None = None) -> Fus
     a convolutional model's activations.
     """
     try:
-        layers = leaves(spec.model)
-        description = (
-            tuple(_layer_key(name, m) for name, m in layers),
-            _params_key(spec.model, layers),
-            spec.batch_size,
-            _loss_key(spec.loss),
-            _optimizer_key(spec),
-            tuple(spec.metric_names()),
-        )
-        _check_scheduler(spec)
+        key, layers = group_key(spec)
     except NotFusable as e:
         return Fusability(key=None, reason=str(e), nbytes=0)
-    key = hashlib.sha256(repr(description).encode()).hexdigest()[:24]
     return Fusability(key=key, reason=None, nbytes=_estimate_nbytes(spec, layers, input_shape))
+
+
+def group_key(spec: ModelSpec) -> tuple[str, list[tuple[str, nn.Module]]]:
+    """The key of :func:`fusability` and the model's layers, without the memory estimate;
+    raises :class:`NotFusable`."""
+    layers = leaves(spec.model)
+    description = (
+        tuple(_layer_key(name, m) for name, m in layers),
+        _params_key(spec.model, layers),
+        spec.batch_size,
+        _loss_key(spec.loss),
+        _optimizer_key(spec),
+        tuple(spec.metric_names()),
+    )
+    _check_scheduler(spec)
+    return hashlib.sha256(repr(description).encode()).hexdigest()[:24], layers
 
 
 def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:

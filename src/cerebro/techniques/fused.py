@@ -45,7 +45,15 @@ from ..data import Shard
 from ..errors import ModelFailed
 from ..training import HopStats
 from .base import MemberSeeds, ModelInHand, Outcome, Runner
-from .fusable import ELEMENTWISE, POOLING, BatchedLoss, batched_loss, fusability, leaves
+from .fusable import (
+    ELEMENTWISE,
+    POOLING,
+    BatchedLoss,
+    NotFusable,
+    batched_loss,
+    group_key,
+    leaves,
+)
 
 
 class FusedRunner(Runner):
@@ -87,10 +95,10 @@ def check_group(models: list[ModelInHand]) -> None:
     """Raise ValueError unless every member is fusable with the same key."""
     keys = {}
     for m in models:
-        f = fusability(m.spec)
-        if f.key is None:
-            raise ValueError(f"model {m.model_id} cannot be fused: {f.reason}")
-        keys[m.model_id] = f.key
+        try:
+            keys[m.model_id], _ = group_key(m.spec)
+        except NotFusable as e:
+            raise ValueError(f"model {m.model_id} cannot be fused: {e}") from None
     if len(set(keys.values())) > 1:
         first = models[0].model_id
         other = [i for i, k in keys.items() if k != keys[first]]
@@ -168,6 +176,7 @@ class _Group:
     layers: list[_Layer]
     params: list[Tensor]  # [K, ...] leaves, in model.parameters() order
     running: list[tuple[Tensor, Tensor]]  # each BatchNorm's [K, C] running mean and var
+    flats: list[_Flat]  # per param group: its trained parameters in one [K, n] buffer
     dropouts: list[list[float]] = field(default_factory=list)  # per layer, each member's p
 
     @classmethod
@@ -188,10 +197,7 @@ class _Group:
                 layer.dropout, drops = drops, drops + 1
             layers.append(layer)
         with torch.no_grad():
-            params = [
-                torch.stack([p.detach() for p in ps]).to(device).requires_grad_(ps[0].requires_grad)
-                for ps in zip(*(list(x.spec.model.parameters()) for x in models), strict=True)
-            ]
+            params, flats = _stack_params(models, device)
             bn = [
                 [m for m in ms if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
                 for ms in member_layers
@@ -204,7 +210,8 @@ class _Group:
                 for i in range(norms)
             ]
         dropouts = [[float(m.p) for m in ms if isinstance(m, nn.Dropout)] for ms in member_layers]
-        return cls(models, device, layers, params, running, [list(d) for d in zip(*dropouts)])
+        dropout_ps = [list(d) for d in zip(*dropouts)]
+        return cls(models, device, layers, params, running, flats, dropout_ps)
 
     @property
     def size(self) -> int:
@@ -369,7 +376,7 @@ class _Group:
         per_batch = [
             s.lr_scheduler is not None and s.lr_scheduler_interval == "batch" for s in specs
         ]
-        trainable = [p for p in self.params if p.requires_grad]
+        trained = [i for flat in self.flats for i in flat.index]
         batches = 0
         for start in range(0, shard.rows, batch):
             index = orders[:, start : start + batch]
@@ -377,9 +384,9 @@ class _Group:
             inputs, targets = shard.x[index], shard.y[index]
             outputs = self.forward(inputs, rngs)
             losses = scorer.losses(outputs, targets)
-            grads = torch.autograd.grad(losses.sum(), trainable) if trainable else ()
-            grad_of = dict(zip((id(p) for p in trainable), grads, strict=True))
-            optimizer.step([grad_of.get(id(p)) for p in self.params])
+            if trained:
+                grads = torch.autograd.grad(losses.sum(), [self.params[i] for i in trained])
+                optimizer.step(dict(zip(trained, grads, strict=True)))
             batches += 1
             if any(per_batch):
                 for spec, on in zip(specs, per_batch, strict=True):
@@ -428,6 +435,52 @@ class _Group:
             outputs = self.forward(inputs, None)
             scorer.accumulate(scorer.losses(outputs, targets), outputs, targets, len(y))
         return scorer.finish(self.models, shard.rows, "validation")
+
+
+@dataclass
+class _Flat:
+    """One param group's trained parameters, all members: ``data`` is ``[K, n]`` and each
+    parameter a ``[K, *shape]`` view of it, so the optimizer updates the whole group with a
+    handful of operations instead of a handful per parameter."""
+
+    data: Tensor
+    index: list[int]  # which stacked parameters, in order
+    offsets: list[tuple[int, int]]  # each one's columns in ``data``
+
+
+def _stack_params(
+    models: list[ModelInHand], device: torch.device
+) -> tuple[list[Tensor], list[_Flat]]:
+    per_member = [list(m.spec.model.parameters()) for m in models]
+    first = per_member[0]
+    index = {id(p): i for i, p in enumerate(first)}
+    K = len(models)
+    params: list[Tensor | None] = [None] * len(first)
+    flats = []
+    for group in models[0].spec.optimizer.param_groups:
+        members = [index[id(p)] for p in group["params"] if p.requires_grad]
+        if not members:
+            flats.append(_Flat(torch.empty(K, 0, device=device), [], []))
+            continue
+        dtypes = {first[i].dtype for i in members}
+        if len(dtypes) > 1:
+            raise ValueError(f"a param group mixes dtypes {sorted(map(str, dtypes))}")
+        columns = [
+            torch.cat([per_member[k][i].detach().reshape(-1) for i in members]) for k in range(K)
+        ]
+        data = torch.stack(columns).to(device)
+        offsets, at = [], 0
+        for i in members:
+            n = first[i].numel()
+            offsets.append((at, at + n))
+            params[i] = data[:, at : at + n].view(K, *first[i].shape).requires_grad_()
+            at += n
+        flats.append(_Flat(data, members, offsets))
+    for i, p in enumerate(first):
+        if params[i] is None:  # not optimized: its gradient (if any) is not used
+            stacked = torch.stack([ps[i].detach() for ps in per_member]).to(device)
+            params[i] = stacked.requires_grad_(p.requires_grad)
+    return [p for p in params if p is not None], flats
 
 
 def _kind(m: nn.Module) -> str:
@@ -548,7 +601,7 @@ class _Scorer:
 
 @dataclass
 class _Hyper:
-    """One param group's hyper-parameters for every member, as ``[K]`` lists."""
+    """One param group's hyper-parameters, each member's, as ``[K, 1]`` tensors."""
 
     lr: list[float]
     weight_decay: list[float]
@@ -561,73 +614,72 @@ class _Hyper:
 
 @dataclass
 class _StackedOptimizer:
-    """The members' optimizers as one update over the stacked parameters, with torch.optim's
-    formulas (``_single_tensor_sgd``, ``_single_tensor_adam``) and each member's own
-    hyper-parameters broadcast as ``[K, 1, ...]`` tensors."""
+    """The members' optimizers as one update per param group over its flat ``[K, n]`` buffer,
+    with torch.optim's formulas (``_single_tensor_sgd``, ``_single_tensor_adam``: the same
+    operations in the same order, so the same roundings) and each member's own
+    hyper-parameters as ``[K, 1]`` tensors."""
 
     group: _Group
     kind: str  # "sgd" or "adam"
     nesterov: list[bool]  # per param group
     decoupled: list[bool]
-    group_of: list[int | None]  # each stacked parameter's param group (None: not optimized)
-    member_params: list[list[Tensor]]  # member k's parameters, in model.parameters() order
-    buffers: list[Tensor | None]  # SGD momentum buffers / Adam exp_avg, stacked
+    uses_momentum: list[bool]
+    buffers: list[Tensor | None]  # per param group: SGD momentum buffer / Adam exp_avg, [K, n]
     squares: list[Tensor | None]  # Adam exp_avg_sq
-    had_state: list[list[bool]]  # [param][member]: its optimizer held state for it at the start
-    steps: list[list[float]]  # Adam: [param][member] step counts
+    had_state: list[list[bool]]  # [group][member]: its optimizer held state at the start
+    steps: list[list[float]]  # Adam: [group][member] step counts
     hyper: list[_Hyper] = field(default_factory=list)
-    tensors: dict[tuple[int, str, int], Tensor] = field(default_factory=dict)
+    tensors: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
     @classmethod
     def of(cls, group: _Group) -> _StackedOptimizer:
-        specs = [m.spec for m in group.models]
-        first = specs[0].optimizer
+        models = group.models
+        first = models[0].spec.optimizer
         kind = "sgd" if isinstance(first, torch.optim.SGD) else "adam"
-        member_params: list[list[Tensor]] = [list(s.model.parameters()) for s in specs]
-        index = {id(p): i for i, p in enumerate(member_params[0])}
-        group_of: list[int | None] = [None] * len(group.params)
-        for gi, pg in enumerate(first.param_groups):
-            for p in pg["params"]:
-                group_of[index[id(p)]] = gi
         nesterov = [bool(pg.get("nesterov", False)) for pg in first.param_groups]
         decoupled = [
             bool(pg.get("decoupled_weight_decay", isinstance(first, torch.optim.AdamW)))
             for pg in first.param_groups
         ]
+        uses_momentum = [pg.get("momentum", 0) != 0 for pg in first.param_groups]
         buffers: list[Tensor | None] = []
         squares: list[Tensor | None] = []
         had_state, steps = [], []
-        uses_momentum = [pg.get("momentum", 0) != 0 for pg in first.param_groups]
-        for i, stacked in enumerate(group.params):
+        for g, flat in enumerate(group.flats):
+            member_params = [_group_params(m, flat) for m in models]
             states = [
-                s.optimizer.state.get(ps[i], {}) for s, ps in zip(specs, member_params, strict=True)
+                [m.spec.optimizer.state.get(p, {}) for p in ps]
+                for m, ps in zip(models, member_params, strict=True)
             ]
-            g = group_of[i]
-            had = [bool(st) for st in states]
+            had = []
+            for m, st in zip(models, states, strict=True):
+                if any(bool(x) != bool(st[0]) for x in st):
+                    raise ValueError(
+                        f"model {m.model_id}: its optimizer holds state for only "
+                        "some parameters of a param group (train it plain)"
+                    )
+                had.append(bool(st[0]) if st else False)
             had_state.append(had)
-            key = "momentum_buffer" if kind == "sgd" else "exp_avg"
-            if g is None or (kind == "sgd" and not uses_momentum[g]):
+            group_steps = []
+            for m, st in zip(models, states, strict=True):
+                counts = {float(x["step"]) for x in st if "step" in x}
+                if len(counts) > 1:
+                    raise ValueError(
+                        f"model {m.model_id}: its Adam step counts differ within a "
+                        "param group (train it plain)"
+                    )
+                group_steps.append(counts.pop() if counts else 0.0)
+            steps.append(group_steps)
+            if kind == "sgd" and not uses_momentum[g]:
                 buffers.append(None)
                 squares.append(None)
-                steps.append([0.0] * len(specs))
                 continue
+            key = "momentum_buffer" if kind == "sgd" else "exp_avg"
             with torch.no_grad():
-                buffers.append(_stack_state(states, key, stacked))
-                squares.append(
-                    _stack_state(states, "exp_avg_sq", stacked) if kind == "adam" else None
-                )
-            steps.append([float(st["step"]) if "step" in st else 0.0 for st in states])
+                buffers.append(_flat_state(states, key, flat))
+                squares.append(_flat_state(states, "exp_avg_sq", flat) if kind == "adam" else None)
         opt = cls(
-            group,
-            kind,
-            nesterov,
-            decoupled,
-            group_of,
-            member_params,
-            buffers,
-            squares,
-            had_state,
-            steps,
+            group, kind, nesterov, decoupled, uses_momentum, buffers, squares, had_state, steps
         )
         opt.read_hyper()
         return opt
@@ -652,55 +704,57 @@ class _StackedOptimizer:
         self.tensors = {}
 
     def _t(self, values: list[float], like: Tensor, g: int, name: str) -> Tensor:
-        """``values`` as a [K, 1, ...] tensor broadcasting over ``like`` (cached per step)."""
-        key = (g, name, like.dim())
+        """``values`` as a [K, 1] tensor of ``like``'s dtype (cached until the hyper-parameters
+        or, for step-dependent names, the step change)."""
+        key = (g, name)
         t = self.tensors.get(key)
         if t is None:
-            t = torch.tensor(values, dtype=like.dtype).to(like.device)
-            t = t.view(-1, *([1] * (like.dim() - 1)))
+            t = torch.tensor(values, dtype=like.dtype).to(like.device).view(-1, 1)
             self.tensors[key] = t
         return t
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor | None]) -> None:
-        for i, (param, grad) in enumerate(zip(self.group.params, grads, strict=True)):
-            g = self.group_of[i]
-            if g is None or grad is None:
+    def step(self, grads: dict[int, Tensor]) -> None:
+        """One update; ``grads``: each trained stacked parameter's gradient, by index."""
+        K = self.group.size
+        for g, flat in enumerate(self.group.flats):
+            if not flat.index:
                 continue
+            grad = torch.cat([grads[i].reshape(K, -1) for i in flat.index], dim=1)
             if self.kind == "sgd":
-                self._sgd(i, g, param, grad)
+                self._sgd(g, flat.data, grad)
             else:
-                self._adam(i, g, param, grad)
-        # Step-dependent values (Adam's bias corrections) are per step: drop them.
-        self.tensors = {k: v for k, v in self.tensors.items() if not k[1].startswith("step:")}
+                self._adam(g, flat.data, grad)
+        for key in [k for k in self.tensors if k[1].startswith("step:")]:
+            del self.tensors[key]
 
-    def _sgd(self, i: int, g: int, param: Tensor, grad: Tensor) -> None:
+    def _sgd(self, g: int, param: Tensor, grad: Tensor) -> None:
         h = self.hyper[g]
         if any(h.weight_decay):
             grad = torch.addcmul(grad, param, self._t(h.weight_decay, param, g, "wd"))
-        buf = self.buffers[i]
+        buf = self.buffers[g]
         if buf is not None:
-            fresh = [k for k, had in enumerate(self.had_state[i]) if not had]
             buf.mul_(self._t(h.momentum, param, g, "m"))
             dampened = [1 - d for d in h.dampening]
             buf.addcmul_(grad, self._t(dampened, param, g, "1-d"))
-            for k in fresh:  # torch's first step: the buffer is a clone of the gradient
-                buf[k].copy_(grad[k])
-                self.had_state[i][k] = True
+            for k, had in enumerate(self.had_state[g]):
+                if not had:  # torch's first step: the buffer is a clone of the gradient
+                    buf[k].copy_(grad[k])
+                    self.had_state[g][k] = True
             if self.nesterov[g]:
                 grad = torch.addcmul(grad, buf, self._t(h.momentum, param, g, "m"))
             else:
                 grad = buf
         param.addcmul_(grad, self._t([-lr for lr in h.lr], param, g, "-lr"))
 
-    def _adam(self, i: int, g: int, param: Tensor, grad: Tensor) -> None:
+    def _adam(self, g: int, param: Tensor, grad: Tensor) -> None:
         h = self.hyper[g]
-        exp_avg, exp_avg_sq = self.buffers[i], self.squares[i]
+        exp_avg, exp_avg_sq = self.buffers[g], self.squares[g]
         assert exp_avg is not None and exp_avg_sq is not None
-        steps = self.steps[i]
+        steps = self.steps[g]
         for k in range(len(steps)):
             steps[k] += 1
-            self.had_state[i][k] = True
+            self.had_state[g][k] = True
         if any(h.weight_decay):
             if self.decoupled[g]:
                 factors = [1 - lr * wd for lr, wd in zip(h.lr, h.weight_decay, strict=True)]
@@ -710,50 +764,65 @@ class _StackedOptimizer:
         exp_avg.lerp_(grad, self._t([1 - b for b in h.beta1], param, g, "1-b1"))
         exp_avg_sq.mul_(self._t(h.beta2, param, g, "b2"))
         exp_avg_sq.addcmul_(grad * self._t([1 - b for b in h.beta2], param, g, "1-b2"), grad)
-        tag = f"step:{tuple(steps)}"
+        # Python floats, per member, as torch computes them (then rounded to the tensor dtype).
         bc1 = [1 - b1**s for b1, s in zip(h.beta1, steps, strict=True)]
         bc2_sqrt = [(1 - b2**s) ** 0.5 for b2, s in zip(h.beta2, steps, strict=True)]
         neg_step = [-(lr / bc) for lr, bc in zip(h.lr, bc1, strict=True)]
-        denom = exp_avg_sq.sqrt().div_(self._t(bc2_sqrt, param, g, tag + "bc2"))
+        denom = exp_avg_sq.sqrt().div_(self._t(bc2_sqrt, param, g, "step:bc2"))
         denom.add_(self._t(h.eps, param, g, "eps"))
-        param.addcdiv_(exp_avg * self._t(neg_step, param, g, tag + "ss"), denom)
+        param.addcdiv_(exp_avg * self._t(neg_step, param, g, "step:size"), denom)
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Each member's optimizer.state as torch would have left it (same keys, dtypes and a
         float ``step`` tensor; a momentum buffer only where SGD would have made one)."""
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        for k, model in enumerate(self.group.models):
-            state = model.spec.optimizer.state
-            for i, p in enumerate(self.member_params[k]):
-                buf = self.buffers[i]
-                if buf is None or not self.had_state[i][k]:
+        for g, flat in enumerate(self.group.flats):
+            buf, sq = self.buffers[g], self.squares[g]
+            if buf is None:
+                continue
+            for k, model in enumerate(self.group.models):
+                if not self.had_state[g][k]:
                     continue
-                st = state[p]
-                if self.kind == "sgd":
-                    _put(st, "momentum_buffer", buf[k])
-                    continue
-                if "step" in st:
-                    st["step"].fill_(self.steps[i][k])
-                else:
-                    st["step"] = torch.tensor(self.steps[i][k], dtype=scalar)
-                _put(st, "exp_avg", buf[k])
-                sq = self.squares[i]
-                assert sq is not None
-                _put(st, "exp_avg_sq", sq[k])
+                state = model.spec.optimizer.state
+                for p, (a, b) in zip(_group_params(model, flat), flat.offsets, strict=True):
+                    st = state[p]
+                    if self.kind == "sgd":
+                        _put(st, "momentum_buffer", buf[k, a:b].view(p.shape))
+                        continue
+                    assert sq is not None
+                    if "step" in st:
+                        st["step"].fill_(self.steps[g][k])
+                    else:
+                        st["step"] = torch.tensor(self.steps[g][k], dtype=scalar)
+                    _put(st, "exp_avg", buf[k, a:b].view(p.shape))
+                    _put(st, "exp_avg_sq", sq[k, a:b].view(p.shape))
 
 
-def _stack_state(states: list[dict[str, Any]], key: str, like: Tensor) -> Tensor:
-    return torch.stack(
-        [st[key].to(like.device) if key in st else torch.zeros_like(like[0]) for st in states]
-    )
+def _group_params(model: ModelInHand, flat: _Flat) -> list[Tensor]:
+    params = list(model.spec.model.parameters())
+    return [params[i] for i in flat.index]
+
+
+def _flat_state(states: list[list[dict[str, Any]]], key: str, flat: _Flat) -> Tensor:
+    rows = []
+    for member in states:
+        parts = [
+            st[key].reshape(-1).to(flat.data.device)
+            if key in st
+            else torch.zeros(b - a, dtype=flat.data.dtype, device=flat.data.device)
+            for st, (a, b) in zip(member, flat.offsets, strict=True)
+        ]
+        rows.append(torch.cat(parts) if parts else flat.data.new_empty(0))
+    return torch.stack(rows)
 
 
 def _put(state: dict[str, Any], key: str, value: Tensor) -> None:
     if key in state:
         state[key].copy_(value)
     else:
-        state[key] = value.clone()  # not a view: a view would keep (and save) the whole stack
+        # A copy, not a view: a view would keep (and torch.save would write) the whole stack.
+        state[key] = value.clone(memory_format=torch.contiguous_format)
 
 
 __all__ = ["FusedRunner", "check_group"]
