@@ -3,8 +3,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from contextlib import closing
 from collections.abc import Callable
+from contextlib import closing
 
 import numpy as np
 import pandas as pd
