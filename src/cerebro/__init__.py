@@ -50,6 +50,8 @@ _EXPORTS = {
     ),
     **dict.fromkeys(["choice", "loguniform", "quniform", "randint", "uniform"], ".space"),
     "ModelSpec": ".spec",
+    "MLflowTracker": ".trackers.mlflow",
+    "dashboard": ".dashboard",
 }
 # Names load on first use, so `import cerebro` is cheap and imports nothing optional.
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
     )
     from .space import choice, loguniform, quniform, randint, uniform
     from .spec import ModelSpec
+    from .trackers.mlflow import MLflowTracker
 
 __version__ = "0.1.0"
 
@@ -93,6 +96,7 @@ __all__ = [
     "GridSearch",
     "Hyperband",
     "LocalBackend",
+    "MLflowTracker",
     "MedianStopping",
     "ModelFailed",
     "ModelRecord",
