@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     set_epochs.add_argument("model_id", type=int)
     set_epochs.add_argument("epochs", type=int)
     _add_request_options(set_epochs)
+    serve = commands.add_parser(
+        "serve", help="the web dashboard: watch and steer experiments from a browser"
+    )
+    serve.add_argument(
+        "path", help="an experiment folder, a folder of experiment folders, or a database URL"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback)")
+    serve.add_argument("--port", type=int, default=8300, help="port (default 8300; 0: any free)")
+    serve.add_argument("--token", default=None, help="the token to require (default: a new one)")
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "demo":
@@ -71,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _resume(args.path, console)
     if args.command == "models":
         return _models(args.path, console)
+    if args.command == "serve":
+        return _serve(args, console)
     return _request(args, console)
 
 
@@ -150,6 +162,26 @@ def _request(args: argparse.Namespace, console: Console) -> int:
         return 0
     shown = ", ".join(f"{k}={v}" for k, v in outcome.items())
     console.print(f"applied: {shown}" if shown else "applied")
+    return 0
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    from .dashboard import DashboardServer
+
+    try:
+        server = DashboardServer(args.path, args.host, args.port, args.token)
+        try:
+            server.app()  # the records are found and read before anything is served
+        except BaseException:
+            server.stop()
+            raise
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    console.print(f"Cerebro dashboard for {args.path}", highlight=False)
+    console.print(f"open: {server.url}", highlight=False, soft_wrap=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
     return 0
 
 
