@@ -51,6 +51,8 @@ _EXPORTS = {
     **dict.fromkeys(["choice", "loguniform", "quniform", "randint", "uniform"], ".space"),
     "ModelSpec": ".spec",
     "Fusion": ".engine.grouping",
+    "MLflowTracker": ".trackers.mlflow",
+    "dashboard": ".dashboard",
 }
 # Names load on first use, so `import cerebro` is cheap and imports nothing optional.
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)
@@ -77,6 +79,7 @@ if TYPE_CHECKING:
     )
     from .space import choice, loguniform, quniform, randint, uniform
     from .spec import ModelSpec
+    from .trackers.mlflow import MLflowTracker
 
 __version__ = "0.1.0"
 
@@ -96,6 +99,7 @@ __all__ = [
     "GridSearch",
     "Hyperband",
     "LocalBackend",
+    "MLflowTracker",
     "MedianStopping",
     "ModelFailed",
     "ModelRecord",

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -26,6 +26,7 @@ from ..errors import (
     check_bool,
     check_int,
     first_line,
+    is_int,
     shown_url,
 )
 from ..files import write_bytes_atomically
@@ -52,7 +53,7 @@ from ..store import (
     sqlite_file,
     sqlite_url,
 )
-from ..trackers import Tracker, Trackers
+from ..trackers import RunInfo, Tracker, Trackers
 from ..trackers.progress import RunProgress
 from ..trackers.tensorboard import TensorBoardLog
 from ..trackers.tensorboard import available as tensorboard_available
@@ -133,6 +134,12 @@ class Experiment:
             fused yet) trains alone, and the records say why (``events`` of kind
             ``not_fused``).
             In deterministic mode each epoch's shard order is shared by a fused cohort.
+        trackers: more listeners on the run, e.g. ``[cerebro.MLflowTracker()]`` (any
+            :class:`cerebro.trackers.Tracker`); the progress display and TensorBoard are added
+            by ``progress`` and ``tensorboard``.
+        dashboard: serve the web dashboard while the run goes on (``True``: on 127.0.0.1:8300;
+            an int: on that port, 0 for any free one); its URL, with the token, is printed
+            when the run starts. Needs ``pip install cerebro[dashboard]``.
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -172,6 +179,8 @@ class Experiment:
         resume: str = "auto",
         scheduler: Scheduler | None = None,
         fusion: bool | Fusion = False,
+        trackers: Sequence[Tracker] | None = None,
+        dashboard: bool | int = False,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -235,6 +244,8 @@ class Experiment:
                 "resume", resume, "'auto' with overwrite=True", hint="overwrite starts afresh"
             )
         self.resume = resume
+        self.trackers = _check_trackers(trackers)
+        self.dashboard = _check_dashboard(dashboard)
         if backend is None:
             backend = LocalBackend(workers=min(2, dataset.num_shards))
         if not isinstance(backend, Backend):
@@ -347,6 +358,11 @@ class Experiment:
             trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
             if self.tensorboard:
                 trackers.append(TensorBoardLog(os.path.join(self.path, "tensorboard")))
+            trackers += self.trackers
+            if self.dashboard is not None:
+                from ..dashboard import DashboardTracker
+
+                trackers.append(DashboardTracker(self.path, port=self.dashboard))
             tracker = Trackers(trackers)
             driver = Driver(config, self.backend, tracker)
             store = None
@@ -373,6 +389,7 @@ class Experiment:
                 tracker.run_finished()
             else:
                 try:
+                    tracker.attach(self._run_info(store))
                     driver.run(store)
                 except BaseException:
                     store.set_experiment_status(ExperimentStatus.INTERRUPTED.value)
@@ -380,6 +397,20 @@ class Experiment:
             store.set_experiment_status(ExperimentStatus.COMPLETED.value)
         _raise_if_every_model_failed(store, self.path)
         return Result(store, self.metric, self.mode, self.checkpoint_dir, self.build)
+
+    def _run_info(self, store: RecordStore) -> RunInfo:
+        row = store.experiment()
+        return RunInfo(
+            name=self.name,
+            path=self.path,
+            experiment_id=store.experiment_id,
+            created=row["created"],
+            metric=self.metric,
+            mode=self.mode,
+            epochs=self.epochs,
+            checkpoint_dir=self.checkpoint_dir,
+            store=store,
+        )
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -614,3 +645,43 @@ def _excerpt(error: str, head: int = 3, tail: int = 2) -> str:
     if len(lines) <= head + tail + 1:
         return "\n".join(lines)
     return "\n".join([*lines[:head], "  ...", *lines[-tail:]])
+
+
+def _check_trackers(trackers: Any) -> list[Tracker]:
+    """``trackers=``: a list (or tuple) of Tracker instances, or None."""
+    accepted = "None or a list of trackers, e.g. [cerebro.MLflowTracker()]"
+    if trackers is None:
+        return []
+    if isinstance(trackers, Tracker):
+        raise ConfigError("trackers", trackers, accepted, hint="put the tracker in a list")
+    if not isinstance(trackers, (list, tuple)):
+        raise ConfigError("trackers", trackers, accepted)
+    for i, item in enumerate(trackers):
+        if not isinstance(item, Tracker):
+            hint = f"item {i} is a {type(item).__name__}, not a cerebro.trackers.Tracker"
+            if isinstance(item, type) and issubclass(item, Tracker):
+                hint = f"item {i} is the class {item.__name__}: pass an instance, {item.__name__}()"
+            raise ConfigError("trackers", trackers, accepted, hint=hint)
+    return list(trackers)
+
+
+def _check_dashboard(dashboard: Any) -> int | None:
+    """``dashboard=``: the port to serve on (None: no dashboard). A port in use is refused
+    now, before any work."""
+    if dashboard is False:
+        return None
+    if dashboard is True:
+        from ..dashboard.server import DEFAULT_PORT
+
+        port = DEFAULT_PORT
+    elif is_int(dashboard) and 0 <= dashboard <= 65535:
+        port = int(dashboard)
+    else:
+        raise ConfigError(
+            "dashboard", dashboard, "True (port 8300), False, or a port number (0: any free one)"
+        )
+    from ..dashboard.server import DEFAULT_HOST, bind, check_available
+
+    check_available()
+    bind(DEFAULT_HOST, port).close()  # ConfigError if the port is in use
+    return port

@@ -1,5 +1,5 @@
-"""Listeners on a run's events: the progress display, TensorBoard (and, next, MLflow)."""
+"""Listeners on a run's events: the progress display, TensorBoard, MLflow, the dashboard."""
 
-from .base import Standing, Tracker, Trackers
+from .base import RunInfo, Standing, Tracker, Trackers
 
-__all__ = ["Standing", "Tracker", "Trackers"]
+__all__ = ["RunInfo", "Standing", "Tracker", "Trackers"]

@@ -1,6 +1,8 @@
 """The interface of everything that watches a run: the progress display, TensorBoard, MLflow.
 
-The driver tells its trackers what happens, in this order: :meth:`Tracker.run_started`, then
+Before a run's loop starts, the experiment gives each tracker a :class:`RunInfo` (its name,
+path, metric, records: :meth:`Tracker.attach`). The driver then tells its trackers what
+happens, in this order: :meth:`Tracker.run_started`, then
 any number of :meth:`~Tracker.plan`, :meth:`~Tracker.unit_done`, :meth:`~Tracker.epoch_ended`,
 :meth:`~Tracker.model_ended` and :meth:`~Tracker.standings`, then :meth:`Tracker.run_finished`
 (also when the run fails). Every method does nothing by default: a tracker implements the
@@ -19,9 +21,38 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..kinds import ModelStatus
+
+if TYPE_CHECKING:
+    from ..store import RecordStore
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a tracker may know of the run it watches (given by :meth:`Tracker.attach`).
+
+    Attributes:
+        name: the experiment's name.
+        path: its folder.
+        experiment_id: its id in the records (a rerun with ``overwrite=True`` gets a new one).
+        created: when its records were created (seconds since the epoch).
+        metric, mode: what ranks its models.
+        epochs: the experiment's epoch budget.
+        checkpoint_dir: where each model's state lives.
+        store: its records, to read (a tracker never writes them).
+    """
+
+    name: str
+    path: str
+    experiment_id: int
+    created: float
+    metric: str
+    mode: str
+    epochs: int
+    checkpoint_dir: str
+    store: RecordStore
 
 
 @dataclass(frozen=True)
@@ -42,6 +73,9 @@ class Standing:
 
 class Tracker:
     """A listener on a run's events (see the module's docstring for their order)."""
+
+    def attach(self, info: RunInfo) -> None:
+        """The run this tracker watches (told once per run, before :meth:`run_started`)."""
 
     def run_started(self) -> None:
         """The run's loop begins (models restored or registered, workers started)."""
@@ -78,6 +112,10 @@ class Trackers(Tracker):
 
     def __init__(self, trackers: Iterable[Tracker]) -> None:
         self.trackers = list(trackers)
+
+    def attach(self, info: RunInfo) -> None:
+        for tracker in self.trackers:
+            tracker.attach(info)
 
     def run_started(self) -> None:
         for tracker in self.trackers:
