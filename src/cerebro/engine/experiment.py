@@ -362,7 +362,9 @@ class Experiment:
             if self.dashboard is not None:
                 from ..dashboard import DashboardTracker
 
-                trackers.append(DashboardTracker(self.path, port=self.dashboard))
+                served = DashboardTracker(self.path, port=self.dashboard)
+                self.dashboard_url: str | None = served.url  # the page, with its token
+                trackers.append(served)
             tracker = Trackers(trackers)
             driver = Driver(config, self.backend, tracker)
             store = None
