@@ -16,7 +16,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -217,16 +217,33 @@ class ExperimentReader:
         )
 
     def models(self) -> list[ModelSummary]:
-        """Every model with its last metrics, epochs done and whether it was fused."""
+        """Every model with its last metrics, epochs done and whether it was fused (read with
+        a few aggregate queries: only each model's last epoch row is decoded)."""
         fused = self._fused()
         e = self.store.experiment_id
+        mine = _mine(epochs_table, e)
+        done = (
+            select(
+                epochs_table.c.model_id,
+                func.count().label("done"),
+                func.max(epochs_table.c.epoch).label("last"),
+            )
+            .where(mine)
+            .group_by(epochs_table.c.model_id)
+            .subquery()
+        )
+        last = select(done.c.model_id, done.c.done, epochs_table.c.metrics).join(
+            epochs_table,
+            (epochs_table.c.model_id == done.c.model_id)
+            & (epochs_table.c.epoch == done.c.last)
+            & mine,
+        )
         with self._read() as conn:
             model_rows = _rows(conn, models_table, self.store.absent, e, "model_id")
-            epoch_rows = _rows(conn, epochs_table, self.store.absent, e, "model_id", "epoch")
-        histories: dict[int, list[dict[str, Any]]] = {}
-        for r in epoch_rows:
-            histories.setdefault(r["model_id"], []).append({"epoch": r["epoch"], **r["metrics"]})
-        return [self._summary(m, histories.get(m["model_id"], []), fused) for m in model_rows]
+            lasts = {r.model_id: (r.done, r.metrics) for r in conn.execute(last)}
+        return [
+            self._summary(m, *lasts.get(m["model_id"], (0, {})), fused=fused) for m in model_rows
+        ]
 
     def model(self, model_id: int) -> ModelDetail:
         e = self.store.experiment_id
@@ -265,7 +282,7 @@ class ExperimentReader:
             event_rows = _rows(conn, events_table, self.store.absent, e, "id")
         created = self._created()
         history = [{"epoch": r["epoch"], **r["metrics"]} for r in epoch_rows]
-        summary = self._summary(row, history, fused)
+        summary = self._summary(row, len(history), last_metrics(history), fused)
         # Outcomes name the models that a request made (clone, add): those are this model's too.
         made = [c for c in _rows_made_by(self, model_id)]
         return ModelDetail(
@@ -287,13 +304,20 @@ class ExperimentReader:
         )
 
     def history(self, after: int = 0) -> list[EpochView]:
-        """Every recorded epoch, oldest first; ``after``: skip the first ``after`` of them (a
-        page that holds them asks for the rest only)."""
+        """Every recorded epoch in the order they finished; ``after``: skip the first ``after``
+        of them (a page that holds them asks for the rest only, and only those are decoded)."""
         e = self.store.experiment_id
+        t = epochs_table
+        query = (
+            select(t.c.model_id, t.c.epoch, t.c.finished, t.c.metrics)
+            .where(_mine(t, e))
+            .order_by(t.c.finished, t.c.model_id, t.c.epoch)
+            .offset(max(after, 0))
+        )
         with self._read() as conn:
-            rows = _rows(conn, epochs_table, self.store.absent, e, "finished", "model_id", "epoch")
+            rows = [dict(r) for r in conn.execute(query).mappings().all()]
         created = self._created()
-        return [_epoch_view(r, created) for r in rows[max(after, 0) :]]
+        return [_epoch_view(r, created) for r in rows]
 
     def hops(self, after: int = 0, limit: int = HOPS_PAGE) -> list[HopView]:
         """Hops with an id above ``after``, oldest first (at most ``limit``)."""
@@ -318,7 +342,7 @@ class ExperimentReader:
     # Parts -----------------------------------------------------------------------------------
 
     def _summary(
-        self, row: dict[str, Any], history: list[dict[str, Any]], fused: set[int]
+        self, row: dict[str, Any], done: int, metrics: dict[str, Any], fused: set[int]
     ) -> ModelSummary:
         error = row["error"]
         return ModelSummary(
@@ -327,8 +351,8 @@ class ExperimentReader:
             origin=Origin(row["origin"] or "search"),
             parent=row["parent"],
             params=row["params"],
-            metrics={k: finite(v) for k, v in last_metrics(history).items()},
-            epochs_done=len(history),
+            metrics={k: finite(v) for k, v in metrics.items()},
+            epochs_done=done,
             max_epochs=row["max_epochs"] or self.epochs,
             fused=row["model_id"] in fused,
             error=first_line(Exception(error)) if error else None,
@@ -463,7 +487,7 @@ def finite(value: Any) -> float | None:
 def clean(value: Any) -> Any:
     """A view as plain JSON: dataclasses as dicts, enums as their values, NaN as None."""
     if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
+        return {f.name: clean(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, dict):
         return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
