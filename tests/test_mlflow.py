@@ -5,6 +5,7 @@ tags, the best model's weights, and no duplicates when the experiment is resumed
 from __future__ import annotations
 
 import os
+import socket
 
 import builders
 import pytest
@@ -101,4 +102,10 @@ def test_bad_tracker_arguments_are_refused_before_work(digits, tmp_path):
         cerebro.MLflowTracker(tracking_uri=3)
     with pytest.raises(cerebro.ConfigError, match="dashboard='yes' is not accepted"):
         _experiment(digits, tmp_path / "a", cerebro.MLflowTracker(), dashboard="yes")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(cerebro.ConfigError, match=f"port={port} is not accepted"):
+            _experiment(digits, tmp_path / "a", cerebro.MLflowTracker(), dashboard=port)
     assert not (tmp_path / "a").exists()

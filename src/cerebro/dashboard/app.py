@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import threading
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -201,8 +202,8 @@ def create_app(path_or_url: str | os.PathLike, token: str) -> FastAPI:
         if token_given is not None:
             if not auth.token_matches(token, token_given):
                 return HTMLResponse(_message("That token is not this server's."), 401)
-            params = {k: v for k, v in request.query_params.items() if k != "token"}
-            target = "/" + ("?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else "")
+            params = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            target = "/" + ("?" + urllib.parse.urlencode(params) if params else "")
             response = RedirectResponse(target, 303)
             response.set_cookie(auth.COOKIE, token, httponly=True, samesite="strict", path="/")
             return response

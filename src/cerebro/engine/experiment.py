@@ -139,7 +139,8 @@ class Experiment:
             by ``progress`` and ``tensorboard``.
         dashboard: serve the web dashboard while the run goes on (``True``: on 127.0.0.1:8300;
             an int: on that port, 0 for any free one); its URL, with the token, is printed
-            when the run starts. Needs ``pip install cerebro[dashboard]``.
+            when the run starts and kept as ``exp.dashboard_url``. A port in use is refused
+            here, before any work. Needs ``pip install cerebro[dashboard]``.
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
