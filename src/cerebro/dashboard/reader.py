@@ -284,7 +284,7 @@ class ExperimentReader:
         history = [{"epoch": r["epoch"], **r["metrics"]} for r in epoch_rows]
         summary = self._summary(row, len(history), last_metrics(history), fused)
         # Outcomes name the models that a request made (clone, add): those are this model's too.
-        made = [c for c in _rows_made_by(self, model_id)]
+        made = list(_rows_made_by(self, model_id))
         return ModelDetail(
             summary=summary,
             history=[_epoch_view(r, created) for r in epoch_rows],
