@@ -125,14 +125,14 @@ class Experiment:
             no scheduler; grid, random and TPE search train every model to its end).
         fusion: train models of one shape together as one wide model: ``True``,
             ``cerebro.Fusion(max_models=..., memory_mb=...)`` for limits, or ``False`` (default).
-            Models whose built specs match (an ``nn.Sequential`` of Linear, Flatten, Dropout
-            and activations with the same shapes, batch size and optimizer class: SGD, Adam or
-            AdamW) and that are at the same point of training hop as one unit; each keeps its
-            own learning rate, weight decay, momentum, betas, eps, LR scheduler, dropout rate,
-            loss, metrics, random stream and row order, so it does the same SGD as alone (up to
-            float32 rounding). A model that cannot be fused (convolutions and BatchNorm are not
-            fused yet) trains alone, and the records say why (``events`` of kind
-            ``not_fused``).
+            Models whose built specs match (an ``nn.Sequential`` of Linear, Conv2d, BatchNorm,
+            pooling, Flatten, Dropout and activations with the same shapes, batch size, loss
+            kind, metric names and optimizer class: SGD, Adam or AdamW) and that are at the
+            same point of training hop as one unit; each keeps its own learning rate, weight
+            decay, momentum, betas, eps, LR scheduler, dropout rate, BatchNorm statistics,
+            random stream and row order, so it does the same SGD as alone (up to float32
+            rounding). A model that cannot be fused trains alone, and the records say why
+            (``events`` of kind ``not_fused``).
             In deterministic mode each epoch's shard order is shared by a fused cohort.
         trackers: more listeners on the run, e.g. ``[cerebro.MLflowTracker()]`` (any
             :class:`cerebro.trackers.Tracker`); the progress display and TensorBoard are added
