@@ -638,15 +638,15 @@ class _Hyper:
 
 
 @dataclass(frozen=True)
-class _Columns:
-    """One parameter's columns in a param group's ``[K, n]`` buffers, seen in its shape."""
+class _Views:
+    """One stacked parameter as the update sees it: ``[K, *shape]`` views of its param group's
+    flat buffers, and three scratch tensors of that shape for the temporaries (made once per
+    hop: rebuilding views every step cost as much as the update's arithmetic at K = 1)."""
 
-    start: int
-    stop: int
-    shape: torch.Size  # [K, *the parameter's shape]
-
-    def of(self, buffer: Tensor) -> Tensor:
-        return buffer[:, self.start : self.stop].view(self.shape)
+    param: Tensor
+    buffer: Tensor | None  # SGD momentum buffer / Adam exp_avg
+    square: Tensor | None  # Adam exp_avg_sq
+    scratch: tuple[Tensor, Tensor, Tensor]
 
 
 @dataclass
@@ -667,6 +667,7 @@ class _StackedOptimizer:
     steps: list[list[float]]  # Adam: [group][member] step counts
     hyper: list[_Hyper] = field(default_factory=list)
     tensors: dict[tuple[int, str, int], Tensor] = field(default_factory=dict)
+    views: dict[int, _Views] = field(default_factory=dict)  # by stacked parameter index
     scratch: Tensor | None = None  # [3, n]: the update's temporaries, reused every step
 
     @classmethod
@@ -757,10 +758,9 @@ class _StackedOptimizer:
     def step(self, grads: dict[int, Tensor]) -> None:
         """One update; ``grads``: each trained stacked parameter's gradient, by index.
 
-        Parameter by parameter on its ``[K, *shape]`` view of the flat buffer: a weight's
-        gradient comes transposed out of bmm's backward, and elementwise ops take it with
-        those strides, where gathering the gradients into one flat ``[K, n]`` tensor copied
-        them every step. Temporaries go into preallocated scratch.
+        Parameter by parameter on its ``[K, *shape]`` views of the flat buffers (gathering the
+        gradients into one flat ``[K, n]`` tensor first copied them every step), with the
+        temporaries in preallocated scratch.
         """
         K = self.group.size
         for g, flat in enumerate(self.group.flats):
@@ -769,33 +769,42 @@ class _StackedOptimizer:
             if self.kind == "adam":
                 for k in range(K):
                     self.steps[g][k] += 1
-            for i, (a, b) in zip(flat.index, flat.offsets, strict=True):
-                grad = grads[i]
-                columns = _Columns(a, b, grad.shape)
+            for i in flat.index:
+                views = self.views.get(i) or self._views(g, i, grads[i].shape)
                 if self.kind == "sgd":
-                    self._sgd(g, columns, columns.of(flat.data), grad)
+                    self._sgd(g, views, grads[i])
                 else:
-                    self._adam(g, columns, columns.of(flat.data), grad)
+                    self._adam(g, views, grads[i])
             for k in range(K):
                 self.had_state[g][k] = True
         for key in [k for k in self.tensors if k[1].startswith("step:")]:
             del self.tensors[key]
 
-    def _scratch(self, which: int, like: Tensor) -> Tensor:
-        """Preallocated room shaped like ``like``, ``which`` of three."""
-        n = like.numel()
-        if self.scratch is None or self.scratch.shape[1] < n or self.scratch.dtype != like.dtype:
-            self.scratch = torch.empty(3, n, dtype=like.dtype, device=like.device)
-        return self.scratch[which, :n].view(like.shape)
+    def _views(self, g: int, i: int, shape: torch.Size) -> _Views:
+        flat = self.group.flats[g]
+        a, b = flat.offsets[flat.index.index(i)]
+        room = shape[0] * max(stop - start for start, stop in flat.offsets)
+        if self.scratch is None or self.scratch.shape[1] < room:
+            self.scratch = flat.data.new_empty(3, room)
+        n = shape.numel()
+        s0, s1, s2 = (self.scratch[j, :n].view(shape) for j in range(3))
+        buffer, square = self.buffers[g], self.squares[g]
+        views = _Views(
+            flat.data[:, a:b].view(shape),
+            None if buffer is None else buffer[:, a:b].view(shape),
+            None if square is None else square[:, a:b].view(shape),
+            (s0, s1, s2),
+        )
+        self.views[i] = views
+        return views
 
-    def _sgd(self, g: int, columns: _Columns, param: Tensor, grad: Tensor) -> None:
-        h = self.hyper[g]
+    def _sgd(self, g: int, views: _Views, grad: Tensor) -> None:
+        h, param = self.hyper[g], views.param
         if any(h.weight_decay):
             wd = self._t(h.weight_decay, param, g, "wd")
-            grad = torch.addcmul(grad, param, wd, out=self._scratch(0, param))
-        buffers = self.buffers[g]
-        if buffers is not None:
-            buf = columns.of(buffers)
+            grad = torch.addcmul(grad, param, wd, out=views.scratch[0])
+        buf = views.buffer
+        if buf is not None:
             momentum = self._t(h.momentum, param, g, "m")
             buf.mul_(momentum)
             dampened = [1 - d for d in h.dampening]
@@ -804,16 +813,15 @@ class _StackedOptimizer:
                 if not had:  # torch's first step: the buffer is a clone of the gradient
                     buf[k].copy_(grad[k])
             if self.nesterov[g]:
-                grad = torch.addcmul(grad, buf, momentum, out=self._scratch(1, param))
+                grad = torch.addcmul(grad, buf, momentum, out=views.scratch[1])
             else:
                 grad = buf
         param.addcmul_(grad, self._t([-lr for lr in h.lr], param, g, "-lr"))
 
-    def _adam(self, g: int, columns: _Columns, param: Tensor, grad: Tensor) -> None:
-        h = self.hyper[g]
-        exp_avgs, exp_avg_sqs = self.buffers[g], self.squares[g]
-        assert exp_avgs is not None and exp_avg_sqs is not None
-        exp_avg, exp_avg_sq = columns.of(exp_avgs), columns.of(exp_avg_sqs)
+    def _adam(self, g: int, views: _Views, grad: Tensor) -> None:
+        h, param = self.hyper[g], views.param
+        exp_avg, exp_avg_sq = views.buffer, views.square
+        assert exp_avg is not None and exp_avg_sq is not None
         steps = self.steps[g]
         if any(h.weight_decay):
             if self.decoupled[g]:
@@ -821,24 +829,22 @@ class _StackedOptimizer:
                 param.mul_(self._t(factors, param, g, "1-lr*wd"))
             else:
                 wd = self._t(h.weight_decay, param, g, "wd")
-                grad = torch.addcmul(grad, param, wd, out=self._scratch(0, param))
+                grad = torch.addcmul(grad, param, wd, out=views.scratch[0])
         exp_avg.lerp_(grad, self._t([1 - b1 for b1 in h.beta1], param, g, "1-b1"))
         exp_avg_sq.mul_(self._t(h.beta2, param, g, "b2"))
         scaled = torch.mul(
             grad, self._t([1 - b2 for b2 in h.beta2], param, g, "1-b2"),
-            out=self._scratch(1, param),
+            out=views.scratch[1],
         )  # fmt: skip
         exp_avg_sq.addcmul_(scaled, grad)
         # Python floats, per member, as torch computes them (then rounded to the tensor dtype).
         bc1 = [1 - b1**s for b1, s in zip(h.beta1, steps, strict=True)]
         bc2_sqrt = [(1 - b2**s) ** 0.5 for b2, s in zip(h.beta2, steps, strict=True)]
         neg_step = [-(lr / bc) for lr, bc in zip(h.lr, bc1, strict=True)]
-        denom = torch.sqrt(exp_avg_sq, out=self._scratch(1, param))
+        denom = torch.sqrt(exp_avg_sq, out=views.scratch[1])
         denom.div_(self._t(bc2_sqrt, param, g, "step:bc2"))
         denom.add_(self._t(h.eps, param, g, "eps"))
-        step = torch.mul(
-            exp_avg, self._t(neg_step, param, g, "step:size"), out=self._scratch(2, param)
-        )
+        step = torch.mul(exp_avg, self._t(neg_step, param, g, "step:size"), out=views.scratch[2])
         param.addcdiv_(step, denom)
 
     @torch.no_grad()
