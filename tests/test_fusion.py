@@ -6,10 +6,11 @@ from __future__ import annotations
 import builders
 import pytest
 import torch
-from conftest import assert_same_results, small_experiment
+from conftest import assert_same_results, replay_epoch, small_experiment, state_equal
 
 import cerebro
 from cerebro import training
+from cerebro.store.checkpoints import epoch_path, model_dir, origin_path, state_path
 
 SPACE = {
     "lr": cerebro.choice([0.003, 0.01, 0.03, 0.05]),
@@ -120,3 +121,36 @@ def test_models_leaving_fused_units_under_asha_keep_deterministic_results(digits
     statuses = {m.status for m in one.models}
     assert "pruned" in statuses or "paused" in statuses or len(set(one.history.epoch)) < 3
     assert len(one.fused_models) >= 2
+
+
+def test_a_clone_of_a_fused_member_leaves_with_its_exact_state(digits, tmp_path):
+    """A finished fused run reopened with a clone of member 0 at a new learning rate: the clone
+    starts from member 0's exact state file (weights, Adam moments and steps, random stream)
+    with the new rate, trains its own epoch as that state trained alone would (float32
+    rounding: 1e-5, as in tests/test_fused_runner.py), and nothing already trained trains
+    again."""
+    path = tmp_path / "run"
+    first = _fused(digits, path, epochs=1, keep_checkpoints="all")
+    checkpoints = str(path / "checkpoints")
+    frozen = training.load_state(state_path(checkpoints, 0))
+    cloned = cerebro.control(path).clone(0, params={"lr": 0.02, "dropout": 0.0}, force=True)
+    result = _fused(digits, path, epochs=1, keep_checkpoints="all")
+
+    clone_id = cloned.wait(0)["model_id"]
+    assert result.model(clone_id).parent == 0 and clone_id in result.fused_models
+    origin = training.load_state(origin_path(model_dir(checkpoints, clone_id)))
+    assert state_equal(origin["model"], frozen["model"])
+    assert state_equal(origin["optimizer"]["state"], frozen["optimizer"]["state"])
+    assert state_equal(origin["rng"], frozen["rng"])
+    assert [g["lr"] for g in origin["optimizer"]["param_groups"]] == [0.02]
+    train = result.hops[result.hops.kind == "train"]
+    assert len(train[train.model_id < clone_id]) == len(first.hops[first.hops.kind == "train"])
+
+    visits = train[train.model_id == clone_id].sort_values("start")
+    replayed = replay_epoch(
+        digits, builders.mlp, {"lr": 0.02, "dropout": 0.0}, origin, 5, clone_id, 0,
+        list(visits.shard),
+    )  # fmt: skip
+    recorded = training.load_state(epoch_path(model_dir(checkpoints, clone_id), 0))["model"]
+    for name, tensor in replayed.state_dict().items():
+        assert torch.allclose(recorded[name], tensor, rtol=0, atol=1e-5), name
