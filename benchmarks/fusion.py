@@ -4,9 +4,10 @@ Part 1, per step: K = 1, 8, 32, 128 models, an MLP (64-128-128-10, Adam, dropout
 small CNN (two 3x3 convolutions with BatchNorm on 8x8 images, SGD with momentum), at batch 32
 and 128, in one process with one thread: the fused runner over a shard against the plain
 runner over the same shard once per model. Reported: time per SGD step of all K models (the
-fastest of 5 hops: other tenants of a shared machine only add time), the speedup (plain /
-fused), and peak memory (the process's peak RSS above what it held once the models were built,
-each measure in a fresh process so that peaks do not carry over).
+fastest of 5 hops, plain and fused hops taken in turns in one process so that a shared
+machine's load weighs on both alike), the speedup (plain / fused), and peak memory of one hop
+(the process's peak RSS above what it held after a warm-up hop, each in a fresh process so that
+peaks do not carry over).
 
 Part 2, end to end: ``fusion_selection.py``'s selection of 64 configurations on digits with 2
 workers, unfused then fused: makespan, busy fraction, best accuracy.
@@ -85,18 +86,14 @@ def cnn(params: dict[str, Any]) -> Any:
 ARCHITECTURES = {"mlp": (mlp, (64,)), "cnn": (cnn, (1, 8, 8))}
 
 
-def measure_one(
-    arch: str, mode: str, models: int, batch: int, device_name: str, steps: int
-) -> dict:
-    """Time per step of ``models`` models, fused or one after another (in its own process)."""
+def _setup(arch: str, models: int, batch: int, device: torch.device, steps: int) -> Any:
+    """``models`` freshly built models and a shard of ``steps`` batches; returns hop(mode)."""
     from cerebro import training
     from cerebro.data import Shard
     from cerebro.state import Counters
     from cerebro.techniques.base import MemberSeeds, ModelInHand
     from cerebro.techniques.fused import FusedRunner
 
-    torch.set_num_threads(1)
-    device = torch.device(device_name)
     rows = batch * steps
     generator = torch.Generator().manual_seed(0)
     build, row_shape = ARCHITECTURES[arch]
@@ -113,31 +110,61 @@ def measure_one(
     seeds = [MemberSeeds(i, i) for i in range(models)]
 
     def hop() -> None:
-        if mode == "fused":
-            FusedRunner().train(hands, seeds, shard, device, end_of_epoch=False)
-        else:
-            for hand, seed in zip(hands, seeds):
-                torch.manual_seed(seed.rng_seed or 0)
-                training.run_train_hop(hand.spec, shard, seed.shuffle_seed, device, False)
+        FusedRunner().train(hands, seeds, shard, device, end_of_epoch=False)
 
-    hop()  # warm-up: optimizer state created, kernels chosen
+    def hop_plain() -> None:
+        for hand, seed in zip(hands, seeds):
+            torch.manual_seed(seed.rng_seed or 0)
+            training.run_train_hop(hand.spec, shard, seed.shuffle_seed, device, False)
+
+    return {"fused": hop, "plain": hop_plain}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_both(arch: str, models: int, batch: int, device_name: str, steps: int) -> dict:
+    """Time per step, plain and fused, measured in turns in one process (each its own
+    models): a shared machine's load then weighs on both alike. The fastest of 5 hops each."""
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    hops = {mode: _setup(arch, models, batch, device, steps)[mode] for mode in ("plain", "fused")}
+    times: dict[str, list[float]] = {"plain": [], "fused": []}
+    for hop in hops.values():
+        hop()  # warm-up: optimizer state created, kernels chosen
+    for _ in range(5):
+        for mode, hop in hops.items():
+            _sync(device)
+            began = time.perf_counter()
+            hop()
+            _sync(device)
+            times[mode].append(time.perf_counter() - began)
+    return {f"{mode}_step_ms": 1000 * min(t) / steps for mode, t in times.items()}
+
+
+def peak_one(arch: str, mode: str, models: int, batch: int, device_name: str, steps: int) -> dict:
+    """Peak memory of one hop, plain or fused (in its own process, so peaks do not mix)."""
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    hop = _setup(arch, models, batch, device, steps)[mode]
+    hop()  # warm-up: optimizer state created
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # The fastest of 5 hops: these machines are shared, and other tenants only add time.
-    times = []
-    for _ in range(5):
-        began = time.perf_counter()
-        hop()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    result = {"step_ms": 1000 * min(times) / steps, "peak_mb": peak_kb / 1024}
+    hop()
+    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     if device.type == "cuda":
-        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_mb": peak_mb}
+
+
+def _child(*arguments: str) -> dict:
+    command = [sys.executable, __file__, *arguments]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def step_table(device: str = "cpu", quick: bool = False) -> pd.DataFrame:
@@ -148,25 +175,20 @@ def step_table(device: str = "cpu", quick: bool = False) -> pd.DataFrame:
     for arch, batch in [(a, b) for a in ARCHITECTURES for b in batches]:
         steps = 3 if quick else max(10, 640 // batch)
         for models in sizes:
-            measured = {}
-            for mode in ("plain", "fused"):
-                command = [sys.executable, __file__, "--one", arch, mode, str(models), str(batch)]
-                command += ["--device", device, "--steps", str(steps)]
-                out = subprocess.run(command, capture_output=True, text=True, check=True)
-                measured[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            shape = [arch, str(models), str(batch), "--device", device, "--steps", str(steps)]
+            timed = _child("--time", *shape)
+            peaks = {mode: _child("--peak", mode, *shape)["peak_mb"] for mode in ("plain", "fused")}
             rows.append(
                 {
                     "device": device,
                     "model": arch,
                     "batch": batch,
                     "models": models,
-                    "plain_step_ms": round(measured["plain"]["step_ms"], 3),
-                    "fused_step_ms": round(measured["fused"]["step_ms"], 3),
-                    "speedup": round(
-                        measured["plain"]["step_ms"] / measured["fused"]["step_ms"], 2
-                    ),
-                    "plain_peak_mb": round(measured["plain"]["peak_mb"], 1),
-                    "fused_peak_mb": round(measured["fused"]["peak_mb"], 1),
+                    "plain_step_ms": round(timed["plain_step_ms"], 3),
+                    "fused_step_ms": round(timed["fused_step_ms"], 3),
+                    "speedup": round(timed["plain_step_ms"] / timed["fused_step_ms"], 2),
+                    "plain_peak_mb": round(peaks["plain"], 1),
+                    "fused_peak_mb": round(peaks["fused"], 1),
                 }
             )
             print(rows[-1], flush=True)
@@ -185,8 +207,8 @@ def write(steps: pd.DataFrame, selection: pd.DataFrame | None, path: str) -> Non
         "",
         "mlp: 64-128-128-10 (Adam, dropout 0.1); cnn: conv 8 and 16 channels with BatchNorm, "
         "8x8 inputs (SGD, momentum 0.9). Time of one SGD step of all K models (fastest of 5 "
-        "hops); peak: the process's peak RSS above its size once the models were built (on "
-        "CUDA: peak allocated device memory).",
+        "hops, plain and fused in turns in one process); peak: the process's peak RSS during "
+        "one hop above its size after a warm-up hop (on CUDA: peak allocated device memory).",
         "",
         steps.to_markdown(index=False),
         "",
@@ -211,12 +233,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
-        "--one", nargs=4, metavar=("ARCH", "MODE", "MODELS", "BATCH"), help=argparse.SUPPRESS
+        "--time", nargs=3, metavar=("ARCH", "MODELS", "BATCH"), help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--peak", nargs=4, metavar=("MODE", "ARCH", "MODELS", "BATCH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
-    if args.one:
-        arch, mode, models, batch = args.one
-        measured = measure_one(arch, mode, int(models), int(batch), args.device, args.steps)
+    if args.time:
+        arch, models, batch = args.time
+        print(json.dumps(time_both(arch, int(models), int(batch), args.device, args.steps)))
+        return
+    if args.peak:
+        mode, arch, models, batch = args.peak
+        measured = peak_one(arch, mode, int(models), int(batch), args.device, args.steps)
         print(json.dumps(measured))
         return
     steps = step_table(args.device, args.quick)
