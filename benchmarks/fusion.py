@@ -5,9 +5,9 @@ small CNN (two 3x3 convolutions with BatchNorm on 8x8 images, SGD with momentum)
 and 128, in one process with one thread: the fused runner over a shard against the plain
 runner over the same shard once per model. Reported: time per SGD step of all K models (the
 fastest of 5 hops, plain and fused hops taken in turns in one process so that a shared
-machine's load weighs on both alike), the speedup (plain / fused), and peak memory of one hop
-(the process's peak RSS above what it held after a warm-up hop, each in a fresh process so that
-peaks do not carry over).
+machine's load weighs on both alike), the speedup (plain / fused), and peak memory (the process's
+peak RSS over two hops above what it held once the models were built, each in a fresh process
+so that peaks do not carry over).
 
 Part 2, end to end: ``fusion_selection.py``'s selection of 64 configurations on digits with 2
 workers, unfused then fused: makespan, busy fraction, best accuracy.
@@ -145,15 +145,16 @@ def time_both(arch: str, models: int, batch: int, device_name: str, steps: int) 
 
 
 def peak_one(arch: str, mode: str, models: int, batch: int, device_name: str, steps: int) -> dict:
-    """Peak memory of one hop, plain or fused (in its own process, so peaks do not mix)."""
+    """Peak memory of two hops, plain or fused, above what the built models hold (in its own
+    process, so peaks do not mix)."""
     torch.set_num_threads(1)
     device = torch.device(device_name)
     hop = _setup(arch, models, batch, device, steps)[mode]
-    hop()  # warm-up: optimizer state created
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hop()  # the first hop: optimizer state created, the runner's stacked copies made
     hop()
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     if device.type == "cuda":
@@ -207,8 +208,9 @@ def write(steps: pd.DataFrame, selection: pd.DataFrame | None, path: str) -> Non
         "",
         "mlp: 64-128-128-10 (Adam, dropout 0.1); cnn: conv 8 and 16 channels with BatchNorm, "
         "8x8 inputs (SGD, momentum 0.9). Time of one SGD step of all K models (fastest of 5 "
-        "hops, plain and fused in turns in one process); peak: the process's peak RSS during "
-        "one hop above its size after a warm-up hop (on CUDA: peak allocated device memory).",
+        "hops, plain and fused in turns in one process); peak: the process's peak RSS over "
+        "two hops above its size once the models were built (on CUDA: peak allocated device "
+        "memory).",
         "",
         steps.to_markdown(index=False),
         "",
