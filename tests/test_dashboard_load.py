@@ -10,7 +10,6 @@ import sys
 import pytest
 
 pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import dashboard_load  # noqa: E402
