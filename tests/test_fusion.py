@@ -6,7 +6,13 @@ from __future__ import annotations
 import builders
 import pytest
 import torch
-from conftest import assert_same_results, replay_epoch, small_experiment, state_equal
+from conftest import (
+    assert_same_results,
+    make_backend,
+    replay_epoch,
+    small_experiment,
+    state_equal,
+)
 
 import cerebro
 from cerebro import training
@@ -154,3 +160,14 @@ def test_a_clone_of_a_fused_member_leaves_with_its_exact_state(digits, tmp_path)
     recorded = training.load_state(epoch_path(model_dir(checkpoints, clone_id), 0))["model"]
     for name, tensor in replayed.state_dict().items():
         assert torch.allclose(recorded[name], tensor, rtol=0, atol=1e-5), name
+
+
+@pytest.mark.slow  # Ray's start-up (the default run stays under 10 minutes)
+def test_fused_units_on_ray_give_the_local_results(digits, tmp_path):
+    """The driver, not the backend, forms fused units: on Ray actors a deterministic fused run
+    is bit-identical to the same run on local worker processes."""
+    local = _fused(digits, tmp_path / "local", backend=make_backend("local"))
+    on_ray = _fused(digits, tmp_path / "ray", backend=make_backend("ray"))
+    assert len(on_ray.fused_models) == 4
+    assert (on_ray.hops.groupby("unit").model_id.nunique() == 4).any()
+    assert_same_results(on_ray, local)
