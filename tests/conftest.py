@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -140,3 +141,40 @@ def _train_hops(database: str) -> int | None:
             return int(db.execute("SELECT COUNT(*) FROM hops WHERE kind = 'train'").fetchone()[0])
     except sqlite3.OperationalError:  # created but not yet migrated, or locked for a moment
         return None
+
+
+class BackgroundRun:
+    """Runs an experiment in a thread (a live run to control or watch); re-raises its error on
+    join."""
+
+    def __init__(self, exp: cerebro.Experiment) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(exp,), daemon=True)
+        self.thread.start()
+
+    def _run(self, exp: cerebro.Experiment) -> None:
+        try:
+            exp.run()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            self.error = e
+
+    def join(self, timeout: float = 240) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the run did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until it holds (records still being created count as not yet)."""
+    deadline = time.monotonic() + timeout
+    while not _holds(condition):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _holds(condition) -> bool:
+    try:
+        return condition()
+    except cerebro.ConfigError:  # the records are still being created
+        return False

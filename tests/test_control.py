@@ -6,13 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import builders
 import pandas as pd
 import pytest
-from conftest import replay_epoch, state_equal
+from conftest import BackgroundRun, replay_epoch, state_equal, wait_for
 
 import cerebro
 from cerebro import training
@@ -39,41 +38,6 @@ def _experiment(digits, path, num_models=3, epochs=3, **overrides):
     return cerebro.Experiment(builders.slow_mlp_30ms, digits, **options)
 
 
-class _Background:
-    """Runs an experiment in a thread; re-raises its error on join."""
-
-    def __init__(self, exp: cerebro.Experiment) -> None:
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(exp,), daemon=True)
-        self.thread.start()
-
-    def _run(self, exp: cerebro.Experiment) -> None:
-        try:
-            exp.run()
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            self.error = e
-
-    def join(self, timeout: float = 240) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the run did not finish"
-        if self.error is not None:
-            raise self.error
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not _holds(condition):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def _holds(condition) -> bool:
-    try:
-        return condition()
-    except cerebro.ConfigError:  # the records are still being created
-        return False
-
-
 def _train_hops(path, model_id: int) -> pd.DataFrame:
     hops = cerebro.load(path).hops
     return hops[(hops.model_id == model_id) & (hops.kind == "train")]
@@ -81,8 +45,8 @@ def _train_hops(path, model_id: int) -> pd.DataFrame:
 
 def test_every_control_takes_effect_within_one_hop_on_a_live_run(digits, tmp_path):
     path = tmp_path / "live"
-    run = _Background(_experiment(digits, path))
-    _wait_for(lambda: (path / "cerebro.db").exists() and len(_train_hops(path, 0)) >= 2)
+    run = BackgroundRun(_experiment(digits, path))
+    wait_for(lambda: (path / "cerebro.db").exists() and len(_train_hops(path, 0)) >= 2)
     ctl = cerebro.control(path, who="tester")
 
     # Stopped from the command line, which waits until the driver has applied it.
@@ -248,8 +212,8 @@ CONTROLLER = textwrap.dedent(
 @pytest.mark.slow  # 17 s (the default run stays under 10 minutes)
 def test_two_controllers_at_once_never_corrupt_the_records(digits, tmp_path):
     path = tmp_path / "two"
-    run = _Background(_experiment(digits, path, num_models=4, epochs=2))
-    _wait_for(lambda: (path / "cerebro.db").exists() and len(cerebro.load(path).hops) >= 1)
+    run = BackgroundRun(_experiment(digits, path, num_models=4, epochs=2))
+    wait_for(lambda: (path / "cerebro.db").exists() and len(cerebro.load(path).hops) >= 1)
     controllers = [
         subprocess.Popen([sys.executable, "-c", CONTROLLER, str(path), who])
         for who in ("alice", "bob")

@@ -5,11 +5,10 @@ stop asked through the API applied by a live driver at the next hop boundary."""
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import builders
 import pytest
+from conftest import BackgroundRun, wait_for
 
 import cerebro
 
@@ -40,43 +39,16 @@ def _experiment(digits, path, **overrides):
     return cerebro.Experiment(builders.slow_mlp_30ms, digits, **options)
 
 
-class _Background:
-    def __init__(self, exp: cerebro.Experiment) -> None:
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(exp,), daemon=True)
-        self.thread.start()
-
-    def _run(self, exp: cerebro.Experiment) -> None:
-        try:
-            exp.run()
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            self.error = e
-
-    def join(self, timeout: float = 240) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the run did not finish"
-        if self.error is not None:
-            raise self.error
-
-
-def _wait_for(condition, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except cerebro.ConfigError:  # the records are still being created
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def run(digits, tmp_path_factory):
     """A live run, its client, and (once the live test is over) the finished records."""
     path = tmp_path_factory.mktemp("dash") / "live"
-    background = _Background(_experiment(digits, path))
-    _wait_for(lambda: (path / "cerebro.db").exists() and len(cerebro.load(path).hops) >= 2)
+    background = BackgroundRun(_experiment(digits, path))
+
+    def started() -> bool:
+        return (path / "cerebro.db").exists() and len(cerebro.load(path).hops) >= 2
+
+    wait_for(started, timeout=120)
     client = TestClient(create_app(path, TOKEN), raise_server_exceptions=False)
     return path, background, client
 
