@@ -162,6 +162,37 @@ def test_a_clone_of_a_fused_member_leaves_with_its_exact_state(digits, tmp_path)
         assert torch.allclose(recorded[name], tensor, rtol=0, atol=1e-5), name
 
 
+def test_a_pbt_exploit_that_changes_the_batch_size_takes_the_model_out_of_its_group(
+    digits, tmp_path
+):
+    """PBT explores a new batch size: the model's fusion key changes with it, so from its next
+    epoch it trains with models of its new batch size (or alone), never with its old cohort."""
+    space = {"lr": cerebro.choice([0.003, 0.01, 0.03, 0.05]),
+             "batch_size": cerebro.choice([16, 32])}  # fmt: skip
+    pbt = cerebro.PBT(
+        space, population=4, perturb_every=1, quantile=0.5, mutable=["batch_size"],
+        resample_probability=1.0, seed=2,
+    )  # fmt: skip
+    result = _fused(digits, tmp_path / "run", search=pbt, epochs=3)
+    assert {m.status for m in result.models} == {"completed"}, [m.error for m in result.models]
+    exploits = [e["detail"] for e in result.events if e["kind"] == "exploit"]
+    changed = [e for e in exploits if e["params"]["batch_size"] != e["params_before"]["batch_size"]]
+    assert changed, exploits
+
+    def batch_size(model_id: int, epoch: int) -> int:
+        """An exploit recorded at epoch E changes the params from epoch E + 1 on."""
+        later = [e for e in exploits if e["model"] == model_id and e["epoch"] >= epoch]
+        if later:
+            return min(later, key=lambda e: e["epoch"])["params_before"]["batch_size"]
+        return result.model(model_id).params["batch_size"]
+
+    train = result.hops[result.hops.kind == "train"]
+    assert train.groupby("unit").model_id.nunique().max() >= 2
+    for _, unit in train.groupby("unit"):
+        sizes = {batch_size(m, e) for m, e in zip(unit.model_id, unit.epoch, strict=True)}
+        assert len(sizes) == 1, unit
+
+
 @pytest.mark.slow  # Ray's start-up (the default run stays under 10 minutes)
 def test_fused_units_on_ray_give_the_local_results(digits, tmp_path):
     """The driver, not the backend, forms fused units: on Ray actors a deterministic fused run

@@ -92,6 +92,20 @@ def test_cohorts_come_back_from_the_records():
     assert again.fusable(4) and not again.fusable(6)
 
 
+def test_a_changed_key_moves_a_model_to_models_of_its_new_key_and_comes_back_after_restart():
+    roster = _roster(Grouping(Fusion(max_models=8), deterministic=True))
+    _models(roster, [MLP, MLP, MLP])
+    events = [{"kind": "fusion_cohort", "detail": {"anchor": 0, "models": [0, 1, 2], "key": roster
+               .grouping._keys[0], "nbytes": 1000}}]  # fmt: skip
+    change = roster.grouping.rekey(2, CNN)
+    assert change is not None and roster.grouping.anchor(2) == 0  # its shard order stays
+    bundles = sorted([m.model_id for m in roster.bundle(s.model_id)] for s in roster.slots(4))
+    assert bundles == [[0, 1], [2]]
+    again = Grouping(Fusion(max_models=8), deterministic=True)
+    again.restore([*events, {"kind": "fusion_key", "detail": change}])
+    assert again._keys == roster.grouping._keys and again.anchor(2) == 0
+
+
 def _roster(grouping: Grouping, num_shards: int = 4, epochs: int = 2) -> Roster:
     return Roster("/nonexistent", num_shards, frozenset(), epochs, None, 0, grouping.deterministic,
                   grouping)  # fmt: skip

@@ -95,6 +95,7 @@ class EventKind(_Named):
     BUILD_REPLACED = "build_replaced"
     FUSION_COHORT = "fusion_cohort"  # models that may train fused, and their shared shard order
     NOT_FUSED = "not_fused"  # a model that trains alone with fusion on, and why
+    FUSION_KEY = "fusion_key"  # an exploit changed what a model may be fused with
 
 
 class ExperimentStatus(_Named):

@@ -162,9 +162,43 @@ class Grouping:
             self._anchors[model_id] = cohort.anchor
             self._nbytes[model_id] = cohort.nbytes
 
+    def rekey(self, model_id: int, facts: Fusability) -> dict[str, Any] | None:
+        """A model's new fusability after its params changed (a PBT exploit); the event to
+        record when its key changed, else None.
+
+        It keeps its anchor, so in deterministic mode its shard order does not depend on whom
+        it is fused with; it is bundled only with models of its new key.
+
+        >>> from cerebro.techniques.fusable import Fusability
+        >>> grouping = Grouping(Fusion(), deterministic=True)
+        >>> _ = grouping.enroll({0: Fusability("a", None, 8), 1: Fusability("a", None, 8)})
+        >>> grouping.rekey(1, Fusability("a", None, 8)) is None
+        True
+        >>> grouping.rekey(1, Fusability(None, "a custom layer", 0))
+        {'model': 1, 'key': None, 'nbytes': 0}
+        >>> grouping.fusable(1), grouping.anchor(1)
+        (False, 0)
+        """
+        key = None if facts.key is None else _digest(facts.key)
+        if key == self._keys.get(model_id):
+            return None
+        self._set_key(model_id, key, facts.nbytes)
+        return {"model": model_id, "key": key, "nbytes": facts.nbytes}
+
+    def _set_key(self, model_id: int, key: str | None, nbytes: int) -> None:
+        if key is None:
+            self._keys.pop(model_id, None)
+        else:
+            self._keys[model_id] = key
+            self._nbytes[model_id] = nbytes
+
     def restore(self, events: Sequence[Mapping[str, Any]]) -> None:
-        """The cohorts a run recorded (its ``fusion_cohort`` events), after a restart."""
+        """The cohorts and key changes a run recorded (its ``fusion_cohort`` and ``fusion_key``
+        events, in order), after a restart."""
         for event in events:
+            if event["kind"] == EventKind.FUSION_KEY.value:
+                detail = event["detail"]
+                self._set_key(int(detail["model"]), detail["key"], int(detail["nbytes"]))
             if event["kind"] == EventKind.FUSION_COHORT.value:
                 detail = event["detail"]
                 self._add(

@@ -378,3 +378,14 @@ class Lifecycle:
             params=model.params,
             reason=decision.reason,
         )
+        self.rekey(model)
+
+    def rekey(self, model: ModelRun) -> None:
+        """With fusion on: what a model whose params changed may now be fused with (a new
+        batch size, say, is a new fusion key), in the records for a restart to read back."""
+        facts = self.builder.fusability(model.params)
+        if facts is None:
+            return
+        change = self.roster.grouping.rekey(model.model_id, facts)
+        if change is not None:
+            self.store.add_event(EventKind.FUSION_KEY.value, **change)
