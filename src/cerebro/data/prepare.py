@@ -21,7 +21,7 @@ from .. import files
 from ..errors import ConfigError, check_bool, check_int, is_number
 from . import checks, folder
 from .dataset import FORMAT_VERSION, MANIFEST, Dataset
-from .fingerprint import source_fingerprint
+from .fingerprint import content_digest, source_fingerprint
 from .sources import read_source
 
 
@@ -213,20 +213,23 @@ def _write_shards(
     num_shards: int,
     created: list[Path],
 ) -> tuple[dict[str, Any], str]:
-    """Write each split's shards under ``out``; their names and row counts, and a checksum."""
+    """Write each split's shards under ``out``; their names, row counts and content digests, and
+    a checksum of them all."""
     digest = hashlib.sha256()
     split_meta = {}
     for split, rows in splits.items():
         folder.make_folder(out / split, created)
-        names, counts = [], []
+        names, counts, digests = [], [], []
         for shard, shard_rows in enumerate(np.array_split(rows, num_shards)):
             name = f"{split}/shard-{shard:05d}.parquet"
             created.append(out / name)
             pq.write_table(_to_table({c: a[shard_rows] for c, a in stored.items()}), out / name)
-            digest.update((out / name).read_bytes())
+            content = (out / name).read_bytes()
+            digest.update(content)
             names.append(name)
             counts.append(int(len(shard_rows)))
-        split_meta[split] = {"files": names, "rows": counts}
+            digests.append(content_digest(content))
+        split_meta[split] = {"files": names, "rows": counts, "digests": digests}
     return split_meta, digest.hexdigest()
 
 
