@@ -232,3 +232,43 @@ def sgd_mlp(params: dict) -> cerebro.ModelSpec:
         batch_size=32,
         metrics={"accuracy": cerebro.metrics.accuracy},
     )
+
+
+# Transfer learning: a small CNN backbone pre-trained by the tests (tests/test_transfer.py),
+# cut at a depth; what is above the cut trains, with a new head.
+def backbone() -> torch.nn.Sequential:
+    """The pre-trained network's layers (8x8 digit images in, 64 features out)."""
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8)),  # [n, 8, 8] -> [n, 1, 8, 8]
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(256, 64),
+        torch.nn.ReLU(),
+    )
+
+
+def transfer(params: dict) -> cerebro.ModelSpec:
+    """The backbone loaded from ``params["weights"]`` and cut at ``params["freeze"]``, with a
+    head of ``params["head"]`` units (``head_in`` overrides the head's input width, to make a
+    head that does not fit)."""
+    net = backbone()
+    net.load_state_dict(torch.load(params["weights"], weights_only=True))
+    frozen, rest = cerebro.cut(net, params["freeze"])
+    head = torch.nn.Sequential(
+        torch.nn.Linear(params.get("head_in", 64), params.get("head", 32)),
+        torch.nn.ReLU(),
+        torch.nn.Linear(params.get("head", 32), 10),
+    )
+    model = torch.nn.Sequential(rest, head)
+    return cerebro.ModelSpec(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=params.get("lr", 1e-2)),
+        loss=torch.nn.CrossEntropyLoss(),
+        batch_size=params.get("batch_size", 32),
+        metrics={"accuracy": cerebro.metrics.accuracy},
+        frozen=frozen,
+    )

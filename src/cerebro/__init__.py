@@ -51,6 +51,8 @@ _EXPORTS = {
     **dict.fromkeys(["choice", "loguniform", "quniform", "randint", "uniform"], ".space"),
     "ModelSpec": ".spec",
     "Fusion": ".engine.grouping",
+    "Materialize": ".engine.materializing",
+    "cut": ".techniques.prefix",
     "MLflowTracker": ".trackers.mlflow",
     "dashboard": ".dashboard",
 }
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, load
     from .engine.control import control  # the function: `.engine`'s `control` is also a module
     from .engine.grouping import Fusion
+    from .engine.materializing import Materialize
     from .errors import AllModelsFailed, CerebroError, ConfigError, ModelFailed, WorkerError
     from .search import (
         ASHA,
@@ -79,6 +82,7 @@ if TYPE_CHECKING:
     )
     from .space import choice, loguniform, quniform, randint, uniform
     from .spec import ModelSpec
+    from .techniques.prefix import cut
     from .trackers.mlflow import MLflowTracker
 
 __version__ = "0.1.0"
@@ -100,6 +104,7 @@ __all__ = [
     "Hyperband",
     "LocalBackend",
     "MLflowTracker",
+    "Materialize",
     "MedianStopping",
     "ModelFailed",
     "ModelRecord",
@@ -113,6 +118,7 @@ __all__ = [
     "WorkerError",
     "choice",
     "control",
+    "cut",
     "load",
     "loguniform",
     "metrics",

@@ -96,6 +96,8 @@ class EventKind(_Named):
     FUSION_COHORT = "fusion_cohort"  # models that may train fused, and their shared shard order
     NOT_FUSED = "not_fused"  # a model that trains alone with fusion on, and why
     FUSION_KEY = "fusion_key"  # an exploit changed what a model may be fused with
+    FEATURE_PLAN = "feature_plan"  # prefixed models' chains and the prefix depths kept
+    MATERIALIZED = "materialized"  # a kept prefix depth computed for one shard
 
 
 class ExperimentStatus(_Named):

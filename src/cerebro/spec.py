@@ -30,6 +30,11 @@ class ModelSpec:
             weighted exactly by rows over the whole split.
         lr_scheduler: optional ``torch.optim.lr_scheduler`` object over ``optimizer``.
         lr_scheduler_interval: ``"epoch"`` (step once after each epoch) or ``"batch"``.
+        frozen: optional module applied to the inputs before ``model``, in eval mode and without
+            gradients, never trained (a pre-trained backbone's first layers, say; see
+            :func:`cerebro.cut`). Its output is what ``model`` trains on, so Cerebro may compute
+            it once per shard and reuse it (``Experiment(materialize=...)``). ``build`` must give
+            the same frozen weights every time it is called (load them from a file).
 
     Example:
         >>> import torch, cerebro
@@ -47,6 +52,7 @@ class ModelSpec:
     metrics: dict[str, MetricFn] = field(default_factory=dict)
     lr_scheduler: Any = None
     lr_scheduler_interval: str = "epoch"
+    frozen: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -81,9 +87,22 @@ class ModelSpec:
             raise ConfigError(
                 "ModelSpec.lr_scheduler", self.lr_scheduler, "a torch.optim.lr_scheduler object"
             )
+        if self.frozen is not None and not isinstance(self.frozen, torch.nn.Module):
+            raise ConfigError(
+                "ModelSpec.frozen", self.frozen, "a torch.nn.Module (applied before model), or None"
+            )
+        frozen_params = set() if self.frozen is None else {id(p) for p in self.frozen.parameters()}
         model_params = {id(p) for p in self.model.parameters()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
+                if id(p) in frozen_params and id(p) not in model_params:
+                    raise ConfigError(
+                        "ModelSpec.optimizer",
+                        type(self.optimizer).__name__,
+                        "an optimizer over ModelSpec.model's parameters only",
+                        hint="it holds parameters of ModelSpec.frozen, which never train: "
+                        "build it over model.parameters()",
+                    )
                 if id(p) not in model_params:
                     raise ConfigError(
                         "ModelSpec.optimizer",
@@ -91,6 +110,13 @@ class ModelSpec:
                         "an optimizer built over this spec's model.parameters()",
                         hint="it holds a tensor that is not a parameter of ModelSpec.model",
                     )
+
+    def to(self, device: torch.device | str) -> ModelSpec:
+        """Move the model (and the frozen prefix) to ``device``; returns the spec."""
+        self.model.to(device)
+        if self.frozen is not None:
+            self.frozen.to(device)
+        return self
 
     def metric_names(self) -> list[str]:
         """Names reported per split: ``loss`` and each metric."""

@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelFailed
 from .files import replace_atomically
 from .seeding import derive_seed
 from .spec import ModelSpec
+from .techniques.prefix import run_frozen
 
 BuildFn = Callable[[dict[str, Any]], ModelSpec]
 
@@ -193,9 +194,17 @@ def load_state(path: str) -> dict[str, Any]:
 
 
 def run_train_hop(
-    spec: ModelSpec, shard: Shard, seed: int, device: torch.device, end_of_epoch: bool
+    spec: ModelSpec,
+    shard: Shard,
+    seed: int,
+    device: torch.device,
+    end_of_epoch: bool,
+    apply_frozen: bool = True,
 ) -> HopStats:
     """Plain SGD over one shard, rows shuffled by ``seed``; returns row-weighted loss and metrics.
+
+    A spec's frozen prefix runs on each batch first (``apply_frozen``), unless the shard's
+    inputs are already its output (materialized features).
 
     Raises:
         ModelFailed: if the loss or a metric is not finite.
@@ -208,6 +217,8 @@ def run_train_hop(
     for start in range(0, shard.rows, spec.batch_size):
         index = order[start : start + spec.batch_size]
         inputs, targets = shard.x.index_select(0, index), shard.y.index_select(0, index)
+        if apply_frozen and spec.frozen is not None:
+            inputs = run_frozen(spec.frozen, inputs)
         outputs = model(inputs)
         loss = spec.loss(outputs, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -222,8 +233,11 @@ def run_train_hop(
 
 
 @torch.no_grad()
-def run_eval_hop(spec: ModelSpec, shard: Shard, device: torch.device) -> HopStats:
-    """Loss and metrics of the model (in eval mode) over every row of one shard."""
+def run_eval_hop(
+    spec: ModelSpec, shard: Shard, device: torch.device, apply_frozen: bool = True
+) -> HopStats:
+    """Loss and metrics of the model (in eval mode) over every row of one shard (see
+    :func:`run_train_hop` for ``apply_frozen``)."""
     model = spec.model
     was_training = model.training
     model.eval()
@@ -232,6 +246,8 @@ def run_eval_hop(spec: ModelSpec, shard: Shard, device: torch.device) -> HopStat
         for start in range(0, shard.rows, spec.batch_size):
             inputs = shard.x[start : start + spec.batch_size]
             targets = shard.y[start : start + spec.batch_size]
+            if apply_frozen and spec.frozen is not None:
+                inputs = run_frozen(spec.frozen, inputs)
             outputs = model(inputs)
             loss = spec.loss(outputs, targets)
             _accumulate(spec, sums, loss, outputs, targets, len(targets))
@@ -294,8 +310,7 @@ def train_in_process(
     initialization are seeded exactly as in a MOP run with the same ``seed`` and ``model_id``.
     """
     device = torch.device(device)
-    spec = build_spec(build, params, init_seed(seed, model_id))
-    spec.model.to(device)
+    spec = build_spec(build, params, init_seed(seed, model_id)).to(device)
     for epoch, order in enumerate(shard_order):
         for i, shard in enumerate(order):
             run_train_hop(

@@ -17,6 +17,7 @@ from ..errors import ConfigError, check_int
 from ..kinds import UnitKind
 from ..state import HopRecord
 from ..techniques import Technique
+from ..techniques.features import FeaturePlan, Materialization
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Unit:
     members: tuple[UnitMember, ...]
     end_of_epoch: bool = False
     technique: Technique = Technique.PLAIN
+    features: FeaturePlan | None = None  # a materialized unit's: what its members read
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -94,6 +96,7 @@ class UnitDone:
     end: float = 0.0
     load_s: float = 0.0
     error: str | None = None
+    materialized: tuple[Materialization, ...] = ()  # kept features the unit computed
 
     def result(self, model_id: int) -> MemberResult:
         return next(r for r in self.results if r.model_id == model_id)

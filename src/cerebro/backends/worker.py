@@ -25,6 +25,8 @@ from ..spec import ModelSpec
 from ..state import Counters
 from ..techniques import runner_for
 from ..techniques.base import MemberSeeds, ModelInHand, Outcome
+from ..techniques.features import Materialization
+from ..techniques.materialized import FeatureStore
 from .base import MemberResult, StateSaved, Unit, UnitDone, UnitMember, WorkerInfo
 from .shipping import load_build
 
@@ -80,12 +82,15 @@ class WorkerRuntime:
         self._cache: OrderedDict[int, ModelInHand] = OrderedDict()
         dataset = Dataset.open(config.dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
+        self.digests: dict[tuple[str, int], str] = {}  # what kept features are keyed by
         for split in ("train", "val"):
             for shard in sorted(shards):
                 loaded = dataset.load_shard(split, shard)
                 self.data[(split, shard)] = Shard(
                     loaded.x.to(self.device), loaded.y.to(self.device)
                 )
+                self.digests[(split, shard)] = dataset.shard_digest(split, shard)
+        self.features = FeatureStore()
         self.info = WorkerInfo(
             worker_id=worker_id,
             shards=frozenset(shards),
@@ -126,8 +131,19 @@ class WorkerRuntime:
             in_unit = frozenset(unit.model_ids)
             models = [self._bring_in(m, states.get(m.model_id), in_unit) for m in unit.members]
             load_s = time.time() - received
-            shard = self.data[("train" if unit.kind is UnitKind.TRAIN else "val", unit.shard)]
+            split = "train" if unit.kind is UnitKind.TRAIN else "val"
+            shard = self.data[(split, unit.shard)]
             start = time.time()
+            materialized: list[Materialization] = []
+            if unit.features is not None:  # the members train on their prefix's output
+                frozen = models[0].spec.frozen
+                if frozen is None:
+                    raise RuntimeError(f"model {unit.members[0].model_id} has no frozen prefix")
+                x, materialized = self.features.features(
+                    unit.features, frozen, shard, split, unit.shard,
+                    self.digests[(split, unit.shard)], self.device,
+                )  # fmt: skip
+                shard = Shard(x, shard.y)
             if unit.kind is UnitKind.TRAIN:
                 seeds = [MemberSeeds(m.shuffle_seed, m.rng_seed) for m in unit.members]
                 outcomes = runner.train(models, seeds, shard, self.device, unit.end_of_epoch)
@@ -145,6 +161,7 @@ class WorkerRuntime:
                 start=start,
                 end=end,
                 load_s=load_s,
+                materialized=tuple(materialized),
             )
             for result in done.results:
                 if not result.ok:  # its objects may hold non-finite values: built again later
@@ -189,8 +206,7 @@ class WorkerRuntime:
         if entry is not None and entry.params != member.params:
             entry = None  # rebuilt: batch size or layers may depend on the new params
         if entry is None:
-            spec = training.build_spec(self.build, member.params, init_seed=None)
-            spec.model.to(self.device)
+            spec = training.build_spec(self.build, member.params, init_seed=None).to(self.device)
         else:
             spec = entry.spec
         if state is None:

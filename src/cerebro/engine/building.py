@@ -22,7 +22,9 @@ from ..errors import ConfigError, first_line
 from ..spec import ModelSpec
 from ..state import Counters
 from ..techniques.fusable import Fusability, fusability
+from ..techniques.prefix import chain
 from .identity import Fingerprints
+from .materializing import PrefixFacts, profile_prefix
 from .preflight import Preflight, naming
 
 _CPU = torch.device("cpu")
@@ -36,6 +38,7 @@ class InitialState:
     state: dict[str, Any] | None
     error: str | None
     fusion: Fusability | None = None
+    prefix: PrefixFacts | None = None  # its frozen prefix, when the experiment materializes
 
     @classmethod
     def failed(cls, error: str) -> InitialState:
@@ -63,6 +66,7 @@ class ModelBuilder:
         metric: the experiment's metric (every spec must produce it).
         seed: the experiment's seed (model ``i`` is initialized from ``init_seed(seed, i)``).
         fusion: whether to tell, for each model, if it can train fused with others.
+        materialize: whether to profile each model's frozen prefix for the feature planner.
     """
 
     def __init__(
@@ -72,9 +76,12 @@ class ModelBuilder:
         metric: str,
         seed: int,
         fusion: bool = False,
+        materialize: bool = False,
     ) -> None:
         self.build = build
         self.fusion = fusion
+        self.materialize = materialize
+        self._profiles: dict[str, PrefixFacts] = {}  # by the prefix's last digest
         self.metric = metric
         self.seed = seed
         self.has_validation = any(n > 0 for n in dataset.shard_rows("val"))
@@ -106,10 +113,35 @@ class ModelBuilder:
         try:
             self.preflight.check(spec, params)  # a trial step on copies, after the capture
         except ConfigError as e:
-            if strict:
+            # A head that does not fit its frozen prefix fails alone: the search space may
+            # pair some cuts with heads of another width on purpose.
+            if strict and not (spec.frozen is not None and e.argument == "ModelSpec.model"):
                 raise
             return InitialState.failed(str(e))
-        return InitialState(state, None, fusability(spec) if self.fusion else None)
+        return InitialState(
+            state,
+            None,
+            fusability(spec) if self.fusion else None,
+            self._profile(spec) if self.materialize else None,
+        )
+
+    def prefix_facts(self, params: dict[str, Any]) -> PrefixFacts | None:
+        """The frozen prefix of the model ``params`` builds, profiled (None: it has none, or
+        materialization is off). For models whose state comes from elsewhere (a clone)."""
+        if not self.materialize:
+            return None
+        try:
+            return self._profile(training.build_spec(self.build, params, init_seed=None))
+        except Exception:
+            return None  # it fails where it trains, with its own error
+
+    def _profile(self, spec: ModelSpec) -> PrefixFacts | None:
+        if spec.frozen is None:
+            return None
+        digests = chain(spec.frozen)
+        if digests[-1] not in self._profiles:
+            self._profiles[digests[-1]] = profile_prefix(spec.frozen, self.preflight.sample().x)
+        return self._profiles[digests[-1]]
 
     def fusability(self, params: dict[str, Any]) -> Fusability | None:
         """Whether the model ``params`` builds can train fused (None: fusion is off). For

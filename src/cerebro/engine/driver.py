@@ -15,6 +15,7 @@ own one piece of state: the :class:`~.roster.Roster` (every model), the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +31,13 @@ from ..state import Counters
 from ..store import RecordStore, checkpoints
 from ..store.checkpoint_keeper import CheckpointKeeper
 from ..techniques import Technique
+from ..techniques.features import FeaturePlan
 from ..trackers import Standing, Tracker
 from .building import ModelBuilder
 from .grouping import Fusion, Grouping
 from .identity import Fingerprints
 from .lifecycle import Lifecycle, Proposal
+from .materializing import FeaturePlanner, Materialize
 from .recovery import UNUSABLE_STATE, Recovery
 from .requests import RequestApplier
 from .roster import ModelRun, Roster
@@ -63,6 +66,8 @@ class RunConfig:
     checkpoint_mirror: checkpoints.Mirror | None = None
     scheduler: Scheduler | None = None  # None: the search decides what its models do
     fusion: Fusion | None = None  # None: every unit trains one model
+    materialize: Materialize | None = None  # None: frozen prefixes run on every batch
+    features_dir: str = ""  # where workers keep frozen prefixes' outputs
 
     @property
     def search_epochs(self) -> int | None:
@@ -93,7 +98,11 @@ class Driver:
             config.search_epochs,
             config.seed,
             config.deterministic,
-            Grouping(config.fusion, config.deterministic),
+            # Models that share a frozen prefix train in units too, fusion or not.
+            Grouping(
+                config.fusion or (Fusion() if config.materialize is not None else None),
+                config.deterministic,
+            ),
         )
         self.builder = ModelBuilder(
             config.build,
@@ -101,7 +110,12 @@ class Driver:
             config.metric,
             config.seed,
             fusion=config.fusion is not None,
+            materialize=config.materialize is not None,
         )
+        features = None
+        if config.materialize is not None:
+            rows = config.dataset.split_rows("train") + config.dataset.split_rows("val")
+            features = FeaturePlanner(config.materialize, rows, config.epochs, config.features_dir)
         self.lifecycle = Lifecycle(
             self.roster,
             self.builder,
@@ -111,6 +125,7 @@ class Driver:
             tracker,
             config.metric,
             config.mode,
+            features,
         )
         self.requests = RequestApplier(self.roster, self.lifecycle, self.builder, config.seed)
         self.in_flight: dict[int, Unit] = {}
@@ -255,6 +270,7 @@ class Driver:
                 )
             )
         self.busy_workers.add(worker_id)
+        technique, plan = self._technique(first)
         unit = Unit(
             unit_id=self._next_unit,
             kind=first.phase,
@@ -263,15 +279,23 @@ class Driver:
             worker_id=worker_id,
             members=tuple(members),
             end_of_epoch=first.phase is UnitKind.TRAIN and not first.remaining,
-            # A fusable model runs on the fused runner even alone: its numbers then never
-            # depend on how many others a unit held (after a restart, say).
-            technique=(
-                Technique.FUSED if self.roster.grouping.fusable(first.model_id) else Technique.PLAIN
-            ),
+            technique=technique,
+            features=plan,
         )
         self._next_unit += 1
         self.in_flight[unit.unit_id] = unit
         self.backend.submit(unit)
+
+    def _technique(self, model: ModelRun) -> tuple[Technique, FeaturePlan | None]:
+        """How a unit led by ``model`` trains. A fusable model runs on the fused runner even
+        alone: its numbers then never depend on how many others a unit held (after a restart,
+        say); likewise a prefixed model always reads its prefix's output."""
+        features = self.lifecycle.features
+        if features is not None and features.has(model.model_id):
+            return Technique.MATERIALIZED, features.plan(model.model_id)
+        if self.roster.grouping.fusable(model.model_id):
+            return Technique.FUSED, None
+        return Technique.PLAIN, None
 
     # Events --------------------------------------------------------------------------------------
 
@@ -311,6 +335,10 @@ class Driver:
             self.lifecycle.record_hop(model.model_id, unit.epoch, unit.kind, hop)
             split = model.train if unit.kind is UnitKind.TRAIN else model.val
             split.add(unit.shard, hop.rows, hop.sums)
+        for made in event.materialized:
+            self.store.add_event(
+                EventKind.MATERIALIZED.value, **dataclasses.asdict(made), worker=event.worker_id
+            )
         if unit.kind is UnitKind.TRAIN:
             self._computed.add(unit.unit_id)  # its states are still being written
             return

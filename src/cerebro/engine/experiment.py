@@ -60,6 +60,7 @@ from ..trackers.tensorboard import available as tensorboard_available
 from . import identity
 from .driver import Driver, RunConfig
 from .grouping import Fusion, fusion_option
+from .materializing import Materialize, materialize_option
 from .result import BUILD_FILE, Result
 
 
@@ -134,6 +135,13 @@ class Experiment:
             rounding). A model that cannot be fused trains alone, and the records say why
             (``events`` of kind ``not_fused``).
             In deterministic mode each epoch's shard order is shared by a fused cohort.
+        materialize: for models whose spec has a ``frozen`` prefix (transfer learning): ``True``
+            or ``cerebro.Materialize(budget_mb=..., memory_mb=...)`` computes the prefix's
+            output once per shard on the worker that holds it, keeps it (under
+            ``path/features``, by prefix and shard content) and trains every configuration and
+            epoch on it; under a budget a MILP picks which depths to keep. Configurations that
+            share a prefix hop together in one unit. ``False`` (default): the prefix runs on
+            every batch. What was computed: ``Result.materialized``.
         trackers: more listeners on the run, e.g. ``[cerebro.MLflowTracker()]`` (any
             :class:`cerebro.trackers.Tracker`); the progress display and TensorBoard are added
             by ``progress`` and ``tensorboard``.
@@ -180,6 +188,7 @@ class Experiment:
         resume: str = "auto",
         scheduler: Scheduler | None = None,
         fusion: bool | Fusion = False,
+        materialize: bool | Materialize = False,
         trackers: Sequence[Tracker] | None = None,
         dashboard: bool | int = False,
     ) -> None:
@@ -233,6 +242,7 @@ class Experiment:
         self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
         check_bool("deterministic", deterministic)
         self.fusion = fusion_option(fusion)
+        self.materialize = materialize_option(materialize)
         if not isinstance(resume, str) or resume not in ("auto", "force"):
             raise ConfigError(
                 "resume",
@@ -355,6 +365,8 @@ class Experiment:
                 checkpoint_mirror=self.checkpoint_mirror,
                 scheduler=self.scheduler,
                 fusion=self.fusion,
+                materialize=self.materialize,
+                features_dir=os.path.join(os.path.abspath(self.path), "features"),
             )
             trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
             if self.tensorboard:
@@ -531,6 +543,8 @@ class Experiment:
             "seed": self.seed,
             "deterministic": self.deterministic,
             "fusion": dataclasses.asdict(self.fusion) if self.fusion is not None else None,
+            # On or off changes results within float32 rounding; the budget only speed.
+            "materialize": True if self.materialize is not None else None,
             "command": _launch_command(),
             "path": os.path.abspath(self.path),
             "checkpoint_dir": (
@@ -569,6 +583,7 @@ _IDENTITY = (
     "seed",
     "deterministic",
     "fusion",
+    "materialize",
 )
 
 

@@ -41,6 +41,7 @@ import torch
 from .. import training
 from ..errors import first_line
 from ..spec import ModelSpec
+from ..techniques.prefix import chain
 
 # Fields of the architecture (shared by many configurations, so kept once per distinct one).
 _ARCHITECTURE = ("parameter ", "buffer ", "module ")
@@ -225,6 +226,8 @@ def spec_fingerprint(spec: ModelSpec) -> dict[str, str]:
                 fields[f"{kind} {name} requires_grad"] = str(tensor.requires_grad)
     for name, module in model.named_modules():
         fields[f"module {name or '(root)'}"] = f"{type(module).__name__}({module.extra_repr()})"
+    if spec.frozen is not None:  # its structure and weights, as the features it computes
+        fields["frozen"] = chain(spec.frozen)[-1]
     fields.update(_training_fields(spec))
     return fields
 

@@ -22,8 +22,10 @@ from ..search.base import EarlyStopping, Scheduler
 from ..state import Counters, HopRecord
 from ..store import RecordStore, checkpoints
 from ..store.checkpoint_keeper import CheckpointKeeper, KeptModel
+from ..techniques.fusable import Fusability
 from ..trackers import Tracker
 from .building import InitialState, ModelBuilder
+from .materializing import FeaturePlanner, PrefixFacts
 from .roster import ModelRun, Roster
 
 RUNNING, PAUSED, COMPLETED, FAILED, PRUNED = (
@@ -72,8 +74,10 @@ class Lifecycle:
         trackers: Tracker,
         metric: str,
         mode: str,
+        features: FeaturePlanner | None = None,
     ) -> None:
         self.roster = roster
+        self.features = features  # None: frozen prefixes run on every batch
         self.builder = builder
         self.search = search
         self.decider: Search | Scheduler = scheduler if scheduler is not None else search
@@ -132,30 +136,49 @@ class Lifecycle:
         self.trackers.plan(self.roster.units_total())
 
     def _enroll(self, proposals: list[Proposal]) -> None:
-        """With fusion on: the new models' cohorts, and why a model cannot be fused, in the
-        records (a restarted run reads its cohorts back)."""
+        """With fusion or materialization on: the new models' cohorts (models of one fusion
+        key, or of one frozen prefix), why a model cannot be fused, and the prefix plan, in the
+        records (a restarted run reads them back)."""
         grouping = self.roster.grouping
         if not grouping.enabled:
             return
-        fusable = {}
+        together, prefixed = {}, {}
         for proposal in proposals:
             model = proposal.model
             if model.status is FAILED:
                 continue
+            prefix = self._prefix_facts(model.params, proposal.initial)
+            if prefix is not None:
+                prefixed[model.model_id] = prefix
+                together[model.model_id] = _shared_prefix(prefix)
+                continue
             facts = proposal.initial.fusion or self.builder.fusability(model.params)
             if facts is None:
                 continue
-            fusable[model.model_id] = facts
+            together[model.model_id] = facts
             if facts.key is None:
                 self.store.add_event(
                     EventKind.NOT_FUSED.value, model=model.model_id, reason=facts.reason
                 )
-        for cohort in grouping.enroll(fusable):
+        if prefixed and self.features is not None:
+            self.store.add_event(EventKind.FEATURE_PLAN.value, **self.features.enroll(prefixed))
+        for cohort in grouping.enroll(together):
             self.store.add_event(EventKind.FUSION_COHORT.value, **cohort.event())
         for proposal in proposals:  # a cohort's shard order is its anchor's
             model = proposal.model
             if model.status is RUNNING and not self.roster.epoch_started(model):
                 model.remaining = self.roster.train_order(model)
+
+    def _prefix_facts(
+        self, params: dict[str, Any], initial: InitialState | None
+    ) -> PrefixFacts | None:
+        """A model's frozen prefix as the feature planner sees it (None: materialization is
+        off, or the model has no frozen prefix)."""
+        if self.features is None:
+            return None
+        if initial is not None and initial.prefix is not None:
+            return initial.prefix
+        return self.builder.prefix_facts(params)
 
     def _register(self, model: ModelRun, initial: InitialState) -> None:
         error = initial.error
@@ -383,9 +406,22 @@ class Lifecycle:
     def rekey(self, model: ModelRun) -> None:
         """With fusion on: what a model whose params changed may now be fused with (a new
         batch size, say, is a new fusion key), in the records for a restart to read back."""
-        facts = self.builder.fusability(model.params)
+        prefix = self._prefix_facts(model.params, None)
+        if self.features is not None and self.features.changes(model.model_id, prefix):
+            self.store.add_event(
+                EventKind.FEATURE_PLAN.value, **self.features.enroll({model.model_id: prefix})
+            )
+        facts = (
+            _shared_prefix(prefix) if prefix is not None else self.builder.fusability(model.params)
+        )
         if facts is None:
             return
         change = self.roster.grouping.rekey(model.model_id, facts)
         if change is not None:
             self.store.add_event(EventKind.FUSION_KEY.value, **change)
+
+
+def _shared_prefix(prefix: PrefixFacts) -> Fusability:
+    """Models that read one frozen prefix's output train in units together (the prefix's
+    remaining layers then run once per unit for all of them)."""
+    return Fusability(key=f"prefix:{prefix.chain[-1]}", reason=None, nbytes=0)

@@ -25,8 +25,10 @@ import torch
 from ..data import Dataset, Shard
 from ..errors import ConfigError, first_line
 from ..spec import ModelSpec
+from ..techniques.prefix import run_frozen
 
 TRIAL_ROWS = 8  # rows of the trial batch (fewer if the batch size is smaller)
+SAMPLE_ROWS = 128  # rows kept for the trial and for profiling frozen prefixes
 
 
 class Preflight:
@@ -65,17 +67,20 @@ class Preflight:
         try:
             spec.check()  # build may have replaced a field after ModelSpec() checked it
             with torch.random.fork_rng(devices=[]):  # dropout in the trial draws random numbers
-                trial_step(self._trial_copy(spec, params), self._sample())
+                rows = self.sample()
+                trial = Shard(rows.x[:TRIAL_ROWS], rows.y[:TRIAL_ROWS])
+                trial_step(self._trial_copy(spec, params), trial)
         except ConfigError as e:
             raise naming(e, params) from e.__cause__  # the user's code that raised, if any
 
-    def _sample(self) -> Shard:
+    def sample(self) -> Shard:
+        """Up to SAMPLE_ROWS rows of the dataset's largest training shard (read once)."""
         if self._rows is None:
             sizes = self.dataset.shard_rows("train")
             biggest = max(range(len(sizes)), key=sizes.__getitem__)
             shard = self.dataset.load_shard("train", biggest)
             # Copies: the rest of the shard is not kept in the driver's memory.
-            self._rows = Shard(shard.x[:TRIAL_ROWS].clone(), shard.y[:TRIAL_ROWS].clone())
+            self._rows = Shard(shard.x[:SAMPLE_ROWS].clone(), shard.y[:SAMPLE_ROWS].clone())
         return self._rows
 
     def _trial_copy(self, spec: ModelSpec, params: dict[str, Any]) -> ModelSpec:
@@ -106,7 +111,11 @@ def trial_step(spec: ModelSpec, rows: Shard) -> None:
     device = next(spec.model.parameters(), torch.empty(0)).device
     inputs, targets = rows.x[:size].to(device), rows.y[:size].to(device)
     spec.model.train()
-    outputs = _forward(spec.model, inputs)
+    if spec.frozen is not None:
+        inputs = _frozen_forward(spec.frozen, inputs)
+        outputs = _forward(spec.model, inputs, after_prefix=True)
+    else:
+        outputs = _forward(spec.model, inputs)
     loss = _loss(spec.loss, outputs, targets)
     _backward_and_step(spec, loss)
     with torch.no_grad():  # as training computes them
@@ -114,10 +123,33 @@ def trial_step(spec: ModelSpec, rows: Shard) -> None:
             _metric(name, fn, outputs.detach(), targets)
 
 
-def _forward(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _frozen_forward(frozen: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    try:
+        return run_frozen(frozen, inputs)
+    except Exception as e:
+        raise ConfigError(
+            "ModelSpec.frozen",
+            _shown(frozen),
+            "a frozen module whose forward takes a batch of the dataset's rows",
+            hint=f"the dataset's feature shape is {tuple(inputs.shape[1:])} per row; "
+            f"forward raised {_described(e)}",
+        ) from e
+
+
+def _forward(
+    model: torch.nn.Module, inputs: torch.Tensor, after_prefix: bool = False
+) -> torch.Tensor:
     try:
         outputs = model(inputs)
     except Exception as e:
+        if after_prefix:
+            raise ConfigError(
+                "ModelSpec.model",
+                _shown(model),
+                "a model whose forward takes the frozen prefix's output",
+                hint=f"the frozen prefix's output has shape {tuple(inputs.shape[1:])} per row"
+                f"{_expected_input(model)}; forward raised {_described(e)}",
+            ) from e
         raise ConfigError(
             "model",
             _shown(model),
@@ -134,6 +166,18 @@ def _forward(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
             hint=f"it returned {type(outputs).__name__}",
         )
     return outputs
+
+
+def _expected_input(model: torch.nn.Module) -> str:
+    """What the model's first layer takes, in words (", the model's first layer ... takes
+    ..."), when it says so (a Linear's in_features, a convolution's in_channels)."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            return f", the model's first layer {name} (Linear) takes {layer.in_features} features"
+        if isinstance(layer, torch.nn.modules.conv._ConvNd):
+            kind = type(layer).__name__
+            return f", the model's first layer {name} ({kind}) takes {layer.in_channels} channels"
+    return ""
 
 
 def _loss(loss_fn: Callable[..., Any], outputs: torch.Tensor, targets: torch.Tensor) -> Any:

@@ -104,6 +104,8 @@ class Recovery:
         """Every recorded model back in the roster, at the hop its state file holds."""
         records = self.store.snapshot()
         self.roster.grouping.restore(records.events)  # cohorts fix shard orders: read first
+        if self.lifecycle.features is not None:
+            self.lifecycle.features.restore(records.events)
         history: dict[int, list[dict[str, float]]] = {}
         for row in records.epochs:
             history.setdefault(row["model_id"], []).append(

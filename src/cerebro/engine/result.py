@@ -134,6 +134,31 @@ class Result:
         sizes = hops.groupby("unit")["model_id"].transform("nunique")
         return frozenset(int(i) for i in hops.model_id[sizes > 1])
 
+    @property
+    def materialized(self) -> pd.DataFrame:
+        """Frozen-prefix outputs the run computed and kept (``Experiment(materialize=...)``),
+        one row per prefix cut and shard: ``prefix`` (the digest the features are kept under),
+        ``cut`` (depth), ``split``, ``shard``, ``shard_digest``, ``rows``, ``bytes``,
+        ``seconds`` and ``worker``. Features found already kept (by an earlier run, or for
+        the same shard content in an earlier dataset version) have no row."""
+        columns = ["prefix", "cut", "split", "shard", "shard_digest", "rows", "bytes", "seconds",
+                   "worker"]  # fmt: skip
+        rows = [
+            {
+                "prefix": d["features"],
+                "cut": d["depth"],
+                "split": d["split"],
+                "shard": d["shard"],
+                "shard_digest": d["shard_digest"],
+                "rows": d["rows"],
+                "bytes": d["nbytes"],
+                "seconds": d["seconds"],
+                "worker": d["worker"],
+            }  # fmt: skip
+            for d in (e["detail"] for e in self.events if e["kind"] == "materialized")
+        ]
+        return pd.DataFrame(rows, columns=columns)
+
     def leaderboard(self) -> pd.DataFrame:
         """A table of every model: id, status, params and last-epoch metrics, best first
         (and ``fused``: whether it trained in a fused unit, when any model did)."""
@@ -160,7 +185,8 @@ class Result:
         raise ConfigError("model_id", model_id, f"one of {[m.id for m in self.models]}")
 
     def load_model(self, model_id: int | None = None) -> torch.nn.Module:
-        """The trained model as a plain ``nn.Module`` on CPU (the best one by default)."""
+        """The trained model as a plain ``nn.Module`` on CPU (the best one by default); a model
+        with a frozen prefix comes back as ``nn.Sequential(frozen, model)``."""
         if model_id is None:
             if self.best is None:
                 raise ConfigError("model_id", None, "an explicit id: no model completed")
@@ -172,8 +198,10 @@ class Result:
             raise ConfigError("model_id", model_id, "a model with a saved state", hint=path)
         spec = training.build_spec(build, record.params, init_seed=None)
         spec.model.load_state_dict(training.load_state(path)["model"])
-        spec.model.eval()
-        return spec.model
+        # A frozen prefix never trained: build gives its weights, and it runs first.
+        model = spec.model if spec.frozen is None else torch.nn.Sequential(spec.frozen, spec.model)
+        model.eval()
+        return model
 
     def _load_build(self) -> Callable[[dict[str, Any]], Any]:
         if not self._build_path or not os.path.isfile(self._build_path):

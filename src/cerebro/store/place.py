@@ -2,9 +2,10 @@
 
 A path is the folder of one experiment: its records (``cerebro.db`` and SQLite's -wal/-shm
 files, unless ``storage`` holds them), ``checkpoints/model-NNNNN/`` (or the ``checkpoint_dir``
-given), ``build.pkl``, ``tensorboard/`` and the driver's ``.lock``. Everything else in it is
-someone else's. Nothing here writes; :func:`clear` deletes only cerebro's own entries, and only
-after :func:`check_claim` has let a run take the path.
+given), ``build.pkl``, ``tensorboard/``, ``features/`` (kept frozen-prefix outputs) and the
+driver's ``.lock``. Everything else in it is someone else's. Nothing here writes; :func:`clear`
+deletes only cerebro's own entries, and only after :func:`check_claim` has let a run take the
+path.
 
 Example:
     >>> held = survey("runs/never-made", "runs/never-made/checkpoints", own_records=True)
@@ -30,7 +31,7 @@ from .records import Fault, RecordsProblem, sqlite_file, sqlite_problem
 LOCK_FILE = ".lock"
 _RECORD_FILES = ("cerebro.db", "cerebro.db-wal", "cerebro.db-shm", "cerebro.db-journal")
 # build.pkl is named in engine/result.py; the engine is a layer above the store.
-_OWN_ENTRIES = (*_RECORD_FILES, "checkpoints", "build.pkl", "tensorboard", LOCK_FILE)
+_OWN_ENTRIES = (*_RECORD_FILES, "checkpoints", "build.pkl", "tensorboard", "features", LOCK_FILE)
 _MODEL_FOLDER = re.compile(r"model-\d{5,}")
 _SHOWN = 5  # entries named in a message
 
@@ -137,7 +138,7 @@ def check_claim(held: Holdings, has_records: bool, overwrite: bool) -> None:
 def clear(path: str, checkpoint_dir: str) -> None:
     """Delete what cerebro wrote for an experiment (the caller deletes its records), and
     nothing else: a person's files in ``path`` or ``checkpoint_dir`` stay."""
-    for name in ("build.pkl", "tensorboard"):
+    for name in ("build.pkl", "tensorboard", "features"):
         target = os.path.join(path, name)
         if os.path.isdir(target) and not os.path.islink(target):
             shutil.rmtree(target, ignore_errors=True)

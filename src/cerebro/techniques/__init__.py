@@ -21,6 +21,7 @@ class Technique(_Named):
 
     PLAIN = "plain"  # one model, trained and evaluated as written
     FUSED = "fused"  # models of one shape, trained as one with stacked tensors
+    MATERIALIZED = "materialized"  # models sharing a frozen prefix, trained on its output
 
 
 def runner_for(technique: Technique) -> Runner:
@@ -30,6 +31,10 @@ def runner_for(technique: Technique) -> Runner:
         from .fused import FusedRunner
 
         return FusedRunner()
+    if Technique(technique) is Technique.MATERIALIZED:
+        from .materialized import MaterializedRunner
+
+        return MaterializedRunner()
     from .plain import PlainRunner
 
     return PlainRunner()

@@ -131,6 +131,9 @@ def fusability(spec: ModelSpec, input_shape: Sequence[int] | None = None) -> Fus
 def group_key(spec: ModelSpec) -> tuple[str, list[tuple[str, nn.Module]]]:
     """The key of :func:`fusability` and the model's layers, without the memory estimate;
     raises :class:`NotFusable`."""
+    if spec.frozen is not None:
+        raise NotFusable("it has a frozen prefix (ModelSpec.frozen), which the fused runner does "
+                         "not run")  # fmt: skip
     layers = leaves(spec.model)
     description = (
         tuple(_layer_key(name, m) for name, m in layers),

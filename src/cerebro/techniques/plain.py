@@ -6,6 +6,7 @@ import torch
 
 from .. import training
 from ..data import Shard
+from ..training import HopStats
 from .base import MemberSeeds, ModelInHand, Outcome, Runner
 
 
@@ -33,21 +34,33 @@ class PlainRunner(Runner):
         end_of_epoch: bool,
     ) -> list[Outcome]:
         self.check(len(models))
-        (model,), (seed,) = models, seeds
-        if seed.rng_seed is not None:
-            torch.manual_seed(seed.rng_seed)  # CPU and every CUDA device
-        else:
-            training.set_rng(
-                {**model.rng, "counters": {"init_seed": model.counters.init_seed}}, device
-            )
-        stats = training.run_train_hop(model.spec, shard, seed.shuffle_seed, device, end_of_epoch)
-        model.rng = {"rng": torch.get_rng_state()}
-        if device.type == "cuda":
-            model.rng["cuda_rng"] = torch.cuda.get_rng_state(device)
-        return [stats]
+        return [train_one(models[0], seeds[0], shard, device, end_of_epoch)]
 
     def evaluate(
         self, models: list[ModelInHand], shard: Shard, device: torch.device
     ) -> list[Outcome]:
         self.check(len(models))
         return [training.run_eval_hop(models[0].spec, shard, device)]
+
+
+def train_one(
+    model: ModelInHand,
+    seed: MemberSeeds,
+    shard: Shard,
+    device: torch.device,
+    end_of_epoch: bool,
+    apply_frozen: bool = True,
+) -> HopStats:
+    """One model's training hop on torch's global generator(s), seeded as its hop asks (see
+    :func:`cerebro.training.run_train_hop`); leaves the model's ``rng`` after the hop."""
+    if seed.rng_seed is not None:
+        torch.manual_seed(seed.rng_seed)  # CPU and every CUDA device
+    else:
+        training.set_rng({**model.rng, "counters": {"init_seed": model.counters.init_seed}}, device)
+    stats = training.run_train_hop(
+        model.spec, shard, seed.shuffle_seed, device, end_of_epoch, apply_frozen=apply_frozen
+    )
+    model.rng = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        model.rng["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return stats
