@@ -272,3 +272,19 @@ def transfer(params: dict) -> cerebro.ModelSpec:
         metrics={"accuracy": cerebro.metrics.accuracy},
         frozen=frozen,
     )
+
+
+def transfer_unseeded(params: dict) -> cerebro.ModelSpec:
+    """``transfer`` whose backbone is freshly initialized on every call: its frozen weights
+    differ between the driver's build and each worker's (torch's generator is not seeded
+    there), the mistake the feature store must catch."""
+    frozen, rest = cerebro.cut(backbone(), params["freeze"])
+    model = torch.nn.Sequential(rest, torch.nn.Linear(64, 10))
+    return cerebro.ModelSpec(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        loss=torch.nn.CrossEntropyLoss(),
+        batch_size=32,
+        metrics={"accuracy": cerebro.metrics.accuracy},
+        frozen=frozen,
+    )

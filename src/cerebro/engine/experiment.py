@@ -366,7 +366,8 @@ class Experiment:
                 scheduler=self.scheduler,
                 fusion=self.fusion,
                 materialize=self.materialize,
-                features_dir=os.path.join(os.path.abspath(self.path), "features"),
+                features_dir=(self.materialize and self.materialize.folder)
+                or os.path.join(os.path.abspath(self.path), "features"),
             )
             trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
             if self.tensorboard:

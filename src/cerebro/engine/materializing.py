@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,12 +47,16 @@ class Materialize:
             (None: no limit; 0: keep nothing, and configurations that share a prefix train in
             one unit that runs the prefix once for all of them).
         memory_mb: kept features a worker holds in memory; beyond it they are read back from
-            their files under the experiment's folder.
+            their files.
+        folder: where kept features are written (None: ``features/`` in the experiment's
+            path). Features are named by prefix and shard content, so experiments that share a
+            folder share them: a second experiment over the same backbone and data, or over a
+            grown dataset's old shards, computes nothing again.
 
     Example:
         >>> import cerebro
         >>> cerebro.Materialize(budget_mb=512)
-        Materialize(budget_mb=512.0, memory_mb=1024.0)
+        Materialize(budget_mb=512.0, memory_mb=1024.0, folder=None)
         >>> cerebro.Materialize(budget_mb=-1)
         Traceback (most recent call last):
         ...
@@ -61,6 +66,7 @@ class Materialize:
 
     budget_mb: float | None = None
     memory_mb: float = 1024.0
+    folder: str | None = None
 
     def __post_init__(self) -> None:
         if self.budget_mb is not None:
@@ -74,6 +80,10 @@ class Materialize:
             object.__setattr__(self, "budget_mb", budget)
         memory = check_number("Materialize.memory_mb", self.memory_mb, minimum=0.0)
         object.__setattr__(self, "memory_mb", memory)
+        if self.folder is not None:
+            if not isinstance(self.folder, (str, os.PathLike)):
+                raise ConfigError("Materialize.folder", self.folder, "a local folder, or None")
+            object.__setattr__(self, "folder", os.path.abspath(os.fspath(self.folder)))
 
     @property
     def budget_bytes(self) -> float | None:
@@ -84,7 +94,7 @@ def materialize_option(value: Any) -> Materialize | None:
     """``Experiment(materialize=...)`` as options (None: off).
 
     >>> materialize_option(True), materialize_option(False)
-    (Materialize(budget_mb=None, memory_mb=1024.0), None)
+    (Materialize(budget_mb=None, memory_mb=1024.0, folder=None), None)
     >>> materialize_option(100)
     Traceback (most recent call last):
     ...

@@ -1,0 +1,290 @@
+"""Transfer learning: frozen prefixes computed once per shard (materialized), shared by
+configurations, chosen under a storage budget, and equal to training end to end with the prefix
+frozen."""
+
+from __future__ import annotations
+
+import builders
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_results, small_experiment
+
+import cerebro
+from cerebro import training
+from cerebro.engine.materializing import FeaturePlanner, Materialize, PrefixFacts
+from cerebro.techniques.prefix import chain, cut
+
+WEIGHTS = "weights.pt"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, digits_arrays) -> str:
+    """The backbone trained on another task (digit parity), saved as a state dict: what a
+    downloaded pre-trained network would be."""
+    torch.manual_seed(0)
+    net, head = builders.backbone(), torch.nn.Linear(64, 2)
+    optimizer = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=1e-2)
+    x, y = torch.tensor(digits_arrays["x"]), torch.tensor(digits_arrays["y"] % 2)
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(net(x)), y).backward()
+        optimizer.step()
+    path = tmp_path_factory.mktemp("pretrained") / WEIGHTS
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def _space(weights: str, freeze=(3, 6, 8), **more) -> dict:
+    return {"weights": cerebro.choice([weights]), "freeze": cerebro.choice(list(freeze)),
+            "lr": cerebro.choice([0.003, 0.01]), **more}  # fmt: skip
+
+
+def _run(digits, path, weights, materialize, **overrides) -> cerebro.Result:
+    arguments = dict(
+        build=builders.transfer,
+        search=cerebro.GridSearch(_space(weights)),
+        epochs=2,
+        seed=1,
+        deterministic=True,
+        materialize=materialize,
+    )
+    arguments.update(overrides)
+    return small_experiment(digits, path, **arguments).run()
+
+
+def _visits(result: cerebro.Result, model_id: int, epochs: int) -> list[list[int]]:
+    hops = result.hops[(result.hops.model_id == model_id) & (result.hops.kind == "train")]
+    hops = hops.sort_values("start")
+    return [list(hops[hops.epoch == e].shard) for e in range(epochs)]
+
+
+def test_materialized_training_equals_training_with_the_prefix_frozen(digits, tmp_path, pretrained):
+    """Each configuration, trained on kept features, equals the same configuration trained in
+    one process over the same shards in the same order with its prefix run on every batch
+    (``requires_grad`` off, eval mode): bit for bit, since on this CPU the prefix's kernels
+    (conv, linear, pooling on one thread) give each row the same bits whatever the batch. If
+    another machine's kernels round by batch, expect float32 rounding here instead."""
+    result = _run(digits, tmp_path / "run", pretrained, True)
+    assert {m.status for m in result.models} == {"completed"}
+    shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
+    for record in result.models:
+        alone = training.train_in_process(
+            builders.transfer, record.params, shards, _visits(result, record.id, 2), 1, record.id
+        )
+        trained = result.load_model(record.id)
+        assert isinstance(trained, torch.nn.Sequential) and len(trained) == 2  # frozen + model
+        for name, tensor in alone.model.state_dict().items():
+            assert torch.equal(trained[1].state_dict()[name], tensor), (record.id, name)
+
+
+def test_materialize_on_and_off_select_the_same_models(digits, tmp_path, pretrained):
+    """Current practice (the prefix runs on every batch) against materialized features: the
+    same metrics. Deterministic shard orders differ (a shared-prefix cohort shares its first
+    model's order), so each run is compared with its own visits elsewhere; here, the quality."""
+    on = _run(digits, tmp_path / "on", pretrained, True)
+    off = _run(digits, tmp_path / "off", pretrained, False)
+    assert off.materialized.empty and not on.materialized.empty
+    assert on.best.metrics["val_accuracy"] == pytest.approx(
+        off.best.metrics["val_accuracy"], abs=0.02
+    )
+
+
+def test_each_cut_and_shard_is_computed_once_across_configurations_and_epochs(
+    digits, tmp_path, pretrained
+):
+    result = _run(digits, tmp_path / "run", pretrained, True, epochs=3)
+    made = result.materialized
+    cuts = {m.params["freeze"] for m in result.models}
+    assert not made.duplicated(["prefix", "split", "shard"]).any()
+    assert set(made.cut) == cuts  # unlimited budget: every configuration's own depth is kept
+    for cut_depth in cuts:
+        rows = made[made.cut == cut_depth]
+        assert sorted(zip(rows.split, rows.shard)) == sorted(
+            (split, s) for split in ("train", "val") for s in range(digits.num_shards)
+        )
+    assert (made.bytes > 0).all() and (made.rows > 0).all()
+    assert (tmp_path / "run" / "features").is_dir()
+
+
+def test_a_budget_keeps_fewer_depths_and_changes_no_result(digits, tmp_path, pretrained):
+    """Features are computed in fixed chunks, so a depth computed from a kept depth below it,
+    or from the raw rows, is the same bits: the budget changes speed only."""
+    full = _run(digits, tmp_path / "full", pretrained, True)
+    need = full.materialized.bytes.sum() / 2**20
+    quarter = _run(digits, tmp_path / "quarter", pretrained, Materialize(budget_mb=need / 4))
+    nothing = _run(digits, tmp_path / "nothing", pretrained, Materialize(budget_mb=0))
+    assert 0 < quarter.materialized.bytes.sum() <= need / 4 * 2**20
+    assert nothing.materialized.empty
+    assert_same_results(quarter, full)
+    assert_same_results(nothing, full)
+
+
+def test_configurations_sharing_a_prefix_train_in_one_unit(digits, tmp_path, pretrained):
+    """With nothing kept, configurations of one cut hop together: the prefix runs once per
+    unit for all their heads (heads of different widths, too)."""
+    search = cerebro.GridSearch(_space(pretrained, freeze=(6,), head=cerebro.choice([16, 32])))
+    result = _run(digits, tmp_path / "run", pretrained, Materialize(budget_mb=0), search=search)
+    units = result.hops[result.hops.kind == "train"].groupby("unit").model_id.nunique()
+    assert units.max() == 4
+    assert result.fused_models == {m.id for m in result.models}
+
+
+def test_a_head_that_does_not_fit_its_prefix_fails_alone_with_both_shapes(
+    digits, tmp_path, pretrained
+):
+    search = cerebro.GridSearch(_space(pretrained, freeze=(6,), head_in=cerebro.choice([64, 99])))
+    result = _run(digits, tmp_path / "run", pretrained, True, search=search)
+    bad = [m for m in result.models if m.params["head_in"] == 99]
+    good = [m for m in result.models if m.params["head_in"] == 64]
+    assert {m.status for m in bad} == {"failed"} and {m.status for m in good} == {"completed"}
+    # Depth 6 ends after pooling: 16 channels x 4 x 4 per row; the rest of the backbone
+    # flattens them and gives 64 features, where the head's Linear wants 99.
+    assert "output has shape (16, 4, 4) per row" in bad[0].error, bad[0].error
+    assert "64 and 99x32" in bad[0].error
+
+
+def test_a_head_mismatch_names_the_models_first_layer(digits, tmp_path, pretrained):
+    search = cerebro.GridSearch(_space(pretrained, freeze=(8,), head_in=cerebro.choice([99])))
+    with pytest.raises(cerebro.AllModelsFailed) as raised:
+        _run(digits, tmp_path / "run", pretrained, True, search=search)
+    message = str(raised.value)
+    assert "output has shape (64,) per row" in message, message
+    assert "first layer 1.0 (Linear) takes 99 features" in message, message
+
+
+def test_experiments_sharing_a_feature_folder_compute_nothing_again(digits, tmp_path, pretrained):
+    """Kept features are named by prefix and shard content: a second experiment (other lrs)
+    over the same backbone and shards reads the first one's files."""
+    shared = Materialize(folder=str(tmp_path / "features"))
+    first = _run(digits, tmp_path / "one", pretrained, shared, epochs=1)
+    assert len(first.materialized) == 3 * 2 * digits.num_shards
+    search = cerebro.GridSearch({**_space(pretrained), "lr": cerebro.choice([0.001])})
+    again = _run(digits, tmp_path / "two", pretrained, shared, epochs=1, search=search)
+    assert again.materialized.empty
+    alone = _run(digits, tmp_path / "alone", pretrained, True, epochs=1, search=search)
+    assert_same_results(again, alone)
+
+
+def test_load_model_gives_prefix_and_model_in_one_module(digits, tmp_path, pretrained):
+    result = _run(digits, tmp_path / "run", pretrained, True, epochs=1)
+    model = result.load_model()
+    x = digits.load_shard("val", 0).x
+    spec = builders.transfer(result.best.params)
+    with torch.no_grad():
+        expected = spec.model(spec.frozen(x))
+        assert model(x).shape == expected.shape == (len(x), 10)
+    assert not any(p.requires_grad for p in model[0].parameters())
+
+
+# The planner --------------------------------------------------------------------------------
+
+
+def _facts(depths: int, row_bytes: int = 100, seconds: float = 1e-5, tag: str = "a") -> PrefixFacts:
+    return PrefixFacts(
+        tuple(f"{tag}{i}" for i in range(1, depths + 1)),
+        (row_bytes,) * depths,
+        (seconds,) * depths,
+    )
+
+
+def test_unlimited_budget_keeps_each_configurations_own_depth():
+    planner = FeaturePlanner(Materialize(), rows=1000, epochs=5, folder="f")
+    planner.enroll({0: _facts(2), 1: _facts(3), 2: _facts(3)})
+    assert planner.kept == {"a2", "a3"}
+    assert planner.plan(1).kept == (2, 3) and planner.plan(0).kept == (2,)
+
+
+def test_a_budget_keeps_what_saves_most_within_it():
+    """Room for one depth's features: the shared depth 2 serves both configurations, where
+    depth 3 would serve only one."""
+    planner = FeaturePlanner(Materialize(budget_mb=1000 * 100 / 2**20), 1000, 5, "f")
+    planner.enroll({0: _facts(2), 1: _facts(3)})
+    assert planner.kept == {"a2"}
+    assert planner.stored_bytes(planner.kept) <= 1000 * 100
+
+
+def test_nothing_is_kept_with_a_budget_of_zero_and_plans_come_back_after_restart():
+    planner = FeaturePlanner(Materialize(budget_mb=0), 1000, 5, "f")
+    event = planner.enroll({0: _facts(2)})
+    assert planner.kept == set() and planner.plan(0).kept == ()
+    again = FeaturePlanner(Materialize(budget_mb=0), 1000, 5, "f")
+    again.restore([{"kind": "feature_plan", "detail": event}])
+    assert again.plan(0) == planner.plan(0)
+
+
+def test_chains_of_cuts_of_one_backbone_share_their_common_depths():
+    net = builders.backbone()
+    two, _ = cut(net, 2)
+    three, _ = cut(net, 3)
+    assert chain(three)[:2] == chain(two) and len(set(chain(three))) == 3
+    other = builders.backbone()  # other weights: other digests from the first layer with weights
+    assert chain(cut(other, 2)[0])[1] != chain(two)[1]
+
+
+# Bad input ----------------------------------------------------------------------------------
+
+
+def test_frozen_must_be_a_module():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(cerebro.ConfigError, match="ModelSpec.frozen"):
+        cerebro.ModelSpec(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          torch.nn.MSELoss(), 4, frozen="resnet")  # fmt: skip
+
+
+def test_an_optimizer_over_frozen_parameters_is_refused():
+    frozen, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD([*frozen.parameters(), *model.parameters()], lr=0.1)
+    with pytest.raises(cerebro.ConfigError, match="parameters of ModelSpec.frozen"):
+        cerebro.ModelSpec(model, optimizer, torch.nn.MSELoss(), 4, frozen=frozen)
+
+
+@pytest.mark.parametrize("depth", [-1, 9, 2.5, True])
+def test_a_cut_outside_the_backbone_is_refused(depth):
+    with pytest.raises(cerebro.ConfigError, match=r"expected an integer from 0 to 8"):
+        cut(builders.backbone(), depth)
+
+
+def test_only_sequential_backbones_are_cut():
+    with pytest.raises(cerebro.ConfigError, match="backbone='Linear'"):
+        cut(torch.nn.Linear(2, 2), 1)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("yes", "materialize='yes'"),
+        (1.0, "materialize=1.0"),
+    ],
+)
+def test_materialize_accepts_bools_and_options_only(digits, tmp_path, value, match):
+    with pytest.raises(cerebro.ConfigError, match=match):
+        small_experiment(digits, tmp_path, materialize=value)
+
+
+@pytest.mark.parametrize("kwargs", [{"budget_mb": -1}, {"budget_mb": "big"}, {"memory_mb": -5}])
+def test_materialize_limits_are_checked(kwargs):
+    with pytest.raises(cerebro.ConfigError, match="Materialize"):
+        Materialize(**kwargs)
+
+
+def test_a_build_that_changes_its_frozen_weights_fails_its_model_with_the_reason(digits, tmp_path):
+    """A frozen prefix initialized at random on each build (no weights loaded) computes other
+    features on every worker: refused, not silently trained on."""
+    search = cerebro.GridSearch({"freeze": cerebro.choice([3])})
+    with pytest.raises(cerebro.AllModelsFailed, match="frozen prefix built here differs"):
+        small_experiment(
+            digits, tmp_path, build=builders.transfer_unseeded, search=search, materialize=True
+        ).run()
+
+
+def test_features_are_the_same_bits_from_any_kept_depth():
+    from cerebro.techniques.prefix import layers_of, run_layers
+
+    torch.manual_seed(0)
+    frozen, _ = cut(builders.backbone(), 8)
+    x = torch.tensor(np.random.default_rng(0).random((700, 8, 8), dtype=np.float32))
+    layers = layers_of(frozen)
+    direct = run_layers(layers, x)
+    stepwise = run_layers(layers[5:], run_layers(layers[:5], x))
+    assert torch.equal(direct, stepwise)
