@@ -150,7 +150,6 @@ class Lifecycle:
             prefix = self._prefix_facts(model.params, proposal.initial)
             if prefix is not None:
                 prefixed[model.model_id] = prefix
-                together[model.model_id] = _shared_prefix(prefix)
                 continue
             facts = proposal.initial.fusion or self.builder.fusability(model.params)
             if facts is None:
@@ -162,6 +161,12 @@ class Lifecycle:
                 )
         if prefixed and self.features is not None:
             self.store.add_event(EventKind.FEATURE_PLAN.value, **self.features.enroll(prefixed))
+            # A model that reads its own depth kept trains alone, in its own shard order (the
+            # order it has with materialization off). The others compute part of their prefix
+            # in each unit: models of one prefix share such units.
+            for model_id, prefix in prefixed.items():
+                if not self.features.reads_kept(model_id):
+                    together[model_id] = _shared_prefix(prefix)
         for cohort in grouping.enroll(together):
             self.store.add_event(EventKind.FUSION_COHORT.value, **cohort.event())
         for proposal in proposals:  # a cohort's shard order is its anchor's
@@ -411,9 +416,12 @@ class Lifecycle:
             self.store.add_event(
                 EventKind.FEATURE_PLAN.value, **self.features.enroll({model.model_id: prefix})
             )
-        facts = (
-            _shared_prefix(prefix) if prefix is not None else self.builder.fusability(model.params)
-        )
+        if prefix is None:
+            facts = self.builder.fusability(model.params)
+        elif self.features is not None and self.features.reads_kept(model.model_id):
+            facts = Fusability(None, "it reads its frozen prefix's kept output", 0)
+        else:
+            facts = _shared_prefix(prefix)
         if facts is None:
             return
         change = self.roster.grouping.rekey(model.model_id, facts)

@@ -181,6 +181,11 @@ class FeaturePlanner:
     def facts(self, model_id: int) -> PrefixFacts:
         return self._facts[model_id]
 
+    def reads_kept(self, model_id: int) -> bool:
+        """Whether the model's own depth is kept (it then computes nothing of its prefix)."""
+        facts = self._facts[model_id]
+        return facts.chain[-1] in self.kept
+
     def plan(self, model_id: int) -> FeaturePlan:
         facts = self._facts[model_id]
         kept = tuple(d + 1 for d, digest in enumerate(facts.chain) if digest in self.kept)
