@@ -61,3 +61,16 @@ def test_fusion_quick_runs_both_parts():
     )
     assert done.returncode == 0, done.stderr
     assert "fused_step_ms" in done.stdout and "makespan_speedup" in done.stdout
+
+
+@pytest.mark.slow
+def test_transfer_quick_runs_every_approach():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    for label in ("current practice", "materialized, unlimited", "materialized, 25%"):
+        assert label in done.stdout

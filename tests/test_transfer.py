@@ -8,7 +8,7 @@ import builders
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_results, small_experiment
+from conftest import assert_same_results, make_backend, small_experiment
 
 import cerebro
 from cerebro import training
@@ -176,6 +176,37 @@ def test_experiments_sharing_a_feature_folder_compute_nothing_again(digits, tmp_
     assert again.materialized.empty
     alone = _run(digits, tmp_path / "alone", pretrained, True, epochs=1, search=search)
     assert_same_results(again, alone)
+
+
+def test_features_beyond_a_workers_memory_are_read_back_from_their_files(
+    digits, tmp_path, pretrained
+):
+    """memory_mb=0: nothing stays in memory, every unit reads its features from the file."""
+    spilled = _run(digits, tmp_path / "spilled", pretrained, Materialize(memory_mb=0))
+    held = _run(digits, tmp_path / "held", pretrained, True)
+    assert len(spilled.materialized) == len(held.materialized)
+    assert_same_results(spilled, held)
+
+
+def test_a_damaged_feature_file_is_computed_again(digits, tmp_path, pretrained):
+    shared = Materialize(folder=str(tmp_path / "features"))
+    first = _run(digits, tmp_path / "one", pretrained, shared, epochs=1)
+    damaged = next((tmp_path / "features").rglob("*.pt"))
+    damaged.write_bytes(b"not a tensor")
+    again = _run(digits, tmp_path / "two", pretrained, shared, epochs=1)
+    assert len(again.materialized) == 1
+    assert_same_results(again, first)
+
+
+@pytest.mark.slow  # Ray's start-up
+def test_materialized_units_on_ray_give_the_local_results(digits, tmp_path, pretrained):
+    local = _run(digits, tmp_path / "local", pretrained, Materialize(budget_mb=0.5))
+    on_ray = _run(
+        digits, tmp_path / "ray", pretrained, Materialize(budget_mb=0.5),
+        backend=make_backend("ray"),
+    )  # fmt: skip
+    assert len(on_ray.materialized) == len(local.materialized) > 0
+    assert_same_results(on_ray, local)
 
 
 def test_load_model_gives_prefix_and_model_in_one_module(digits, tmp_path, pretrained):
