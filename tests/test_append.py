@@ -1,5 +1,6 @@
 """Dataset.append: a grown dataset is a new version whose first shards are the old ones, byte for
-byte; bad input is refused before anything is written."""
+byte; bad input is refused before anything is written; and a finished model selection goes on
+with the grown dataset, its next epochs visiting every shard."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import small_experiment
 
 import cerebro
 
@@ -161,3 +163,32 @@ def test_a_failure_part_way_leaves_the_old_version_whole(first, digits_arrays):
     assert reopened.load_shard("train", 3).rows == first.shard_rows("train")[3]
     # Nothing is left in the way: the same append now succeeds.
     assert first.append(_rows(digits_arrays, FIRST), num_shards=2).version == 2
+
+
+def test_a_finished_experiment_goes_on_with_the_grown_dataset(first, digits_arrays, tmp_path):
+    path = tmp_path / "run"
+    done = small_experiment(first, path, deterministic=True).run()
+    epoch0 = done.history
+    grown = first.append(_rows(digits_arrays, FIRST))
+
+    ctl = cerebro.control(path)
+    for model in done.models:
+        ctl.set_epochs(model.id, 2)
+    result = small_experiment(grown, path, deterministic=True).run()
+
+    train = result.hops[result.hops.kind == "train"]
+    for model in result.models:
+        mine = train[train.model_id == model.id]
+        assert sorted(mine[mine.epoch == 0].shard) == [0, 1, 2, 3]
+        assert sorted(mine[mine.epoch == 1].shard) == list(range(grown.num_shards))
+    pd.testing.assert_frame_equal(
+        result.history[result.history.epoch == 0].reset_index(drop=True), epoch0, check_exact=True
+    )
+    config = result.experiment["config"]
+    assert (config["dataset_fingerprint"], config["dataset_version"]) == (grown.fingerprint, 2)
+    [event] = [e for e in result.events if e["kind"] == "dataset_grown"]
+    assert event["detail"]["from_version"] == 1 and event["detail"]["version"] == 2
+    # The records are now of the grown dataset: the old version, or another dataset, is refused.
+    for other in (first, cerebro.prepare_data(digits_arrays, tmp_path / "other", num_shards=4)):
+        with pytest.raises(cerebro.ConfigError, match=r"different one \(dataset_fingerprint"):
+            small_experiment(other, path, deterministic=True).run()

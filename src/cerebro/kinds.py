@@ -96,6 +96,7 @@ class EventKind(_Named):
     FUSION_COHORT = "fusion_cohort"  # models that may train fused, and their shared shard order
     NOT_FUSED = "not_fused"  # a model that trains alone with fusion on, and why
     FUSION_KEY = "fusion_key"  # an exploit changed what a model may be fused with
+    DATASET_GROWN = "dataset_grown"  # the run went on with a later version of its dataset
 
 
 class ExperimentStatus(_Named):
