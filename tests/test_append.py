@@ -149,6 +149,33 @@ def test_bad_sources_are_refused_before_anything_is_written(first, digits_arrays
     assert _files(first.path) == before
 
 
+def test_invalid_rows_are_dropped_as_the_dataset_was_prepared(digits_arrays, tmp_path):
+    rows = _rows(digits_arrays, 0, FIRST)
+    ds = cerebro.prepare_data(rows, tmp_path / "d", num_shards=4, drop_invalid=True)
+    more = _rows(digits_arrays, FIRST)
+    more["x"] = more["x"].copy()
+    more["x"][[3, 7], 0, 0] = np.nan
+    grown = ds.append(more)
+    assert (grown.dropped_rows, grown.num_rows, grown.versions[1].rows) == (2, 1795, 595)
+    with pytest.raises(cerebro.ConfigError, match=r"features\['x'\]=nan .*first at row 3"):
+        ds.append({"x": more["x"][:50], "y": more["y"][:50]}, drop_invalid=False)
+
+
+def test_prepare_data_again_reopens_the_grown_dataset_and_overwrite_removes_it(
+    first, digits_arrays
+):
+    grown = first.append(_rows(digits_arrays, FIRST))
+    again = cerebro.prepare_data(_rows(digits_arrays, 0, FIRST), first.path, num_shards=4)
+    assert (again.version, again.fingerprint) == (2, grown.fingerprint)
+    fresh = cerebro.prepare_data(
+        _rows(digits_arrays, 0, 600), first.path, num_shards=2, overwrite=True
+    )
+    assert fresh.version == 1 and sorted(_files(first.path)) == [
+        "manifest.json",
+        *[f"{sp}/shard-0000{s}.parquet" for sp in ("train", "val") for s in (0, 1)],
+    ]
+
+
 def test_a_failure_part_way_leaves_the_old_version_whole(first, digits_arrays):
     before = _files(first.path)
     # The last new shard cannot be written: its name is taken by a folder.
@@ -174,16 +201,23 @@ def test_a_finished_experiment_goes_on_with_the_grown_dataset(first, digits_arra
     ctl = cerebro.control(path)
     for model in done.models:
         ctl.set_epochs(model.id, 2)
+    cloned = ctl.clone(0, params={"lr": 0.02}, epochs=1, force=True)
     result = small_experiment(grown, path, deterministic=True).run()
+    assert [m.status for m in result.models] == ["completed"] * 3
 
     train = result.hops[result.hops.kind == "train"]
-    for model in result.models:
+    for model in done.models:
         mine = train[train.model_id == model.id]
         assert sorted(mine[mine.epoch == 0].shard) == [0, 1, 2, 3]
         assert sorted(mine[mine.epoch == 1].shard) == list(range(grown.num_shards))
-    pd.testing.assert_frame_equal(
-        result.history[result.history.epoch == 0].reset_index(drop=True), epoch0, check_exact=True
-    )
+    clone = train[train.model_id == cloned.wait(0)["model_id"]]
+    assert sorted(clone.shard) == list(range(grown.num_shards))  # its one epoch, on the new version
+    # Epoch 0 stays as it was recorded: its metrics and its hops.
+    history = result.history
+    kept = history[history.model_id.isin(epoch0.model_id) & (history.epoch == 0)]
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True), epoch0, check_exact=True)
+    hops = result.hops[result.hops.model_id.isin(epoch0.model_id) & (result.hops.epoch == 0)]
+    pd.testing.assert_frame_equal(hops.reset_index(drop=True), done.hops, check_exact=True)
     config = result.experiment["config"]
     assert (config["dataset_fingerprint"], config["dataset_version"]) == (grown.fingerprint, 2)
     [event] = [e for e in result.events if e["kind"] == "dataset_grown"]
