@@ -239,6 +239,29 @@ def test_a_lost_state_goes_back_to_its_newest_good_checkpoint(digits, tmp_path):
     assert event["detail"]["from_epoch"] == 0
 
 
+def test_a_recorded_epoch_is_done_after_the_dataset_grew(digits_arrays, tmp_path):
+    first = cerebro.prepare_data({k: v[:1200] for k, v in digits_arrays.items()}, tmp_path / "d")
+    parts = Parts(first, tmp_path, cerebro.GridSearch(SPACE))
+    parts.add_proposals()
+    model = parts.roster[0]
+    state = training.load_state(model.state_path)
+    seed = Counters.from_dict(state["counters"]).init_seed
+    hops = tuple(_hop(s) for s in range(first.num_shards))
+    state["counters"] = Counters(version=4, epoch=0, init_seed=seed, hops=hops).to_dict()
+    training.save_state(state, model.state_path)
+    parts.train_epoch(model, 0.5)  # epoch 0 recorded over the 4 shards there were
+    parts.keeper.close()
+    grown = first.append({k: v[1200:] for k, v in digits_arrays.items()})
+
+    restored = Parts(grown, tmp_path, cerebro.GridSearch(SPACE), store=parts.store)
+    Recovery(
+        restored.roster, restored.lifecycle, restored.builder, restored.keeper, parts.store
+    ).restore()
+    again = restored.roster[0]
+    # Epoch 0 is not trained again on the new shards: epoch 1 visits all six.
+    assert (again.epoch, again.phase, again.remaining) == (1, UnitKind.TRAIN, list(range(6)))
+
+
 # Checkpoint keeper -----------------------------------------------------------------------------
 
 

@@ -98,6 +98,7 @@ class EventKind(_Named):
     FUSION_KEY = "fusion_key"  # an exploit changed what a model may be fused with
     FEATURE_PLAN = "feature_plan"  # prefixed models' chains and the prefix depths kept
     MATERIALIZED = "materialized"  # a kept prefix depth computed for one shard
+    DATASET_GROWN = "dataset_grown"  # the run went on with a later version of its dataset
 
 
 class ExperimentStatus(_Named):

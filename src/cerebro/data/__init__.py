@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
-from .dataset import Dataset, Shard
+from .dataset import Dataset, DatasetVersion, Shard
 
 # Preparing loads pandas; workers only read shards.
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), {"prepare_data": ".prepare"})
@@ -11,4 +11,4 @@ __getattr__, __dir__ = lazy_attributes(__name__, globals(), {"prepare_data": ".p
 if TYPE_CHECKING:
     from .prepare import prepare_data
 
-__all__ = ["Dataset", "Shard", "prepare_data"]
+__all__ = ["Dataset", "DatasetVersion", "Shard", "prepare_data"]

@@ -8,6 +8,9 @@ Layout on disk::
 
 Shard ``i`` of the training split and shard ``i`` of the validation split are placed on the same
 worker, so validation also runs where the data already is.
+
+A dataset grows by versions (:meth:`Dataset.append`): each adds shards after the last ones, in the
+same folder, and rewrites only the manifest, so a reader of an older version still finds its files.
 """
 
 from __future__ import annotations
@@ -45,6 +48,46 @@ class Shard:
     @property
     def nbytes(self) -> int:
         return self.x.element_size() * self.x.nelement() + self.y.element_size() * self.y.nelement()
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """One version of a dataset: what it added to the one before.
+
+    Attributes:
+        version: 1 for the rows :func:`cerebro.prepare_data` wrote, +1 per :meth:`Dataset.append`.
+        shards: the shard numbers it added (the same in both splits).
+        rows: the rows it added, both splits together.
+        source_fingerprint: a hash of the source those rows came from.
+        fingerprint: :attr:`Dataset.fingerprint` of the dataset as of this version.
+    """
+
+    version: int
+    shards: range
+    rows: int
+    source_fingerprint: str | None
+    fingerprint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "first_shard": self.shards.start,
+            "num_shards": len(self.shards),
+            "rows": self.rows,
+            "source_fingerprint": self.source_fingerprint,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> DatasetVersion:
+        first = int(entry["first_shard"])
+        return cls(
+            int(entry["version"]),
+            range(first, first + int(entry["num_shards"])),
+            int(entry["rows"]),
+            entry.get("source_fingerprint"),
+            str(entry["fingerprint"]),
+        )
 
 
 class Dataset:
@@ -99,8 +142,75 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        """Checksum of the shard files: two datasets with equal fingerprints hold the same data."""
+        """Checksum of the shard files: two datasets with equal fingerprints hold the same data.
+        Each version has its own (see :attr:`versions`)."""
         return str(self.manifest["fingerprint"])
+
+    @property
+    def version(self) -> int:
+        """1 as prepared, +1 per :meth:`append`."""
+        return int(self.manifest.get("version", 1))
+
+    @property
+    def versions(self) -> list[DatasetVersion]:
+        """Every version up to this one, oldest first (a dataset prepared before versions were
+        kept has one, holding all its shards)."""
+        recorded = self.manifest.get("versions")
+        if recorded is not None:
+            return [DatasetVersion.from_json(v) for v in recorded]
+        return [first_version(self.manifest)]
+
+    def version_of(self, fingerprint: str) -> DatasetVersion | None:
+        """The version of this dataset whose fingerprint is ``fingerprint``; None if it is no
+        version of this dataset. An experiment trained on that version may go on with this one:
+        its shards are this one's first ones, with the same bytes."""
+        return next((v for v in self.versions if v.fingerprint == fingerprint), None)
+
+    def append(
+        self, source: Any, num_shards: int | None = None, drop_invalid: bool | None = None
+    ) -> Dataset:
+        """Add the rows of ``source`` as new shards, making the next version of this dataset.
+
+        The new rows are split like :func:`cerebro.prepare_data` splits (the same validation
+        fraction, shuffled by a seed drawn from the dataset's seed and the new version number, so
+        the same call writes the same shards) and written after the last shards, in the same
+        folder. Existing shard files are never rewritten: their bytes, digests and any reader of
+        an older version are unaffected. The manifest is written last, atomically; a failure
+        part-way removes the new files and leaves the old version as it was.
+
+        Args:
+            source: what :func:`cerebro.prepare_data` accepts (a DataFrame, a dict of arrays, a
+                Parquet or CSV path) with exactly this dataset's columns, shapes and dtypes. A
+                string label must hold only classes the dataset already has, an integer label
+                only values it already holds (a new class is refused: the models' heads were
+                built for the classes there are). A source already in the dataset (equal source
+                fingerprint) is refused.
+            num_shards: shards to add per split; default: as many as keep the rows per shard
+                near the existing training shards' mean (at least one).
+            drop_invalid: as in :func:`cerebro.prepare_data`; default: what the dataset was
+                prepared with.
+
+        Returns:
+            The new version; this object still describes (and reads) the version it was.
+
+        Example:
+            >>> import numpy as np, tempfile, cerebro
+            >>> rng = np.random.default_rng(0)
+            >>> def rows(n):
+            ...     return {"x": rng.normal(size=(n, 3)), "y": rng.integers(0, 2, n)}
+            >>> folder = tempfile.mkdtemp() + "/grown"
+            >>> ds = cerebro.prepare_data(rows(100), folder, num_shards=4, validation=0.2)
+            >>> grown = ds.append(rows(50))
+            >>> grown.version, grown.num_shards, grown.num_rows
+            (2, 6, 150)
+            >>> [(v.version, v.shards) for v in grown.versions]
+            [(1, range(0, 4)), (2, range(4, 6))]
+            >>> grown.shard_digest("train", 0) == ds.shard_digest("train", 0)
+            True
+        """
+        from .append import append_rows  # reads sources with pandas, which workers never load
+
+        return append_rows(self, source, num_shards, drop_invalid)
 
     def shard_rows(self, split: str) -> list[int]:
         """Rows in each shard of ``split`` ("train" or "val")."""
@@ -147,6 +257,17 @@ class Dataset:
             f"Dataset(path={self.path!r}, num_rows={self.num_rows}, num_shards={self.num_shards}, "
             f"features={self.features!r}, label={self.label!r})"
         )
+
+
+def first_version(manifest: dict[str, Any]) -> DatasetVersion:
+    """Version 1 of a dataset, as :func:`cerebro.prepare_data` wrote it."""
+    return DatasetVersion(
+        1,
+        range(int(manifest["num_shards"])),
+        int(manifest["num_rows"]),
+        manifest.get("source_fingerprint"),
+        str(manifest["fingerprint"]),
+    )
 
 
 def read_manifest(path: str) -> dict[str, Any]:

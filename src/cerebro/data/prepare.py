@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .. import files
 from ..errors import ConfigError, check_bool, check_int, is_number
 from . import checks, folder
-from .dataset import FORMAT_VERSION, MANIFEST, Dataset
+from .dataset import FORMAT_VERSION, MANIFEST, Dataset, first_version
 from .fingerprint import content_digest, source_fingerprint
 from .sources import read_source
 
@@ -132,8 +132,10 @@ def _write_dataset(
     with folder.undone_on_failure(out, shown) as created:
         folder.make_folder(out, created)
         manifest["splits"], manifest["fingerprint"] = _write_shards(
-            out, stored, splits, num_shards, created
+            out, stored, splits, range(num_shards), created
         )
+        manifest["version"] = 1
+        manifest["versions"] = [first_version(manifest).to_json()]
         # Written last: a folder whose manifest is there holds the whole dataset.
         files.write_bytes_atomically(os.fspath(out / MANIFEST), _manifest_bytes(manifest))
     return Dataset(os.fspath(out), manifest)
@@ -210,19 +212,22 @@ def _write_shards(
     out: Path,
     stored: Mapping[str, np.ndarray],
     splits: Mapping[str, np.ndarray],
-    num_shards: int,
+    shards: range,
     created: list[Path],
+    after: str = "",
 ) -> tuple[dict[str, Any], str]:
-    """Write each split's shards under ``out``; their names, row counts and content digests, and
-    a checksum of them all."""
-    digest = hashlib.sha256()
+    """Write each split's rows as the shards numbered ``shards`` under ``out``; their names, row
+    counts and content digests, and a checksum of them all (chained to the checksum ``after`` of
+    the shards before them, when a dataset grows)."""
+    digest = hashlib.sha256(after.encode())
     split_meta = {}
     for split, rows in splits.items():
         folder.make_folder(out / split, created)
         names, counts, digests = [], [], []
-        for shard, shard_rows in enumerate(np.array_split(rows, num_shards)):
+        for shard, shard_rows in zip(shards, np.array_split(rows, len(shards))):
             name = f"{split}/shard-{shard:05d}.parquet"
-            created.append(out / name)
+            if not (out / name).exists():  # undo removes only what this call made
+                created.append(out / name)
             pq.write_table(_to_table({c: a[shard_rows] for c, a in stored.items()}), out / name)
             content = (out / name).read_bytes()
             digest.update(content)

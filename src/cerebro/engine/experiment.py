@@ -19,7 +19,7 @@ from .. import files
 from ..backends import Backend, LocalBackend
 from ..backends.shipping import pickle_build
 from ..backends.worker import in_worker
-from ..data import Dataset
+from ..data import Dataset, DatasetVersion
 from ..errors import (
     AllModelsFailed,
     ConfigError,
@@ -30,7 +30,7 @@ from ..errors import (
     shown_url,
 )
 from ..files import write_bytes_atomically
-from ..kinds import ExperimentStatus
+from ..kinds import EventKind, ExperimentStatus
 from ..search import Search
 from ..search.base import (
     COMPLETED,
@@ -470,6 +470,9 @@ class Experiment:
             for key in (*_IDENTITY, "checkpoint_dir")
             if previous["config"].get(key) != mine[key]
         }
+        grown_from = self._grown_from(previous["config"])
+        if grown_from is not None:
+            del different["dataset_fingerprint"]
         if different:
             argument, value = ("storage", self._shown_url) if self.storage else ("path", self.path)
             shown = ", ".join(f"{k}: recorded {a!r}, now {b!r}" for k, (a, b) in different.items())
@@ -481,7 +484,38 @@ class Experiment:
                 "or pass overwrite=True to delete the old records",
             )
         self._check_build(previous)
+        if grown_from is not None:
+            self._record_growth(previous, grown_from)
         return previous
+
+    def _grown_from(self, recorded: dict[str, Any]) -> DatasetVersion | None:
+        """The version of the dataset the records were trained on, if the dataset now given is
+        a later version of it (its first shards are that version's, byte for byte): the models
+        may go on with the added shards. None if it is the same dataset or another one."""
+        fingerprint = recorded.get("dataset_fingerprint")
+        if fingerprint is None or fingerprint == self.dataset.fingerprint:
+            return None
+        return self.dataset.version_of(fingerprint)
+
+    def _record_growth(self, previous: dict[str, Any], grown_from: DatasetVersion) -> None:
+        """From now on the experiment is one of the grown dataset (an older version is refused
+        as different); the event says when, so each epoch's version can be told from it and
+        from the shards its hops visited."""
+        now = self.dataset
+        with closing_engine(self.storage_url) as engine:
+            store = RecordStore(engine, previous["id"])
+            store.update_config(
+                dataset=now.path, dataset_fingerprint=now.fingerprint, dataset_version=now.version
+            )
+            store.add_event(
+                EventKind.DATASET_GROWN.value,
+                from_version=grown_from.version,
+                version=now.version,
+                from_fingerprint=grown_from.fingerprint,
+                fingerprint=now.fingerprint,
+                num_shards=now.num_shards,
+            )
+        previous["config"].update(dataset_fingerprint=now.fingerprint, dataset_version=now.version)
 
     def _check_build(self, previous: dict[str, Any]) -> None:
         """Continue ``previous`` only with the build its models were made by (``resume="force"``
@@ -536,6 +570,7 @@ class Experiment:
         return {
             "dataset": self.dataset.path,
             "dataset_fingerprint": self.dataset.fingerprint,
+            "dataset_version": self.dataset.version,
             "search": self.search.fingerprint(),
             "scheduler": self.scheduler.fingerprint() if self.scheduler is not None else None,
             "epochs": self.epochs,

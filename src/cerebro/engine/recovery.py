@@ -62,7 +62,9 @@ def resume_point(
     """Where a model resumes, from its state's counters and how many epochs its records hold.
 
     A state whose epoch has visited every training shard either waits for its validation pass
-    (the epoch is not recorded yet) or starts the next epoch (it is).
+    (the epoch is not recorded yet) or starts the next epoch (it is). A recorded epoch is done
+    whatever its shard count: after ``Dataset.append`` it visited fewer shards than there are
+    now, and the next epoch visits them all.
 
     Example:
         >>> hop = HopRecord(shard=0, rows=10, sums={}, worker=0, start=0.0, end=1.0)
@@ -73,12 +75,14 @@ def resume_point(
         2
         >>> resume_point(done, epochs_recorded=2, num_train_shards=2, budget=2).completed
         True
+        >>> resume_point(done, epochs_recorded=2, num_train_shards=3, budget=3).epoch  # grown
+        2
     """
     epoch, hops = counters.epoch, counters.hops
     trained = len(hops) == num_train_shards
     if counters.version == 0:  # never trained: its counters may predate any epoch
         epoch, hops, trained = 0, (), False
-    elif trained and epochs_recorded > epoch:  # the epoch is recorded: the next one starts
+    elif epochs_recorded > epoch:  # the epoch is recorded: the next one starts
         epoch, hops, trained = epoch + 1, (), False
     return ResumePoint(epoch, hops, trained, epoch >= budget)
 
