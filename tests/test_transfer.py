@@ -209,6 +209,29 @@ def test_materialized_units_on_ray_give_the_local_results(digits, tmp_path, pret
     assert_same_results(on_ray, local)
 
 
+def test_after_append_only_the_new_shards_are_computed(digits_arrays, tmp_path, pretrained):
+    """A finished selection continued on the grown dataset: the old shards' features are read
+    back (they are named by content), only the new shards' are computed."""
+    first = cerebro.prepare_data(
+        {k: v[:1200] for k, v in digits_arrays.items()}, tmp_path / "d", num_shards=4
+    )
+    path = tmp_path / "run"
+    done = _run(first, path, pretrained, True, epochs=1)
+    before = done.materialized
+    assert set(before.shard) == {0, 1, 2, 3}
+    grown = first.append({k: v[1200:] for k, v in digits_arrays.items()})
+    ctl = cerebro.control(path)
+    for model in done.models:
+        ctl.set_epochs(model.id, 2)
+    result = _run(grown, path, pretrained, True, epochs=1)
+    assert {m.status for m in result.models} == {"completed"}
+    made = result.materialized
+    assert not made.duplicated(["prefix", "split", "shard"]).any()
+    new = made.iloc[len(before) :]
+    assert set(new.shard) == set(range(4, grown.num_shards))
+    assert len(new) == 3 * 2 * (grown.num_shards - 4)  # 3 cuts x 2 splits x the new shards
+
+
 def test_load_model_gives_prefix_and_model_in_one_module(digits, tmp_path, pretrained):
     result = _run(digits, tmp_path / "run", pretrained, True, epochs=1)
     model = result.load_model()
