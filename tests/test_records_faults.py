@@ -372,6 +372,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~40 s of a driver in a subprocess (the default run stays under 10 minutes)
 def test_a_sigkilled_driver_reads_as_interrupted_and_its_successor_says_so(digits, tmp_path):
     script, path = tmp_path / "run.py", tmp_path / "run"
     script.write_text(SCRIPT.format(tests=HERE, data=digits.path))

@@ -108,6 +108,7 @@ def test_unlimited_budget_gives_the_results_of_materialize_off_bit_for_bit(
     assert_same_results(on, off)
 
 
+@pytest.mark.slow  # four selections (the default run stays under 10 minutes)
 @pytest.mark.parametrize("fraction", [0.25, 0.0])
 def test_under_a_budget_each_model_still_trains_as_with_its_prefix_frozen(
     digits, tmp_path, pretrained, fraction
@@ -178,6 +179,7 @@ def test_experiments_sharing_a_feature_folder_compute_nothing_again(digits, tmp_
     assert_same_results(again, alone)
 
 
+@pytest.mark.slow  # two selections, for the spill path alone
 def test_features_beyond_a_workers_memory_are_read_back_from_their_files(
     digits, tmp_path, pretrained
 ):
