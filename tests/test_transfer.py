@@ -356,3 +356,20 @@ def test_features_are_the_same_bits_from_any_kept_depth():
     direct = run_layers(layers, x)
     stepwise = run_layers(layers[5:], run_layers(layers[:5], x))
     assert torch.equal(direct, stepwise)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_materialized_features_on_gpu_workers_match_the_cpu_run(digits, tmp_path, pretrained):
+    """Features computed and kept on the GPU (saved to files from host copies); each model ends
+    near its CPU run (float32 kernels differ between devices: 1e-3 after 2 epochs)."""
+    cpu = _run(digits, tmp_path / "cpu", pretrained, True)
+    gpu = _run(
+        digits, tmp_path / "gpu", pretrained, True,
+        backend=cerebro.LocalBackend(workers=2, devices=["cuda:0"]),
+    )  # fmt: skip
+    assert len(gpu.materialized) == len(cpu.materialized)
+    for record in cpu.models:
+        a, b = cpu.load_model(record.id).state_dict(), gpu.load_model(record.id).state_dict()
+        for name, tensor in a.items():
+            assert torch.allclose(b[name], tensor, atol=1e-3), (record.id, name)
