@@ -19,6 +19,7 @@ import cerebro
 selenium = pytest.importorskip("selenium")
 pytest.importorskip("fastapi")
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -64,7 +65,12 @@ def browser():
 
 
 def _wait(driver, condition, timeout=90, message=""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: condition(d), message)
+    # The page re-renders its tables on every poll: an element found a moment ago may be gone
+    # when its text is read. That is a retry, not a failure.
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+    )
+    return wait.until(lambda d: condition(d), message)
 
 
 def _points(driver, plot: str) -> int:
@@ -122,7 +128,7 @@ def test_watch_stop_and_clone_from_the_browser(digits, tmp_path, browser):
     )
     assert rows
     epochs_cell = "#leaderboard tbody tr[data-model='0'] td:nth-child(4)"
-    first = browser.find_element(By.CSS_SELECTOR, epochs_cell).text
+    first = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, epochs_cell).text or None)
     _wait(
         browser,
         lambda d: d.find_element(By.CSS_SELECTOR, epochs_cell).text != first,
@@ -155,7 +161,8 @@ def test_watch_stop_and_clone_from_the_browser(digits, tmp_path, browser):
     )
 
     # Clone model 0 with a new learning rate, warm-started.
-    browser.find_element(By.CSS_SELECTOR, "button[data-action='clone'][data-model='0']").click()
+    clone = "button[data-action='clone'][data-model='0']"  # in the re-rendered leaderboard
+    _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, clone).click() or True)
     field = _wait(
         browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#clone-form input[name='param-lr']")
     )
