@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
+
+_Options = TypeVar("_Options")
 
 
 class CerebroError(Exception):
@@ -180,6 +182,30 @@ def check_bool(argument: str, value: Any, hint: str = "") -> bool:
     if not (isinstance(value, bool) or _is_numpy_bool(value)):
         raise ConfigError(argument, value, "True or False", hint)
     return bool(value)
+
+
+def check_options(
+    argument: str, value: Any, kind: type[_Options], accepted: str
+) -> _Options | None:
+    """An on/off switch that also takes options: ``True`` gives ``kind()`` (the defaults),
+    ``False`` or None gives None (off), an instance of ``kind`` is itself.
+
+    Example:
+        >>> from fractions import Fraction
+        >>> check_options("ratio", True, Fraction, "True, False or a Fraction")
+        Fraction(0, 1)
+        >>> check_options("ratio", "half", Fraction, "True, False or a Fraction")
+        Traceback (most recent call last):
+        ...
+        cerebro.errors.ConfigError: ratio='half' is not accepted: expected True, False or a Fraction
+    """
+    if isinstance(value, kind):
+        return value
+    if value is True:
+        return kind()
+    if value is False or value is None:
+        return None
+    raise ConfigError(argument, value, accepted)
 
 
 def _is_numpy_bool(value: Any) -> bool:

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import ConfigError, check_int, check_number
+from ..errors import ConfigError, check_int, check_number, check_options
 from ..kinds import EventKind
 
 if TYPE_CHECKING:
@@ -91,14 +91,8 @@ def fusion_option(value: Any) -> Fusion | None:
     cerebro.errors.ConfigError: fusion='yes' is not accepted: expected True, False or \
 cerebro.Fusion(max_models=..., memory_mb=...)
     """
-    if isinstance(value, Fusion):
-        return value
-    if value is True:
-        return Fusion()
-    if value is False or value is None:
-        return None
-    raise ConfigError(
-        "fusion", value, "True, False or cerebro.Fusion(max_models=..., memory_mb=...)"
+    return check_options(
+        "fusion", value, Fusion, "True, False or cerebro.Fusion(max_models=..., memory_mb=...)"
     )
 
 

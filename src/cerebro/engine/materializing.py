@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, check_number
+from ..errors import ConfigError, check_number, check_options
 from ..kinds import EventKind
 from ..techniques.features import FeaturePlan
 from ..techniques.prefix import chain, layers_of
@@ -101,14 +101,11 @@ def materialize_option(value: Any) -> Materialize | None:
     cerebro.errors.ConfigError: materialize=100 is not accepted: expected True, False or \
 cerebro.Materialize(budget_mb=..., memory_mb=...)
     """
-    if isinstance(value, Materialize):
-        return value
-    if value is True:
-        return Materialize()
-    if value is False or value is None:
-        return None
-    raise ConfigError(
-        "materialize", value, "True, False or cerebro.Materialize(budget_mb=..., memory_mb=...)"
+    return check_options(
+        "materialize",
+        value,
+        Materialize,
+        "True, False or cerebro.Materialize(budget_mb=..., memory_mb=...)",
     )
 
 
