@@ -18,10 +18,6 @@ class FeaturePlan:
     folder: str
     memory_mb: float
 
-    @property
-    def depth(self) -> int:
-        return len(self.chain)
-
 
 @dataclass(frozen=True)
 class Materialization:

@@ -36,7 +36,7 @@ class FeatureStore:
 
     def __init__(self) -> None:
         self._memory: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._chains: dict[int, tuple[torch.nn.Module, tuple[str, ...]]] = {}
+        self._checked: tuple[torch.nn.Module, tuple[str, ...]] | None = None  # last prefix seen
 
     def features(
         self,
@@ -53,10 +53,10 @@ class FeatureStore:
         self._check_chain(plan, frozen)
         layers = layers_of(frozen)
         budget = int(plan.memory_mb * 2**20)
-        kept = sorted(d for d in plan.kept if d <= plan.depth)
+        kept = sorted(plan.kept)
         base, x = 0, shard.x
         for depth in reversed(kept):  # the deepest kept depth already there
-            found = self._read(plan, depth, shard_digest, device)
+            found = self._read(plan, depth, shard_digest, device, budget)
             if found is not None:
                 base, x = depth, found
                 break
@@ -76,7 +76,7 @@ class FeatureStore:
                     shard_id,
                     shard_digest,
                     int(x.shape[0]),
-                    x.element_size() * x.nelement(),
+                    x.nbytes,
                     seconds,
                 )  # fmt: skip
             )
@@ -85,11 +85,9 @@ class FeatureStore:
 
     def _check_chain(self, plan: FeaturePlan, frozen: torch.nn.Module) -> None:
         """The built prefix computes what was planned: ``build`` gave the same weights."""
-        known = self._chains.get(id(frozen))
-        if known is None or known[0] is not frozen:
-            known = (frozen, chain(frozen))
-            self._chains = {id(frozen): known}  # the unit's prefix; an old one may be gone
-        if known[1] != plan.chain:
+        if self._checked is None or self._checked[0] is not frozen:
+            self._checked = (frozen, chain(frozen))  # hashed once while the model is cached
+        if self._checked[1] != plan.chain:
             raise RuntimeError(
                 "the frozen prefix built here differs from the one the experiment planned with "
                 "(its layers or weights changed between calls of build): build must give the "
@@ -100,7 +98,7 @@ class FeatureStore:
         return os.path.join(plan.folder, plan.chain[depth - 1], f"{shard_digest}.pt")
 
     def _read(
-        self, plan: FeaturePlan, depth: int, shard_digest: str, device: torch.device
+        self, plan: FeaturePlan, depth: int, shard_digest: str, device: torch.device, budget: int
     ) -> torch.Tensor | None:
         key = (plan.chain[depth - 1], shard_digest)
         if key in self._memory:
@@ -114,7 +112,7 @@ class FeatureStore:
         except Exception:  # a damaged file: computed again (and rewritten)
             return None
         tensor: torch.Tensor = loaded.to(device)
-        self._remember(key, tensor, int(plan.memory_mb * 2**20))
+        self._remember(key, tensor, budget)
         return tensor
 
     def _keep(
@@ -129,10 +127,10 @@ class FeatureStore:
     def _remember(self, key: tuple[str, str], x: torch.Tensor, budget: int) -> None:
         self._memory[key] = x
         self._memory.move_to_end(key)
-        total = sum(t.element_size() * t.nelement() for t in self._memory.values())
+        total = sum(t.nbytes for t in self._memory.values())
         while total > budget and self._memory:
             _, dropped = self._memory.popitem(last=False)  # its file stays
-            total -= dropped.element_size() * dropped.nelement()
+            total -= dropped.nbytes
 
 
 class MaterializedRunner(Runner):
