@@ -161,12 +161,8 @@ class Lifecycle:
                 )
         if prefixed and self.features is not None:
             self.store.add_event(EventKind.FEATURE_PLAN.value, **self.features.enroll(prefixed))
-            # A model that reads its own depth kept trains alone, in its own shard order (the
-            # order it has with materialization off). The others compute part of their prefix
-            # in each unit: models of one prefix share such units.
             for model_id, prefix in prefixed.items():
-                if not self.features.reads_kept(model_id):
-                    together[model_id] = _shared_prefix(prefix)
+                together[model_id] = self._prefix_grouping(model_id, prefix)
         for cohort in grouping.enroll(together):
             self.store.add_event(EventKind.FUSION_COHORT.value, **cohort.event())
         for proposal in proposals:  # a cohort's shard order is its anchor's
@@ -418,18 +414,19 @@ class Lifecycle:
             )
         if prefix is None:
             facts = self.builder.fusability(model.params)
-        elif self.features is not None and self.features.reads_kept(model.model_id):
-            facts = Fusability(None, "it reads its frozen prefix's kept output", 0)
         else:
-            facts = _shared_prefix(prefix)
+            facts = self._prefix_grouping(model.model_id, prefix)
         if facts is None:
             return
         change = self.roster.grouping.rekey(model.model_id, facts)
         if change is not None:
             self.store.add_event(EventKind.FUSION_KEY.value, **change)
 
-
-def _shared_prefix(prefix: PrefixFacts) -> Fusability:
-    """Models that read one frozen prefix's output train in units together (the prefix's
-    remaining layers then run once per unit for all of them)."""
-    return Fusability(key=f"prefix:{prefix.chain[-1]}", reason=None, nbytes=0)
+    def _prefix_grouping(self, model_id: int, prefix: PrefixFacts) -> Fusability:
+        """Whom a model with a frozen prefix hops with. One that reads its own depth kept
+        trains alone, in its own shard order (the order it has with materialization off); the
+        others compute part of their prefix in each unit, so models of one prefix share units
+        (the prefix's remaining layers then run once for all of them)."""
+        if self.features is not None and self.features.reads_kept(model_id):
+            return Fusability(None, "it reads its frozen prefix's kept output", 0)
+        return Fusability(key=f"prefix:{prefix.chain[-1]}", reason=None, nbytes=0)
