@@ -223,48 +223,44 @@ def append_table(quick: bool) -> pd.DataFrame:
     return table
 
 
+def write_markdown(path: str, title: str, intro: str, *blocks: str) -> str:
+    """A result table's file: title, what ran, the machine, then the tables and lines given."""
+    machine = (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}."
+    )
+    with open(path, "w") as f:
+        f.write("\n".join([f"# {title}", "", intro, machine, "", *blocks, ""]))
+    return path
+
+
 def write_append(table: pd.DataFrame, folder: str) -> str:
-    path = os.path.join(folder, "transfer_append.md")
-    lines = [
-        "# Transfer learning on a growing dataset",
-        "",
+    return write_markdown(
+        os.path.join(folder, "transfer_append.md"),
+        "Transfer learning on a growing dataset",
         "The 24 configurations of `transfer.md` on 80% of digits (5 epochs, materialized), then "
         "25% more rows appended and the finished selection continued one epoch on the grown "
         "dataset, against a from-scratch round (5 epochs) on the grown dataset; one run of "
         "`python benchmarks/transfer.py --part append`.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}.",
-        "",
         table.to_markdown(index=False),
-        "",
-    ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
+    )
 
 
 def write(table: pd.DataFrame, per_config: pd.DataFrame, folder: str) -> list[str]:
-    path = os.path.join(folder, "transfer.md")
     same = (per_config["unlimited"] == per_config["current practice"]).all()
-    lines = [
-        "# Transfer learning: materialized frozen features",
-        "",
+    path = write_markdown(
+        os.path.join(folder, "transfer.md"),
+        "Transfer learning: materialized frozen features",
         "24 configurations (freeze depth 7/10/12 x lr x batch size x head width) fine-tuning a "
         "CNN pre-trained in the run, 5 epochs, 2 local workers of 1 thread, deterministic, "
         "in one run of `python benchmarks/transfer.py`.",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}.",
-        "",
         table.to_markdown(index=False),
         "",
         "Validation accuracy of each configuration (unlimited budget equal to current practice "
         f"for every configuration: {bool(same)}):",
         "",
         per_config.to_markdown(index=False),
-        "",
-    ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    )
     plot = os.path.join(folder, "transfer.png")
     import matplotlib
 
