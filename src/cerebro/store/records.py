@@ -17,7 +17,7 @@ import os
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -40,7 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..errors import ConfigError, first_line, shown_url
@@ -73,6 +74,9 @@ models = Table(
     Column("origin", String(20), nullable=False, default="search"),
     Column("parent", Integer),
     Column("max_epochs", Integer),  # this model's own epoch budget (None: the experiment's)
+    # The newest version of its training state written durably (its state file); the current
+    # version, handed from worker to worker in memory, may be ahead of it (schema version 3).
+    Column("durable_version", Integer),
 )
 
 epochs = Table(
@@ -358,6 +362,68 @@ class RecordStore:
         self.experiment_id = experiment_id
         # Columns an older store (opened by a reader, which never upgrades) lacks: read as None.
         self.absent = absent
+        self._batch: Connection | None = None  # the transaction batch() holds open
+        self._queued = _Queued()  # the batch's writes of hops and versions, made at its end
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make every write inside one transaction (one commit instead of one per write), as
+        the driver does with the events of one poll; hop records and durable versions are
+        written together at its end, each kind in one statement. What was written before an
+        error inside is committed all the same (each record is a fact of its own). Nested
+        batches join the outer one."""
+        if self._batch is not None:
+            yield
+            return
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            self._batch = conn
+            try:
+                yield
+            finally:
+                self._batch = None
+                try:
+                    self._flush(conn)
+                    transaction.commit()
+                except BaseException:
+                    transaction.rollback()
+                    raise
+
+    def _begin(self) -> contextlib.AbstractContextManager[Connection]:
+        """A transaction for one write: the open batch's (its queued writes made first, so
+        writes keep their order), else a new one."""
+        if self._batch is not None:
+            self._flush(self._batch)
+            return contextlib.nullcontext(self._batch)
+        return self.engine.begin()
+
+    def _flush(self, conn: Connection) -> None:
+        queued, self._queued = self._queued, _Queued()
+        if queued.hops:
+            conn.execute(insert(hops), queued.hops)
+        if queued.save_times:
+            conn.execute(
+                update(hops)
+                .where(
+                    hops.c.experiment_id == self.experiment_id,
+                    hops.c.model_id == bindparam("m"),
+                    hops.c.epoch == bindparam("e"),
+                    hops.c.shard == bindparam("s"),
+                    hops.c.kind == "train",
+                )
+                .values(save_s=bindparam("t")),
+                queued.save_times,
+            )
+        if queued.durable:
+            conn.execute(
+                update(models)
+                .where(
+                    models.c.experiment_id == self.experiment_id,
+                    models.c.model_id == bindparam("m"),
+                )
+                .values(durable_version=bindparam("v"), updated=time.time()),
+                [{"m": m, "v": v} for m, v in queued.durable.items()],
+            )
 
     @classmethod
     def create(cls, url: str, name: str, config: dict[str, Any]) -> RecordStore:
@@ -464,7 +530,7 @@ class RecordStore:
         return [dict(r) for r in rows]
 
     def set_experiment_status(self, status: str) -> None:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 update(experiments)
                 .where(experiments.c.id == self.experiment_id)
@@ -474,7 +540,7 @@ class RecordStore:
     def update_config(self, **values: Any) -> None:
         """Replace some entries of the experiment's config (the others are kept)."""
         where = experiments.c.id == self.experiment_id
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             config = conn.execute(select(experiments.c.config).where(where)).scalar_one()
             conn.execute(
                 update(experiments).where(where).values(config={**config, **jsonable(values)})
@@ -484,7 +550,7 @@ class RecordStore:
         """For a driver that holds the experiment path's lock: a recorded status of ``running``
         means the driver before it died without a word (SIGKILL, power loss). Marks the
         experiment ``interrupted``, with a ``driver_lost`` event; True if it was."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             changed = conn.execute(
                 update(experiments)
                 .where(
@@ -509,7 +575,7 @@ class RecordStore:
         max_epochs: int | None = None,
     ) -> None:
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 insert(models).values(
                     experiment_id=self.experiment_id,
@@ -529,7 +595,7 @@ class RecordStore:
         """Change a model's params, max_epochs or status (and error) in one transaction."""
         if "params" in values:
             values["params"] = jsonable(values["params"])
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 update(models)
                 .where(models.c.experiment_id == self.experiment_id, models.c.model_id == model_id)
@@ -537,7 +603,7 @@ class RecordStore:
             )
 
     def set_model_status(self, model_id: int, status: str, error: str | None = None) -> None:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 update(models)
                 .where(models.c.experiment_id == self.experiment_id, models.c.model_id == model_id)
@@ -555,7 +621,7 @@ class RecordStore:
         """Record an epoch's metrics, with the decision taken on it (a new status and its
         event) in the same transaction, so that a resumed run never has to decide again."""
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 insert(epochs).values(
                     experiment_id=self.experiment_id,
@@ -595,28 +661,30 @@ class RecordStore:
     ) -> None:
         """Record a hop: what ``worker`` ran of ``model_id`` on ``shard`` (``kind`` "train" or
         "eval") in ``epoch``, as part of unit ``unit`` (its id; None when not known)."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                insert(hops).values(
-                    experiment_id=self.experiment_id,
-                    model_id=model_id,
-                    epoch=epoch,
-                    kind=kind,
-                    shard=shard,
-                    worker=worker,
-                    start=start,
-                    end=end,
-                    rows=rows,
-                    load_s=load_s,
-                    save_s=save_s,
-                    metrics=metrics,
-                    unit=unit,
-                )
-            )
+        row = {
+            "experiment_id": self.experiment_id,
+            "model_id": model_id,
+            "epoch": epoch,
+            "kind": kind,
+            "shard": shard,
+            "worker": worker,
+            "start": start,
+            "end": end,
+            "rows": rows,
+            "load_s": load_s,
+            "save_s": save_s,
+            "metrics": metrics,
+            "unit": unit,
+        }
+        if self._batch is not None:
+            self._queued.hops.append(row)
+            return
+        with self._begin() as conn:
+            conn.execute(insert(hops), [row])
 
     def add_event(self, kind: str, **detail: Any) -> None:
         """Something that happened to the run as a whole (e.g. a worker was lost)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             self._insert_event(conn, kind, detail)
 
     def _insert_event(self, conn: Any, kind: str, detail: dict[str, Any]) -> None:
@@ -640,7 +708,7 @@ class RecordStore:
         options: dict[str, Any] | None = None,
     ) -> int:
         """Queue a person's request; the experiment's driver applies it. Returns its id."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             result = conn.execute(
                 insert(controls).values(
                     experiment_id=self.experiment_id,
@@ -676,7 +744,7 @@ class RecordStore:
         error: str | None = None,
     ) -> None:
         """Mark a request applied or rejected (only once: a settled request stays settled)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 update(controls)
                 .where(controls.c.id == control_id, controls.c.state == ControlState.PENDING.value)
@@ -691,7 +759,7 @@ class RecordStore:
     def add_checkpoint(
         self, model_id: int, epoch: int, path: str, checksum: str, size: int
     ) -> None:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 delete(checkpoints).where(
                     checkpoints.c.experiment_id == self.experiment_id,
@@ -713,7 +781,7 @@ class RecordStore:
             )
 
     def set_checkpoints_pruned(self, model_id: int, epochs: list[int]) -> None:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 update(checkpoints)
                 .where(
@@ -726,7 +794,7 @@ class RecordStore:
 
     def forget_epochs_after(self, model_id: int, epoch: int) -> None:
         """Delete a model's records of epochs after ``epoch`` (it will train them again)."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             for table in (hops, epochs, checkpoints):
                 conn.execute(
                     delete(table).where(
@@ -737,7 +805,7 @@ class RecordStore:
                 )
 
     def delete_hop(self, model_id: int, epoch: int, kind: str, shard: int) -> None:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             conn.execute(
                 delete(hops).where(
                     hops.c.experiment_id == self.experiment_id,
@@ -750,7 +818,7 @@ class RecordStore:
 
     def delete_hops(self, model_id: int, epoch: int, keep_train_shards: list[int]) -> None:
         """Forget a model's hops from ``epoch`` on, except the training hops of those shards."""
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             mine = (hops.c.experiment_id == self.experiment_id) & (hops.c.model_id == model_id)
             conn.execute(delete(hops).where(mine, hops.c.epoch > epoch))
             conn.execute(
@@ -761,8 +829,18 @@ class RecordStore:
                 )
             )
 
+    def set_durable_version(self, model_id: int, version: int) -> None:
+        """The newest version of the model's state in its state file."""
+        self._queued.durable[model_id] = version
+        if self._batch is None:
+            with self._begin() as conn:
+                self._flush(conn)
+
     def set_hop_save_time(self, model_id: int, epoch: int, shard: int, save_s: float) -> None:
-        with self.engine.begin() as conn:
+        if self._batch is not None:
+            self._queued.save_times.append({"m": model_id, "e": epoch, "s": shard, "t": save_s})
+            return
+        with self._begin() as conn:
             conn.execute(
                 update(hops)
                 .where(
@@ -838,16 +916,25 @@ class RecordStore:
         query = select(*readable(experiments, self.absent)).where(
             experiments.c.id == self.experiment_id
         )
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             return dict(conn.execute(query).mappings().one())
 
     def _rows(self, query: Any, table: Table) -> list[dict[str, Any]]:
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             result = conn.execute(query.where(table.c.experiment_id == self.experiment_id))
             return [dict(r) for r in result.mappings().all()]
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+@dataclass
+class _Queued:
+    """Writes a batch makes at its end, each kind in one statement."""
+
+    hops: list[dict[str, Any]] = field(default_factory=list)
+    save_times: list[dict[str, Any]] = field(default_factory=list)
+    durable: dict[int, int] = field(default_factory=dict)  # model id -> version
 
 
 def readable(table: Table, absent: frozenset[str], columns: list[str] | None = None) -> list[Any]:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 VERSION_TABLE = "cerebro_alembic_version"
-REVISIONS = ("0001", "0002")  # oldest first: the baseline, then hops.unit
+REVISIONS = ("0001", "0002", "0003")  # the baseline, hops.unit, models.durable_version
 BASELINE, HEAD = REVISIONS[0], REVISIONS[-1]
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 # Alembic's version table (alembic.ddl.impl.DefaultImpl.version_table_impl), made here for a
