@@ -13,12 +13,12 @@ import io
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from . import files
+from . import files, statefile
 from .data import Shard
 from .errors import ConfigError, ModelFailed
 from .files import replace_atomically
@@ -109,9 +109,14 @@ def capture_state(
 
 
 def restore_state(spec: ModelSpec, state: dict[str, Any], device: torch.device) -> None:
-    """Load a captured state into ``spec``'s objects (already on ``device``)."""
+    """Load a captured state into ``spec``'s objects (already on ``device``), copying every
+    tensor: the state's own may be views of a file or of shared memory."""
     spec.model.load_state_dict(state["model"])
     spec.optimizer.load_state_dict(state["optimizer"])
+    for values in spec.optimizer.state.values():  # it keeps the tensors it need not convert
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                values[key] = value.clone()
     if spec.lr_scheduler is not None and state.get("lr_scheduler") is not None:
         spec.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
@@ -164,6 +169,12 @@ def save_state(state: dict[str, Any], path: str) -> None:
     """
 
     def write(tmp: str) -> None:
+        if statefile.writable(state):
+            try:
+                statefile.write(state, tmp)
+                return
+            except statefile.Unsupported:
+                pass  # torch's format holds what cerebro's does not
         with _without_zip_crc():
             torch.save(state, tmp)
 
@@ -184,12 +195,30 @@ def _without_zip_crc() -> Iterator[None]:
         serialization.set_crc32_options(before)
 
 
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in a state (what writing it moves)."""
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
 def load_state(path: str) -> dict[str, Any]:
-    """Read a state file (memory-mapped: only the bytes used are read), or one at an fsspec URL."""
+    """Read a state file (memory-mapped: only the bytes used are read), or one at an fsspec URL;
+    in cerebro's format (:mod:`cerebro.statefile`) or ``torch.save``'s."""
     if files.is_url(path):
         with files.open_for_reading(path) as f:
-            payload = io.BytesIO(f.read())
-        return torch.load(payload, map_location="cpu", weights_only=True)
+            payload = f.read()
+        if statefile.is_statefile(payload):
+            return cast(dict[str, Any], statefile.read_from(bytearray(payload)))
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    with open(path, "rb") as f:
+        head = f.read(len(statefile.MAGIC))
+    if statefile.is_statefile(head):
+        return cast(dict[str, Any], statefile.read(path))
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
