@@ -10,7 +10,8 @@ from conftest import state_equal
 
 from cerebro import training
 from cerebro.backends import worker as worker_module
-from cerebro.backends.base import StateSaved, Unit, UnitDone, UnitMember
+from cerebro.backends.base import Unit, UnitDone, UnitMember
+from cerebro.backends.handover import write_states
 from cerebro.backends.shipping import pickle_build
 from cerebro.backends.worker import WorkerConfig, WorkerRuntime
 from cerebro.kinds import UnitKind
@@ -143,14 +144,14 @@ def count_reads(monkeypatch):
 
 
 def _run(runtime: WorkerRuntime, unit: Unit) -> UnitDone:
-    done, save = runtime.run(unit)
+    done, snapshots = runtime.run(unit)
     assert done.ok, done.error
     if unit.kind == UnitKind.TRAIN:
-        assert save is not None
-        saved = save()
-        assert isinstance(saved, StateSaved) and saved.ok, saved.error
+        assert set(snapshots) == set(unit.model_ids)
+        written = write_states(unit, snapshots, None, 0)  # no handover folder: the state files
+        assert [w.path for w in written.values()] == [m.state_path for m in unit.members]
     else:
-        assert save is None
+        assert snapshots == {}
     return done
 
 
@@ -231,8 +232,8 @@ def test_worker_refuses_a_two_model_plain_unit_and_keeps_nothing(
     runtime = make_runtime(1024)
     _run(runtime, Unit(0, UnitKind.TRAIN, 0, 0, 0, (_member(0, paths[0], 0, 0, 0),)))
     members = (_member(0, paths[0], 1, 0, 1), _member(1, paths[1], 0, 0, 1))
-    done, save = runtime.run(Unit(1, UnitKind.TRAIN, 0, 1, 0, members))
-    assert not done.ok and save is None and done.results == ()
+    done, snapshots = runtime.run(Unit(1, UnitKind.TRAIN, 0, 1, 0, members))
+    assert not done.ok and snapshots == {} and done.results == ()
     assert "the plain runner trains one model per unit, not a group of 2" in done.error
     assert all(runtime.needs_state(m) for m in members)  # every member's objects forgotten
     assert Counters.from_dict(training.load_state(paths[0])["counters"]).version == 1

@@ -65,6 +65,11 @@ class WorkerError(CerebroError, RuntimeError):
     """A worker process stopped or could not start."""
 
 
+class DurabilityError(CerebroError, RuntimeError):
+    """Model states could not be written to their state files for as many hops as the
+    experiment's ``durable_lag`` allows; the run stops (what is recorded is kept)."""
+
+
 class ModelFailed(CerebroError, RuntimeError):
     """Raised inside a unit when a model cannot go on (e.g. its loss is not finite)."""
 

@@ -90,6 +90,7 @@ class EventKind(_Named):
     EXPLOIT = "exploit"
     EXPLOIT_RECOVERED = "exploit_recovered"
     STATE_RECOVERED = "state_recovered"
+    STATE_ROLLED_BACK = "state_rolled_back"  # a newest state lost with a worker: back to its file
     WORKER_LOST = "worker_lost"
     CONTROL = "control"
     BUILD_REPLACED = "build_replaced"

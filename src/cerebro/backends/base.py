@@ -1,16 +1,17 @@
 """What every backend does: start workers that hold shards, run units, report events.
 
 A backend knows nothing about search or epochs. The driver sends :class:`Unit` objects naming
-models, a shard and the paths of the models' states; the backend reports :class:`UnitDone` when the
-worker has finished computing (the worker is free again) and, for training units,
-:class:`StateSaved` when the model's new state is written (the model may hop on).
+models, a shard and the paths of the models' state files; the backend reports :class:`UnitDone`
+when the worker has finished computing (the worker is free again) and, for a training unit, the
+members' new states are handed over: any worker can start from them (the model may hop on). It
+reports :class:`StateSaved` later, when a model's state is also written durably to its state file.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, check_int
@@ -21,11 +22,21 @@ from ..techniques.features import FeaturePlan, Materialization
 
 
 @dataclass(frozen=True)
+class Written:
+    """Where a worker wrote a model's new state and how long it took (seconds)."""
+
+    path: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class UnitMember:
     """One model of a unit: the state it starts from and its seeds for this unit.
 
-    ``shuffle_seed`` orders the shard's rows for this model; ``rng_seed`` (deterministic mode)
-    seeds torch before its hop instead of the RNG state it carries.
+    ``state_path`` is the model's durable state file; ``source``, set by a backend that handed
+    the state at ``version`` over in memory, is where the worker reads it instead (None: from
+    the state file). ``shuffle_seed`` orders the shard's rows for this model; ``rng_seed``
+    (deterministic mode) seeds torch before its hop instead of the RNG state it carries.
     """
 
     model_id: int
@@ -34,6 +45,7 @@ class UnitMember:
     version: int
     shuffle_seed: int = 0
     rng_seed: int | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,11 @@ class UnitDone:
     """A worker finished computing a unit (the worker is free again). ``start``/``end`` bound
     the computation (seconds, wall clock); ``load_s`` is the time spent before it bringing the
     models' states in. ``ok=False``: the unit failed (``error`` says why) and no state changed;
-    with ``ok=True`` a member may still have failed alone (its result's ``error``)."""
+    with ``ok=True`` a member may still have failed alone (its result's ``error``).
+
+    For a training unit, each successful member's new state is handed over when this arrives;
+    ``written`` says where the worker wrote each, by model id (a backend's own bookkeeping:
+    empty where states move otherwise)."""
 
     unit_id: int
     worker_id: int
@@ -97,6 +113,10 @@ class UnitDone:
     load_s: float = 0.0
     error: str | None = None
     materialized: tuple[Materialization, ...] = ()  # kept features the unit computed
+    written: dict[int, Written] = field(default_factory=dict)
+    # ok=False because these members' states could not be fetched: lost with another worker
+    # before they were written durably (they go back to their state files).
+    states_lost: tuple[int, ...] = ()
 
     def result(self, model_id: int) -> MemberResult:
         return next(r for r in self.results if r.model_id == model_id)
@@ -118,13 +138,17 @@ class UnitDone:
 
 @dataclass(frozen=True)
 class StateSaved:
-    """The states a training unit produced are written to each member's ``state_path``."""
+    """A model's state at ``version`` is written durably to its state file (``ok``), or could
+    not be (``error`` says why; the state is still handed over in memory). A backend may skip
+    a version whose write had not started when a newer one of the same model came: then only
+    the newer one is reported."""
 
-    unit_id: int
-    worker_id: int
+    model_id: int
+    version: int
     ok: bool
     save_s: float = 0.0
     error: str | None = None
+    path: str = ""  # the state file written (or not)
 
 
 @dataclass(frozen=True)
@@ -150,6 +174,10 @@ class WorkerLost:
     # id since are on its replacement (or will be) and are not lost.
     while_starting: bool = False
 
+    # Models whose newest state only that worker held (not yet in their state files): they go
+    # back to their state files and train the hops since again.
+    states_lost: tuple[int, ...] = ()
+
     @classmethod
     def before_ready(cls, worker_id: int, exitcode: int | None) -> WorkerLost:
         """A worker that died while it started (the backend starts it again)."""
@@ -166,6 +194,17 @@ class Backend(ABC):
     @abstractmethod
     def num_workers(self) -> int:
         """How many workers this backend starts."""
+
+    @property
+    def queue_depth(self) -> int:
+        """How many units a worker may hold at once (running and waiting). A backend whose
+        workers run their units in the order sent may take more than one, so that a worker
+        starts its next unit the moment it finishes one, without a round trip to the driver."""
+        return 1
+
+    def release(self, model_id: int) -> None:  # noqa: B027 - optional hook
+        """The driver will not run ``model_id`` again in this run (it completed, failed or
+        stopped): once its state is durable, what holds it in memory may be freed."""
 
     def validate(self, num_shards: int) -> None:  # noqa: B027 - optional hook
         """Raise ConfigError before any work starts if this backend cannot run the dataset."""
@@ -193,7 +232,7 @@ class Backend(ABC):
 
     @abstractmethod
     def submit(self, unit: Unit) -> None:
-        """Send a unit to ``unit.worker_id`` (which must be idle)."""
+        """Send a unit to ``unit.worker_id`` (which holds fewer than :attr:`queue_depth`)."""
 
     @abstractmethod
     def poll(self, timeout: float) -> list[Event]:

@@ -3,13 +3,16 @@
 Each worker is a separate process that loads its shards once and keeps them for the whole run.
 Workers are forked from cerebro's template process (:mod:`.process_template`), never started by
 importing the user's main module, so plain scripts, ``python -``/``-c``, IPython and notebooks
-all work. Model states move between workers as files under the experiment's checkpoint folder,
-written atomically; data never moves.
+all work. Data never moves; model states move between workers through handover files in shared
+memory, and a thread of the driver's process copies each to the model's durable state file
+behind them (see :mod:`.handover`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import multiprocessing.connection as mp_connection
 import os
 import signal
@@ -28,6 +31,7 @@ from .allocator import tune_malloc_for_training
 from .base import (
     Backend,
     Event,
+    StateSaved,
     Unit,
     UnitDone,
     WorkerInfo,
@@ -35,6 +39,7 @@ from .base import (
     check_worker_options,
     check_workers_fit_shards,
 )
+from .handover import DurableWriter, HandoverFolder, write_states
 from .process_template import ProcessTemplate, WorkerProcess, join_all
 from .shipping import pickle_build
 from .watchdog import HEARTBEAT_S, Watchdog, check_worker_timeout
@@ -61,6 +66,9 @@ class LocalBackend(Backend):
         worker_timeout: seconds a worker running a unit may go without a heartbeat (workers
             send one every second) before it is declared lost, killed and replaced, and its unit
             run again. Default: the longer of 30 s and 3x the longest unit so far.
+        handover_mb: shared memory (``/dev/shm``; MiB) that states handed from worker to worker
+            may take at once. A state that does not fit goes through its file on disk instead
+            (a slower hop). Default: half of ``/dev/shm``. 0: every state goes through its file.
 
     Example:
         >>> backend = cerebro.LocalBackend(workers=2)                    # doctest: +SKIP
@@ -74,8 +82,11 @@ class LocalBackend(Backend):
         threads_per_worker: int | None = None,
         model_cache_mb: int = 1024,
         worker_timeout: float | None = None,
+        handover_mb: int | None = None,
     ) -> None:
         check_int("workers", workers, minimum=1)
+        check_int("handover_mb", handover_mb, minimum=0, unit="MiB", allow_none=True)
+        self.handover_mb = handover_mb
         self.devices = _check_devices(devices)
         check_worker_options(threads_per_worker, model_cache_mb)
         self.workers = workers
@@ -87,6 +98,12 @@ class LocalBackend(Backend):
         self._pending: list[Event] = []
         self._watchdog = Watchdog(self.worker_timeout)
         self._busy: set[int] = set()  # workers running a unit
+        self._running: dict[int, collections.deque[Unit]] = {}  # by worker, in order sent
+        self._handover: HandoverFolder | None = None
+        self._writer: DurableWriter | None = None
+        self._saved: list[StateSaved] = []  # reported by the writer's thread
+        self._saved_lock = threading.Lock()
+        self._wake_r, self._wake_w = -1, -1  # the writer wakes poll() through this pipe
 
     @property
     def num_workers(self) -> int:
@@ -108,6 +125,7 @@ class LocalBackend(Backend):
         state_dir: str | None = None,  # on this machine: the experiment already checked it
     ) -> list[WorkerInfo]:
         payload = pickle_build(build)
+        self._open_handover()
         self._configs = [
             WorkerConfig(
                 worker_id=worker_id,
@@ -119,6 +137,8 @@ class LocalBackend(Backend):
                 threads=self.threads_per_worker if not deterministic else self._fixed_threads,
                 model_cache_mb=self.model_cache_mb,
                 deterministic=deterministic,
+                handover_dir=self._handover.path if self._handover else None,
+                handover_budget=self._handover.budget if self._handover else 0,
             )
             for worker_id in range(self.workers)
         ]
@@ -131,6 +151,35 @@ class LocalBackend(Backend):
             self.shutdown(graceful=False)
             raise
         return [infos[w] for w in sorted(infos)]
+
+    def _open_handover(self) -> None:
+        self._close_handover(drain_s=0)  # a backend started again: a fresh folder
+        if self.handover_mb != 0:
+            self._handover = HandoverFolder(self.handover_mb)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._writer = DurableWriter(self._durable)
+
+    def _durable(self, saved: StateSaved) -> None:
+        """From the writer's thread: a durable copy is written (or failed)."""
+        with self._saved_lock:
+            self._saved.append(saved)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _close_handover(self, drain_s: float) -> None:
+        if self._writer is not None:
+            self._writer.drain(drain_s)
+            self._writer.close()
+            self._writer = None
+        if self._handover is not None:
+            self._handover.close()
+            self._handover = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def _launch(self, worker_id: int) -> None:
         # One duplex pipe per worker, for units one way and events the other: a worker that
@@ -147,6 +196,8 @@ class LocalBackend(Backend):
         watched = [w for w in range(self.workers) if w not in ignore]
         handles: list[Any] = [self._processes[w].conn for w in watched]
         handles += [p.sentinel for w in watched if (p := self._processes[w]).sentinel is not None]
+        if self._wake_r >= 0:
+            handles.append(self._wake_r)
         mp_connection.wait(handles, timeout)
         messages: list[tuple[int, Any]] = []
         dead: set[int] = set()
@@ -160,6 +211,7 @@ class LocalBackend(Backend):
                     if isinstance(message, UnitDone):
                         self._busy.discard(worker_id)
                         self._watchdog.unit_took(message.end - message.start)
+                        self._handed_over(worker_id, message)
                     if not isinstance(message, _Heartbeat):
                         messages.append((worker_id, message))
             except (EOFError, OSError):
@@ -206,7 +258,52 @@ class LocalBackend(Backend):
                 raise WorkerError("workers did not start in time")
         return infos, others
 
+    def _handed_over(self, worker_id: int, done: UnitDone) -> None:
+        """A unit's new states are in their handover files: have them copied to the state
+        files (a state written straight to its state file is durable already)."""
+        running = self._running.get(worker_id)
+        unit = running.popleft() if running else None
+        if running:
+            self._busy.add(worker_id)  # it starts the next unit it holds at once
+        if unit is None or self._writer is None:
+            return
+        for member in unit.members:
+            written = done.written.get(member.model_id)
+            if written is None:
+                continue
+            version = member.version + 1
+            if written.path == member.state_path:
+                saved = StateSaved(
+                    member.model_id, version, True, written.seconds, path=written.path
+                )
+                with self._saved_lock:
+                    self._saved.append(saved)
+            else:
+                self._writer.handed_over(member.model_id, version, written.path, member.state_path)
+
+    def _forget_outputs(self, unit: Unit) -> None:
+        if self._writer is not None:
+            for member in unit.members:
+                self._writer.forget(member.model_id, member.version + 1)
+
+    def _take_saved(self) -> list[Event]:
+        if self._wake_r >= 0:
+            with contextlib.suppress(OSError):
+                while os.read(self._wake_r, 4096):
+                    pass
+        with self._saved_lock:
+            saved: list[Event] = list(self._saved)
+            self._saved.clear()
+        return saved
+
     def submit(self, unit: Unit) -> None:
+        if self._writer is not None:  # members whose state is handed over start from there
+            members = tuple(
+                dataclasses.replace(m, source=self._writer.newest(m.model_id, m.version))
+                for m in unit.members
+            )
+            unit = dataclasses.replace(unit, members=members)
+        self._running.setdefault(unit.worker_id, collections.deque()).append(unit)
         self._busy.add(unit.worker_id)
         self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
         # A worker that died since the last poll: the next poll reports it lost, with this unit.
@@ -218,6 +315,7 @@ class LocalBackend(Backend):
         self._pending = []
         messages, dead = self._receive(0 if events else timeout, ignore=set())
         events += [message for _, message in messages]  # what a dead worker sent comes first
+        events += self._take_saved()
         stuck = set(self._watchdog.silent(self._busy, time.monotonic())) - dead
         for worker_id in sorted(dead | stuck):
             process = self._processes[worker_id]
@@ -226,11 +324,21 @@ class LocalBackend(Backend):
             exitcode = process.exitcode
             process.close()
             self._busy.discard(worker_id)
+            for unit in self._running.pop(worker_id, ()):  # what it may have half-written
+                self._forget_outputs(unit)
             self._launch(worker_id)
             _, others = self._await_ready({worker_id})
             reason = self._watchdog.stuck_reason if worker_id in stuck else "exited"
             events += [*others, WorkerLost(worker_id, exitcode, reason)]
         return events
+
+    @property
+    def queue_depth(self) -> int:
+        return 2  # a worker's pipe keeps the order: one unit running, the next one waiting
+
+    def release(self, model_id: int) -> None:
+        if self._writer is not None:
+            self._writer.release(model_id)
 
     def pids(self) -> list[int]:
         """Process ids of the current workers (those started so far, while starting)."""
@@ -249,6 +357,9 @@ class LocalBackend(Backend):
             process.kill()  # still running after the wait: stopped now
             process.close()
         self._processes = {}
+        self._running = {}
+        # Copies still waiting are memory to disk: finish them, so a resume has less to redo.
+        self._close_handover(drain_s=300 if graceful else 30)
 
     def __repr__(self) -> str:
         return f"LocalBackend(workers={self.workers}, devices={self.devices})"
@@ -312,8 +423,6 @@ def worker_main(conn: mp_connection.Connection) -> None:
         return
     send(runtime.info)
     threading.Thread(target=_beat, args=(send,), daemon=True, name="cerebro-heartbeat").start()
-    # State writes run on a thread so the worker starts its next unit while they finish.
-    saves: list[threading.Thread] = []
     while True:
         try:
             unit = conn.recv()
@@ -321,15 +430,28 @@ def worker_main(conn: mp_connection.Connection) -> None:
             break
         if unit is None:
             break
-        done, save = runtime.run(unit)
+        done, snapshots = runtime.run(unit)
+        if snapshots:
+            done = _hand_over(runtime, unit, done, snapshots, config)
         send(done)
-        if save is not None:
-            thread = threading.Thread(target=lambda s=save: send(s()), daemon=True)
-            thread.start()
-            saves.append(thread)
-            saves = [t for t in saves if t.is_alive()]
-    for thread in saves:
-        thread.join()
+
+
+def _hand_over(
+    runtime: WorkerRuntime,
+    unit: Unit,
+    done: UnitDone,
+    snapshots: dict[int, dict[str, Any]],
+    config: WorkerConfig,
+) -> UnitDone:
+    """Write a training unit's new states where the next worker reads them, before the unit
+    is reported done (so the model may hop on at once)."""
+    try:
+        written = write_states(unit, snapshots, config.handover_dir, config.handover_budget)
+    except Exception:
+        runtime.forget(unit.model_ids)  # its objects are ahead of every state written
+        error = f"writing the new states failed:\n{traceback.format_exc()}"
+        return UnitDone(unit.unit_id, runtime.worker_id, ok=False, error=error)
+    return dataclasses.replace(done, written=written)
 
 
 def _beat(send: Callable[[Any], None]) -> None:

@@ -7,12 +7,13 @@ Each actor loads its shards once, like a local worker process, and runs the same
   CPUs and GPUs. Before any actor starts, a probe on every node checks which shards it can read
   at the dataset's path, and that it can write the experiment's checkpoint folder. Shards that
   only some nodes hold (node-local disks) go to workers on those nodes.
-- **States through the object store.** After a training unit, the actor publishes the model's
+- **States through the object store.** After a training unit, the actor publishes each model's
   new state in Ray's object store (tensors as numpy arrays, which Ray stores without pickling)
-  and writes it to the model's state file. The state file is the durable copy that checkpoints
-  and recovery use. The next worker to train the model reads the state from the object store,
-  node to node, never through the driver. It reads the file only when the object is gone (its
-  node was lost).
+  before it reports the unit done; the next worker to train the model reads it from there, node
+  to node, never through the driver. A thread of the actor then writes the published copy to
+  the model's state file, the durable copy that checkpoints and recovery use. A state lost with
+  its actor before it was written is reported (``states_lost``): the model goes back to its
+  state file.
 - **Recovery.** A worker whose actor or node dies is replaced by a new actor with the same
   shards, on the same node if it is alive, otherwise on another node that has room and can read
   them. The driver then re-runs the interrupted units, exactly as with local workers.
@@ -24,11 +25,13 @@ created.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import training
 from ..errors import ConfigError, WorkerError, check_int, check_number
-from ..kinds import UnitKind
 from .allocator import tune_malloc_for_training
 from .base import (
     Backend,
@@ -49,6 +52,7 @@ from .base import (
     UnitDone,
     WorkerInfo,
     WorkerLost,
+    Written,
     check_worker_options,
     check_workers_fit_shards,
 )
@@ -138,7 +142,10 @@ class RayBackend(Backend):
         self._pending: dict[
             Any, tuple[str, int, int, Unit]
         ] = {}  # ref -> (what, worker, gen, unit)
-        self._states: dict[int, tuple[int, Any]] = {}  # model -> (version, object ref)
+        # model -> (version, object ref, worker that published it); and its newest version
+        # known to be in its state file
+        self._states: dict[int, tuple[int, Any, int]] = {}
+        self._durable: dict[int, int] = {}
 
     # Cluster -----------------------------------------------------------------------------------
 
@@ -350,6 +357,8 @@ class RayBackend(Backend):
             published = self._states.get(member.model_id)
             if published and published[0] == member.version:
                 refs[member.model_id] = published[1]
+            elif published:  # a newer state file (an exploit, a rollback): that is the one
+                del self._states[member.model_id]
         ref = placed.actor.run.remote(unit, refs)
         self._pending[ref] = ("run", unit.worker_id, placed.generation, unit)
         self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
@@ -378,26 +387,35 @@ class RayBackend(Backend):
                 dead.add(worker_id)
                 continue
             if what == "run":
-                events.append(value)
-                self._watchdog.unit_took(value.end - value.start)
-                if value.ok and unit.kind is UnitKind.TRAIN:
-                    placed = self._workers[worker_id]
-                    saved_ref = placed.actor.saved.remote(unit.unit_id)
-                    self._pending[saved_ref] = ("saved", worker_id, generation, unit)
-            else:
-                saved, published = value
-                for member in unit.members:  # published holds refs only of states saved
+                done, published = value
+                events.append(done)
+                self._watchdog.unit_took(done.end - done.start)
+                for member in unit.members:
+                    version = member.version + 1
                     if member.model_id in published:
                         self._states[member.model_id] = (
-                            member.version + 1,
-                            published[member.model_id],
-                        )
-                events.append(saved)
+                            version, published[member.model_id], worker_id
+                        )  # fmt: skip
+                    if (written := done.written.get(member.model_id)) is not None:
+                        # Not published (object store full, say): written to its file at once.
+                        events.append(self._saved(StateSaved(
+                            member.model_id, version, True, written.seconds, path=written.path
+                        )))  # fmt: skip
+                if published:
+                    saved_ref = self._workers[worker_id].actor.saved.remote(unit.unit_id)
+                    self._pending[saved_ref] = ("saved", worker_id, generation, unit)
+            else:
+                events += [self._saved(saved) for saved in value]
         for worker_id in sorted(dead):
             events.append(self._replace(worker_id))
         for worker_id in self._stuck() - dead:
             events.append(self._replace(worker_id, self._watchdog.stuck_reason))
         return events
+
+    def _saved(self, saved: StateSaved) -> StateSaved:
+        if saved.ok:
+            self._durable[saved.model_id] = max(self._durable.get(saved.model_id, 0), saved.version)
+        return saved
 
     def _stuck(self) -> set[int]:
         """Busy workers whose heartbeat calls (answered by another of the actor's threads
@@ -427,6 +445,17 @@ class RayBackend(Backend):
         for ref in [r for r, p in self._pending.items() if p[1] == worker_id]:
             del self._pending[ref]
         self._beats.pop(worker_id, None)
+        # States it published are gone with it (it owned them): those not yet in their state
+        # files are lost.
+        lost = tuple(
+            sorted(
+                model_id
+                for model_id, (version, _, by) in self._states.items()
+                if by == worker_id and self._durable.get(model_id, 0) < version
+            )
+        )
+        for model_id in [m for m, (_, _, by) in self._states.items() if by == worker_id]:
+            del self._states[model_id]
         # Ray learns that a node died some seconds after the node's actors: a replacement placed
         # on it fails to start, and the next candidate is tried.
         failed: set[str] = set()
@@ -440,7 +469,7 @@ class RayBackend(Backend):
                 if len(failed) >= 3:
                     raise
                 continue
-            return WorkerLost(worker_id, exitcode=None, reason=reason)
+            return WorkerLost(worker_id, exitcode=None, reason=reason, states_lost=lost)
 
     def _replacement_node(self, worker_id: int, previous: str, failed: set[str]) -> str:
         """The dead worker's node if it is alive, else another that has room and its shards."""
@@ -482,14 +511,15 @@ class RayBackend(Backend):
     def shutdown(self, graceful: bool = True) -> None:
         import ray
 
-        if graceful:
-            saves = [r for r, p in self._pending.items() if p[0] == "saved"]
-            with contextlib.suppress(ray.exceptions.RayError):
-                ray.wait(saves, num_returns=len(saves), timeout=30)
+        # State files still being written: finished first (also after an error, so a resume
+        # has less to train again).
+        saves = [r for r, p in self._pending.items() if p[0] == "saved"]
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.wait(saves, num_returns=len(saves), timeout=300 if graceful else 30)
         for placed in self._workers:
             with contextlib.suppress(Exception):
                 ray.kill(placed.actor)
-        self._workers, self._pending, self._states = [], {}, {}
+        self._workers, self._pending, self._states, self._durable = [], {}, {}, {}
 
     def __repr__(self) -> str:
         return (
@@ -518,13 +548,14 @@ class _Placed:
 
 class _WorkerActor:
     """A worker: its shards in memory, units run by a :class:`WorkerRuntime`. Each training unit's
-    state is published in the object store and written to its state file off the unit's path."""
+    new states are published in the object store before the unit is reported done, then written
+    to their state files from there by a thread (off the unit's path)."""
 
     def __init__(self, config: WorkerConfig) -> None:
         tune_malloc_for_training()
-        self.runtime = _PublishingRuntime(config)
+        self.runtime = WorkerRuntime(config)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerebro-save")
-        self._saves: dict[int, Future[StateSaved]] = {}
+        self._saves: dict[int, Future[list[StateSaved]]] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
@@ -533,11 +564,12 @@ class _WorkerActor:
     def heartbeat(self) -> None:
         """Answered by another thread while a unit runs: only a stuck process stays silent."""
 
-    def run(self, unit: Unit, published: dict[int, Any]) -> UnitDone:
+    def run(self, unit: Unit, published: dict[int, Any]) -> tuple[UnitDone, dict[int, Any]]:
+        """Run a unit; returns its result and the refs of the new states it published."""
         import ray
 
         received = time.time()
-        states = {}
+        states, unfetched = {}, []
         for member in unit.members:
             if member.model_id in published and self.runtime.needs_state(member):
                 try:
@@ -546,49 +578,55 @@ class _WorkerActor:
                         ray.get(ref, timeout=_FETCH_TIMEOUT_S)
                     )
                 except ray.exceptions.RayError:
-                    pass  # lost with its node: the state file holds the same state
-        done, save = self.runtime.run(unit, states, received)
-        if save is not None:
+                    unfetched.append(member.model_id)  # lost with its actor: try the file
+        done, snapshots = self.runtime.run(unit, states, received)
+        if not done.ok and unfetched:  # the file did not hold that version either
+            return dataclasses.replace(done, states_lost=tuple(unfetched)), {}
+        refs: dict[int, Any] = {}
+        written: dict[int, Written] = {}
+        for member in unit.members:
+            snapshot = snapshots.get(member.model_id)
+            if snapshot is None:
+                continue
+            try:
+                refs[member.model_id] = ray.put(to_object_store(snapshot))
+            except (ray.exceptions.RayError, MemoryError):
+                # Not published (object store full, say): it hops through its state file.
+                began = time.perf_counter()
+                training.save_state(snapshot, member.state_path)
+                written[member.model_id] = Written(member.state_path, time.perf_counter() - began)
+        if refs:
             with self._lock:
-                self._saves[unit.unit_id] = self._writer.submit(save)
-        return done
+                self._saves[unit.unit_id] = self._writer.submit(_write_published, unit, refs)
+        return dataclasses.replace(done, written=written), refs
 
-    def saved(self, unit_id: int) -> tuple[StateSaved, dict[int, Any]]:
-        """Wait for a unit's states to be published and written; the refs of those published,
-        by model id."""
+    def saved(self, unit_id: int) -> list[StateSaved]:
+        """Wait for a unit's published states to be written to their state files."""
         with self._lock:
             future = self._saves.pop(unit_id)
-        saved = future.result()
-        refs = self.runtime.published.pop(unit_id, {})
-        return saved, refs if saved.ok else {}
+        return future.result()
 
 
-class _PublishingRuntime(WorkerRuntime):
-    """A worker runtime whose state writes also put the state in Ray's object store."""
+def _write_published(unit: Unit, refs: dict[int, Any]) -> list[StateSaved]:
+    """Write each published state to its model's state file, from the object store's copy: the
+    model's own tensors may be training on in the next unit already."""
+    import ray
 
-    def __init__(self, config: WorkerConfig) -> None:
-        super().__init__(config)
-        # unit id -> {model id: ref of the state the unit produced for it}
-        self.published: dict[int, dict[int, Any]] = {}
-
-    def save_job(
-        self, unit: Unit, snapshots: dict[int, dict[str, Any]]
-    ) -> Callable[[], StateSaved]:
-        import ray
-
-        write = super().save_job(unit, snapshots)
-
-        def publish_and_write() -> StateSaved:
-            # Published first: the copy into the object store is fast, the file write slower.
-            # A state that cannot be published (object store full, say) hops through its file.
-            refs = {}
-            for model_id, snapshot in snapshots.items():
-                with contextlib.suppress(ray.exceptions.RayError, MemoryError):
-                    refs[model_id] = ray.put(to_object_store(snapshot))
-            self.published[unit.unit_id] = refs
-            return write()
-
-        return publish_and_write
+    saved = []
+    for member in unit.members:
+        if member.model_id not in refs:
+            continue
+        version, path = member.version + 1, member.state_path
+        began = time.perf_counter()
+        try:
+            training.save_state(from_object_store(ray.get(refs[member.model_id])), path)
+        except Exception:
+            error = traceback.format_exc()
+            saved.append(StateSaved(member.model_id, version, False, error=error, path=path))
+            continue
+        took = time.perf_counter() - began
+        saved.append(StateSaved(member.model_id, version, True, took, path=path))
+    return saved
 
 
 # Nodes and placement -----------------------------------------------------------------------------

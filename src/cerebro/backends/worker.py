@@ -1,6 +1,6 @@
 """The worker's side of MOP, shared by every backend: it keeps its shards in memory, brings
 each model of a unit in, has the unit's runner (:mod:`cerebro.techniques`) train or evaluate
-them, and hands back a job that writes their new states.
+them, and hands back their new states (each backend moves them on its own way).
 
 Models a worker trained recently stay built in memory (an LRU cache), so a model that comes back
 to the same worker with no hop elsewhere in between starts without reading its state.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from ..techniques import runner_for
 from ..techniques.base import MemberSeeds, ModelInHand, Outcome
 from ..techniques.features import Materialization
 from ..techniques.materialized import FeatureStore
-from .base import MemberResult, StateSaved, Unit, UnitDone, UnitMember, WorkerInfo
+from .base import MemberResult, Unit, UnitDone, UnitMember, WorkerInfo
 from .shipping import load_build
 
 _in_worker = False
@@ -52,6 +51,8 @@ class WorkerConfig:
         model_cache_mb: memory for models kept built between their hops (least recently used
             ones go first; the model in use always stays).
         deterministic: use torch's deterministic algorithms.
+        handover_dir: where the worker writes new states for the next worker (None: straight
+            to their state files); ``handover_budget``: the most bytes that folder may hold.
     """
 
     worker_id: int
@@ -62,6 +63,8 @@ class WorkerConfig:
     threads: int | None
     model_cache_mb: int
     deterministic: bool = False
+    handover_dir: str | None = None
+    handover_budget: int = 0
 
 
 class WorkerRuntime:
@@ -114,14 +117,16 @@ class WorkerRuntime:
         unit: Unit,
         states: dict[int, dict[str, Any]] | None = None,
         received: float | None = None,
-    ) -> tuple[UnitDone, Callable[[], StateSaved] | None]:
-        """Run one unit with its technique's runner. Returns its result and, for training
-        units, the job writing every member's new state.
+    ) -> tuple[UnitDone, dict[int, dict[str, Any]]]:
+        """Run one unit with its technique's runner. Returns its result and, for a training
+        unit, each successful member's new state by model id (tensors on the CPU, referencing
+        the worker's own: write or copy them before the next unit).
 
         ``states``: members' states at their unit versions that the backend already has (from
-        an object store, say), by model id; the others are read from their ``state_path`` when
-        needed. ``received``: when the unit reached the worker (``time.time()``), if the backend
-        spent time fetching ``states`` before this call; the hop's ``load_s`` counts from there.
+        an object store, say), by model id; the others are read from their ``source`` (else
+        their ``state_path``) when needed. ``received``: when the unit reached the worker
+        (``time.time()``), if the backend spent time fetching ``states`` before this call; the
+        hop's ``load_s`` counts from there.
         """
         received = received or time.time()
         states = states or {}
@@ -166,9 +171,8 @@ class WorkerRuntime:
             for result in done.results:
                 if not result.ok:  # its objects may hold non-finite values: built again later
                     self._cache.pop(result.model_id, None)
-            save = None
+            snapshots: dict[int, dict[str, Any]] = {}
             if unit.kind is UnitKind.TRAIN:
-                snapshots = {}
                 for member, model in zip(unit.members, models, strict=True):
                     if not done.result(member.model_id).ok:
                         continue  # failed alone: its last saved state stays
@@ -185,7 +189,6 @@ class WorkerRuntime:
                     # The optimizer state may have just been created: measured again.
                     model.nbytes = _nbytes(model.spec)
                 self._evict(in_unit)
-                save = self.save_job(unit, snapshots)
         except Exception:
             # The models' objects may be half-updated: forget them, the last saved states are
             # intact.
@@ -193,8 +196,13 @@ class WorkerRuntime:
                 self._cache.pop(member.model_id, None)
             return UnitDone(
                 unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
-            ), None
-        return done, save
+            ), {}
+        return done, snapshots
+
+    def forget(self, model_ids: tuple[int, ...]) -> None:
+        """Drop these models from the cache (their objects no longer match a saved state)."""
+        for model_id in model_ids:
+            self._cache.pop(model_id, None)
 
     def _bring_in(
         self, member: UnitMember, state: dict[str, Any] | None, in_unit: frozenset[int]
@@ -209,12 +217,13 @@ class WorkerRuntime:
             spec = training.build_spec(self.build, member.params, init_seed=None).to(self.device)
         else:
             spec = entry.spec
+        source = member.source or member.state_path
         if state is None:
-            state = training.load_state(member.state_path)
+            state = training.load_state(source)
         counters = Counters.from_dict(state["counters"])
         if counters.version != member.version:
             raise RuntimeError(
-                f"state of model {member.model_id} at {member.state_path} is version "
+                f"state of model {member.model_id} at {source} is version "
                 f"{counters.version}, expected {member.version}"
             )
         training.restore_state(spec, state, self.device)
@@ -235,28 +244,6 @@ class WorkerRuntime:
             if total <= self.cache_budget:
                 break
             total -= self._cache.pop(model_id).nbytes
-
-    def save_job(
-        self, unit: Unit, snapshots: dict[int, dict[str, Any]]
-    ) -> Callable[[], StateSaved]:
-        """The job that writes a training unit's new states, each to its member's
-        ``state_path`` (run by the backend, off the unit's critical path). Backends may wrap
-        it to publish the states too."""
-        paths = {m.model_id: m.state_path for m in unit.members}
-
-        def save() -> StateSaved:
-            began = time.time()
-            try:
-                for model_id, snapshot in snapshots.items():
-                    training.save_state(snapshot, paths[model_id])
-            except Exception:
-                # The cache belongs to the main thread; the driver fails these models anyway.
-                return StateSaved(
-                    unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
-                )
-            return StateSaved(unit.unit_id, self.worker_id, ok=True, save_s=time.time() - began)
-
-        return save
 
 
 def _member_result(model_id: int, outcome: Outcome) -> MemberResult:

@@ -4,6 +4,11 @@ A model's life: for each epoch, one training hop on every training shard (order 
 MOP scheduler), then one evaluation pass on every non-empty validation shard, then its epoch
 metrics are recorded and it starts the next epoch at once (no barrier with other models).
 
+A model hops on as soon as its unit is done: its new state is handed over in memory while the
+backend writes it to the state file behind it. ``durable_lag`` bounds how many hops the current
+version may run ahead of the state file (what a crash of the whole run can cost), and an epoch
+ends only on a durable state, so epoch checkpoints, PBT, resume and results always read one.
+
 A run is one recipe: :meth:`Driver.prepare` (build the first proposals, write nothing),
 :meth:`Driver.restore` (a recorded experiment's models back at their last hop),
 :meth:`Driver.start_workers`, then :meth:`Driver.run` (the loop, then finish). The parts each
@@ -34,13 +39,14 @@ from ..techniques import Technique
 from ..techniques.features import FeaturePlan
 from ..trackers import Standing, Tracker
 from .building import ModelBuilder
+from .durability import Durability
 from .grouping import Fusion, Grouping
 from .identity import Fingerprints
 from .lifecycle import Lifecycle, Proposal
 from .materializing import FeaturePlanner, Materialize
-from .recovery import UNUSABLE_STATE, Recovery
+from .recovery import Recovery
 from .requests import RequestApplier
-from .roster import ModelRun, Roster
+from .roster import ModelRun, Roster, SplitSums
 from .scheduler import WorkerSlot, place_shards, schedule
 
 _POLL_S = 0.5
@@ -68,6 +74,7 @@ class RunConfig:
     fusion: Fusion | None = None  # None: every unit trains one model
     materialize: Materialize | None = None  # None: frozen prefixes run on every batch
     features_dir: str = ""  # where workers keep frozen prefixes' outputs
+    durable_lag: int = 2  # hops a model's current state may run ahead of its state file
 
     @property
     def search_epochs(self) -> int | None:
@@ -128,9 +135,10 @@ class Driver:
             features,
         )
         self.requests = RequestApplier(self.roster, self.lifecycle, self.builder, config.seed)
+        self.lifecycle.at_rest = backend.release
         self.in_flight: dict[int, Unit] = {}
-        self._computed: set[int] = set()  # in-flight training units whose UnitDone arrived
-        self.busy_workers: set[int] = set()
+        self.durability = Durability(config.durable_lag)
+        self.units_held: dict[int, int] = {}  # by worker: units sent and not yet done
         self.workers: list[WorkerInfo] = []
         self._next_unit = 0
 
@@ -222,11 +230,13 @@ class Driver:
                 trials = self.roster.trials()
                 if not self.config.search.is_finished(trials):
                     self.lifecycle.add(self.lifecycle.propose(strict=False, trials=trials))
-            workers = self._worker_slots()
-            idle = sum(not w.busy for w in workers)
-            for assignment in schedule(self.roster.slots(idle), workers):
-                self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
-            if not self.in_flight:
+            # Idle workers first; then each gets a next unit to start the moment it is done.
+            for depth in range(1, self.backend.queue_depth + 1):
+                workers = self._worker_slots(depth)
+                idle = sum(not w.busy for w in workers)
+                for assignment in schedule(self.roster.slots(idle), workers):
+                    self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
+            if not self.in_flight and not self.durability.awaited:
                 if self.roster.changed or self.roster.schedulable():
                     continue
                 if self.lifecycle.prune_waiting():  # nothing else can change what they wait for
@@ -235,14 +245,17 @@ class Driver:
                 if self.roster.changed or self.roster.schedulable():
                     continue
                 return
-            for event in self.backend.poll(_POLL_S):
-                self._handle(event)
+            events = self.backend.poll(_POLL_S)
+            with self.store.batch():  # one commit for the records of every event
+                for event in events:
+                    self._handle(event)
             self.keeper.record_ready()
             self._show_standings()
 
-    def _worker_slots(self) -> list[WorkerSlot]:
+    def _worker_slots(self, depth: int) -> list[WorkerSlot]:
+        """The workers, those holding ``depth`` units or more busy."""
         return [
-            WorkerSlot(w.worker_id, w.shards, w.worker_id in self.busy_workers)
+            WorkerSlot(w.worker_id, w.shards, self.units_held.get(w.worker_id, 0) >= depth)
             for w in self.workers
         ]
 
@@ -269,7 +282,7 @@ class Driver:
                     ),
                 )
             )
-        self.busy_workers.add(worker_id)
+        self.units_held[worker_id] = self.units_held.get(worker_id, 0) + 1
         technique, plan = self._technique(first)
         unit = Unit(
             unit_id=self._next_unit,
@@ -302,25 +315,30 @@ class Driver:
     def _handle(self, event: UnitDone | StateSaved | WorkerLost) -> None:
         if isinstance(event, WorkerLost):
             self._worker_lost(event)
-        elif event.unit_id not in self.in_flight:
-            return  # a unit already given up with its worker
-        elif isinstance(event, UnitDone):
-            self._unit_done(self.in_flight[event.unit_id], event)
-        else:
-            self._state_saved(self.in_flight.pop(event.unit_id), event)
+        elif isinstance(event, StateSaved):
+            self._state_saved(event)
+        elif event.unit_id in self.in_flight:  # else given up with its worker already
+            self._unit_done(self.in_flight.pop(event.unit_id), event)
 
     def _unit_done(self, unit: Unit, event: UnitDone) -> None:
-        """The worker is free: record each member's hop; an evaluation pass is over."""
-        self.busy_workers.discard(unit.worker_id)
+        """The worker is free: record each member's hop; its new state is handed over, so it
+        hops on (or waits for its state file, at the lag bound or an epoch's end)."""
+        self.units_held[unit.worker_id] -= 1
         self.tracker.unit_done(unit.model_ids)
         if not event.ok:
-            self.in_flight.pop(unit.unit_id)
             for model in self._members(unit):
                 model.units_done += 1
-                self.lifecycle.fail(
-                    model, f"{unit.kind} unit on shard {unit.shard} failed:\n{event.error}"
-                )
-                self.requests.unit_over(model)
+                if model.model_id in event.states_lost:  # its state was lost with a worker
+                    self._roll_back(model)
+                elif event.states_lost:  # not its fault: it runs the shard again
+                    model.busy = False
+                    model.remaining.insert(0, unit.shard)
+                    self.requests.unit_over(model)
+                else:
+                    self.lifecycle.fail(
+                        model, f"{unit.kind} unit on shard {unit.shard} failed:\n{event.error}"
+                    )
+                    self.requests.unit_over(model)
             return
         for model in self._members(unit):
             model.units_done += 1
@@ -339,41 +357,62 @@ class Driver:
             self.store.add_event(
                 EventKind.MATERIALIZED.value, **dataclasses.asdict(made), worker=event.worker_id
             )
-        if unit.kind is UnitKind.TRAIN:
-            self._computed.add(unit.unit_id)  # its states are still being written
-            return
-        self.in_flight.pop(unit.unit_id)
-        for model in self._members(unit):
-            if event.result(model.model_id).ok:
-                self._unit_over(model, unit)
-
-    def _state_saved(self, unit: Unit, event: StateSaved) -> None:
-        """A training unit's new states are written: its models may hop on."""
-        self._computed.discard(unit.unit_id)
+        waiting = []
         for model, member in zip(self._members(unit), unit.members, strict=True):
-            if model.status is ModelStatus.FAILED:
-                continue  # failed (alone in the unit, say): nothing of it was saved
-            if not event.ok:
-                self.store.delete_hop(model.model_id, unit.epoch, UnitKind.TRAIN.value, unit.shard)
-                self.lifecycle.fail(
-                    model, f"saving the state after shard {unit.shard} failed:\n{event.error}"
-                )
-                self.requests.unit_over(model)
+            if not event.result(model.model_id).ok:
                 continue
-            self.store.set_hop_save_time(model.model_id, unit.epoch, unit.shard, event.save_s)
+            if unit.kind is UnitKind.EVAL:
+                self._unit_over(model, unit.worker_id)
+                continue
             model.version = member.version + 1
-            self._unit_over(model, unit)
+            self.durability.handed_over(model.model_id, model.version, unit.epoch, unit.shard)
+            if self.durability.must_wait(model, end_of_epoch=not model.remaining):
+                model.waiting = unit.worker_id  # busy until its state file catches up
+                waiting.append(model)
+            else:
+                self._unit_over(model, unit.worker_id)
+        for model in waiting:
+            model.waiting_with = tuple(m.model_id for m in waiting)
 
-    def _unit_over(self, model: ModelRun, unit: Unit) -> None:
-        self.lifecycle.unit_finished(model, unit.worker_id)
+    def _state_saved(self, event: StateSaved) -> None:
+        """A model's state file now holds ``event.version`` (or could not be written)."""
+        model = self.roster[event.model_id]
+        hop = self.durability.saved(event)
+        if event.ok:
+            model.durable_version = max(model.durable_version, event.version)
+            self.store.set_durable_version(model.model_id, model.durable_version)
+            if hop is not None:
+                self.store.set_hop_save_time(model.model_id, *hop, event.save_s)
+        if model.waiting is None or model.status is ModelStatus.FAILED:
+            return
+        if not event.ok and model.durable_version < model.version:
+            raise self.durability.bound_reached(model, event)
+        self._release(model)
+
+    def _release(self, model: ModelRun) -> None:
+        """Waiting models of one unit go on together once all their state files are written:
+        they stay one bundle, and a search decides on their epochs at one time, as it would
+        have without the wait (deterministic mode's results do not depend on write timing)."""
+        unit = [self.roster[i] for i in model.waiting_with] or [model]
+        unit = [m for m in unit if m.waiting is not None and m.status is not ModelStatus.FAILED]
+        if any(self.durability.must_wait(m, end_of_epoch=not m.remaining) for m in unit):
+            return
+        for member in unit:
+            assert member.waiting is not None
+            worker, member.waiting, member.waiting_with = member.waiting, None, ()
+            self._unit_over(member, worker)
+
+    def _unit_over(self, model: ModelRun, worker_id: int) -> None:
+        self.lifecycle.unit_finished(model, worker_id)
         self.requests.unit_over(model)
 
     def _members(self, unit: Unit) -> list[ModelRun]:
         return [self.roster[i] for i in unit.model_ids]
 
     def _worker_lost(self, event: WorkerLost) -> None:
-        """Units on a dead worker: count a hop whose state was written, run the others again
-        from the state they started from (the replacement worker holds the same shards)."""
+        """Units on a dead worker run again from the states they started from (the
+        replacement worker holds the same shards); models whose newest state was held only by
+        that worker go back to their state files."""
         # A worker lost while starting ran nothing: units sent since are on its replacement.
         on_it = [u for u in self.in_flight.values() if u.worker_id == event.worker_id]
         lost = [] if event.while_starting else on_it
@@ -387,36 +426,22 @@ class Driver:
                 for u in lost
                 for m in u.model_ids
             ],
+            states_lost=list(event.states_lost),
         )
-        if event.while_starting:
-            return
-        self.busy_workers.discard(event.worker_id)
-        for unit in lost:
-            self.in_flight.pop(unit.unit_id)
-            computed = unit.unit_id in self._computed
-            self._computed.discard(unit.unit_id)
-            for model, member in zip(self._members(unit), unit.members, strict=True):
-                self._member_lost(model, member, unit, computed, event.exitcode)
+        if not event.while_starting:
+            self.units_held[event.worker_id] = 0
+            for unit in lost:
+                self.in_flight.pop(unit.unit_id)
+                for model in self._members(unit):
+                    self._member_lost(model, unit, event.exitcode)
+        for model_id in event.states_lost:
+            model = self.roster[model_id]
+            # One in a unit elsewhere either read its state already or fails to and is rolled
+            # back then (UnitDone.states_lost).
+            if model.status.is_live and not (model.busy and model.waiting is None):
+                self._roll_back(model)
 
-    def _member_lost(
-        self, model: ModelRun, member: UnitMember, unit: Unit, computed: bool, exitcode: int | None
-    ) -> None:
-        if unit.kind is UnitKind.TRAIN:
-            try:
-                counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
-            except UNUSABLE_STATE:
-                counters = Counters(version=member.version)  # the write did not complete
-            if counters.version == member.version + 1:  # written before the worker died
-                if not computed:
-                    hop = counters.hops[-1]
-                    self.lifecycle.record_hop(model.model_id, unit.epoch, UnitKind.TRAIN, hop)
-                    model.train.add(hop.shard, hop.rows, hop.sums)
-                model.version = member.version + 1
-                self._unit_over(model, unit)
-                return
-            if computed:  # recorded, but its state was never written: forget it
-                self.store.delete_hop(model.model_id, unit.epoch, UnitKind.TRAIN.value, unit.shard)
-                model.train.by_shard.pop(unit.shard, None)
+    def _member_lost(self, model: ModelRun, unit: Unit, exitcode: int | None) -> None:
         model.busy = False
         model.failures += 1
         if model.failures >= self.config.max_unit_failures:
@@ -427,6 +452,27 @@ class Driver:
             )
         else:
             model.remaining.insert(0, unit.shard)  # it is the model's next shard again
+        self.requests.unit_over(model)
+
+    def _roll_back(self, model: ModelRun) -> None:
+        """The model's newest state is gone: it goes on from its state file, and the hops of
+        its epoch after that state are trained again (their records deleted)."""
+        counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
+        self.store.add_event(
+            EventKind.STATE_ROLLED_BACK.value,
+            model=model.model_id,
+            lost_version=model.version,
+            version=counters.version,
+        )
+        visited = counters.visited if counters.epoch == model.epoch and counters.version else []
+        self.store.delete_hops(model.model_id, model.epoch, keep_train_shards=visited)
+        self.durability.forget(model.model_id, counters.version)
+        model.version = model.durable_version = counters.version
+        model.busy, model.waiting, model.waiting_with = False, None, ()
+        model.phase, model.train = UnitKind.TRAIN, SplitSums()
+        for hop in counters.hops if visited else ():
+            model.train.add(hop.shard, hop.rows, hop.sums)
+        model.remaining = [s for s in self.roster.train_order(model) if s not in visited]
         self.requests.unit_over(model)
 
     # Display -------------------------------------------------------------------------------------

@@ -142,6 +142,14 @@ class Experiment:
             epoch on it; under a budget a MILP picks which depths to keep. Configurations that
             share a prefix hop together in one unit. ``False`` (default): the prefix runs on
             every batch. What was computed: ``Result.materialized``.
+        durable_lag: how many hops a model's current state may run ahead of its state file
+            (an integer >= 0). A model hops on as soon as its unit is done, its new state handed
+            to the next worker in memory, while the state file is written behind it; a model
+            this many hops ahead waits for its file, and an epoch ends only on a written one.
+            A crash of the whole run costs at most this many hops per model (trained again on
+            resume, with the same results in deterministic mode); 0 writes every state before
+            its model hops on. A state file that cannot be written (disk full, read-only)
+            warns once and stops the run only when a model reaches the bound.
         trackers: more listeners on the run, e.g. ``[cerebro.MLflowTracker()]`` (any
             :class:`cerebro.trackers.Tracker`); the progress display and TensorBoard are added
             by ``progress`` and ``tensorboard``.
@@ -189,6 +197,7 @@ class Experiment:
         scheduler: Scheduler | None = None,
         fusion: bool | Fusion = False,
         materialize: bool | Materialize = False,
+        durable_lag: int = 2,
         trackers: Sequence[Tracker] | None = None,
         dashboard: bool | int = False,
     ) -> None:
@@ -243,6 +252,7 @@ class Experiment:
         check_bool("deterministic", deterministic)
         self.fusion = fusion_option(fusion)
         self.materialize = materialize_option(materialize)
+        self.durable_lag = check_int("durable_lag", durable_lag, minimum=0, unit="hops")
         if not isinstance(resume, str) or resume not in ("auto", "force"):
             raise ConfigError(
                 "resume",
@@ -368,6 +378,7 @@ class Experiment:
                 materialize=self.materialize,
                 features_dir=(self.materialize and self.materialize.folder)
                 or os.path.join(os.path.abspath(self.path), "features"),
+                durable_lag=self.durable_lag,
             )
             trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
             if self.tensorboard:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,9 @@ class Lifecycle:
         self.mode = mode
         self._store: RecordStore | None = None
         self._keeper: CheckpointKeeper | None = None
+        # Told of each model that stops running (completed, failed, paused, stopped), so the
+        # backend may free what holds its state in memory once it is durable.
+        self.at_rest: Callable[[int], None] = lambda model_id: None
 
     def attach(self, store: RecordStore, keeper: CheckpointKeeper) -> None:
         self._store, self._keeper = store, keeper
@@ -230,6 +234,7 @@ class Lifecycle:
         self.roster.changed = True
         if status is not RUNNING:
             self.trackers.model_ended(model.model_id, status, model.params, model.history)
+            self.at_rest(model.model_id)
         self.trackers.plan(self.roster.units_total())
 
     def fail(self, model: ModelRun, error: str) -> None:
@@ -391,6 +396,7 @@ class Lifecycle:
         before = model.params
         model.params = dict(decision.params)
         model.version += 1
+        model.durable_version = model.version  # written to its state file above
         self.store.update_model(model.model_id, params=model.params)
         self.store.add_event(
             EventKind.EXPLOIT.value,

@@ -166,7 +166,7 @@ class Recovery:
                 EventKind.EXPLOIT_RECOVERED.value, model=model.model_id, params=model.params
             )
             self.lifecycle.rekey(model)
-        model.version = counters.version
+        model.version = model.durable_version = counters.version
         point = resume_point(
             counters, len(model.history), len(self.roster.train_shards), self.roster.budget(model)
         )

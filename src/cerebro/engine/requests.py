@@ -221,6 +221,7 @@ class RequestApplier:
             # Reopened: it trains on from its last epoch.
             counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
             model.version, model.epoch = counters.version, done
+            model.durable_version = counters.version
             model.start_epoch(self.roster.train_order(model))
             self.lifecycle.set_status(model, ModelStatus.RUNNING)
         elif model.status.is_live and epochs <= done:

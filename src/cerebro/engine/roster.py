@@ -61,7 +61,11 @@ class ModelRun:
     phase: UnitKind = UnitKind.TRAIN
     remaining: list[int] = field(default_factory=list)  # shards left in this phase, in order
     busy: bool = False
-    version: int = 0  # of its state file: training hops (and exploits) so far
+    version: int = 0  # of its current state: training hops (and exploits) so far
+    # Of its state file: the current version may run ahead, its state handed over in memory.
+    durable_version: int = 0
+    waiting: int | None = None  # the worker of its last hop, while it waits for durability
+    waiting_with: tuple[int, ...] = ()  # the models of its unit that wait with it
     last_worker: int | None = None
     train: SplitSums = field(default_factory=SplitSums)
     val: SplitSums = field(default_factory=SplitSums)

@@ -1,0 +1,261 @@
+"""Hand-over of model states between the workers of one machine, and their durable copies.
+
+After a training unit, a worker writes each member's new state to a *handover file* in shared
+memory (``/dev/shm``), then reports the unit done: the next worker reads the state from there,
+at memory speed, without waiting for a disk. Meanwhile a :class:`DurableWriter` in the driver's
+process copies each handed-over state to the model's state file (the durable copy that resume,
+clone, PBT and results read), newest version first, on a background thread. A handover file is
+deleted once a newer version of its model is handed over and its own durable copy is written
+(or skipped for the newer one).
+
+The folder has a byte budget: a state that does not fit is written straight to the model's
+state file instead (a slower hop, never a lost one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import training
+from ..files import replace_atomically
+from .base import StateSaved, Unit, Written
+
+# Share of the shared-memory filesystem a run's handover files may take by default.
+_SHARE_OF_SHM = 0.5
+
+
+class HandoverFolder:
+    """A run's folder for handover files: in ``/dev/shm`` where the machine has it (else the
+    system's temporary folder), removed by :meth:`close`.
+
+    Args:
+        budget_mb: most MiB of states the folder holds at once (None: half of the
+            filesystem it is on).
+        root: where to make the folder (None: ``/dev/shm`` if writable).
+
+    Example:
+        >>> folder = HandoverFolder(budget_mb=64)
+        >>> os.path.basename(folder.file_for(3, 7))
+        'model-00003-v7.pt'
+        >>> folder.path.startswith("/dev/shm/")  # where the machine has it
+        True
+        >>> folder.close(); os.path.exists(folder.path)
+        False
+    """
+
+    def __init__(self, budget_mb: int | None = None, root: str | None = None) -> None:
+        root = root or _shared_memory_root()
+        self.path = tempfile.mkdtemp(prefix=f"cerebro-handover-{uuid.uuid4().hex[:8]}-", dir=root)
+        if budget_mb is None:
+            self.budget = int(shutil.disk_usage(self.path).total * _SHARE_OF_SHM)
+        else:
+            self.budget = budget_mb * 2**20
+
+    def file_for(self, model_id: int, version: int) -> str:
+        return handover_file(self.path, model_id, version)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def handover_file(folder: str, model_id: int, version: int) -> str:
+    """The handover file of a model's state at ``version``."""
+    return os.path.join(folder, f"model-{model_id:05d}-v{version}.pt")
+
+
+def _shared_memory_root() -> str | None:
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return None  # tempfile's default folder
+
+
+def write_states(
+    unit: Unit, snapshots: dict[int, dict[str, Any]], folder: str | None, budget: int
+) -> dict[int, Written]:
+    """Write each member's new state (``snapshots``, by model id) to its handover file in
+    ``folder``, or, when the folder has no room left for it (or there is none), straight to
+    its durable state file."""
+    written = {}
+    for member in unit.members:
+        snapshot = snapshots.get(member.model_id)
+        if snapshot is None:
+            continue  # it failed alone: nothing of it changed
+        began = time.perf_counter()
+        if folder is not None and _fits(folder, snapshot, budget):
+            path = handover_file(folder, member.model_id, member.version + 1)
+        else:
+            path = member.state_path
+        training.save_state(snapshot, path)
+        written[member.model_id] = Written(path, time.perf_counter() - began)
+    return written
+
+
+def _fits(folder: str, snapshot: dict[str, Any], budget: int) -> bool:
+    size = training.state_nbytes(snapshot)
+    used = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by the driver
+                used += entry.stat().st_size
+    free = shutil.disk_usage(folder).free
+    return used + size <= budget and size < free
+
+
+@dataclass
+class _Copy:
+    model_id: int
+    version: int
+    source: str
+    target: str
+
+
+@dataclass
+class _ModelFiles:
+    """One model's handover files, as the driver's side of a backend tracks them."""
+
+    files: dict[int, str] = field(default_factory=dict)  # by version
+    copying: set[int] = field(default_factory=set)  # versions the writer still needs
+    released: bool = False
+
+
+class DurableWriter:
+    """Copies handed-over states to their state files on one background thread, and tracks
+    which handover files may go.
+
+    A copy waiting for the thread is replaced by a newer version of the same model (only the
+    newest is worth writing); each copy that completes, or fails, is reported to ``report`` as
+    a :class:`StateSaved`, from the writer's thread.
+    """
+
+    def __init__(self, report: Callable[[StateSaved], None]) -> None:
+        self._report = report
+        self._lock = threading.Condition()
+        self._queue: dict[int, _Copy] = {}  # model id -> its newest copy to make, in order
+        self._models: dict[int, _ModelFiles] = {}
+        self._busy = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cerebro-durable")
+        self._thread.start()
+
+    def handed_over(self, model_id: int, version: int, path: str, target: str) -> None:
+        """A worker wrote ``model_id``'s state at ``version`` to the handover file ``path``:
+        copy it to ``target`` (replacing a copy of an older version still waiting)."""
+        with self._lock:
+            files = self._models.setdefault(model_id, _ModelFiles())
+            files.released = False  # a stopped model a person resumed trains again
+            files.files[version] = path
+            files.copying.add(version)
+            replaced = self._queue.pop(model_id, None)
+            if replaced is not None:
+                files.copying.discard(replaced.version)
+            self._queue[model_id] = _Copy(model_id, version, path, target)
+            self._lock.notify_all()
+        self._prune(model_id)
+
+    def newest(self, model_id: int, version: int) -> str | None:
+        """The handover file of ``model_id`` at ``version``, if there is one."""
+        with self._lock:
+            files = self._models.get(model_id)
+            return None if files is None else files.files.get(version)
+
+    def forget(self, model_id: int, version: int) -> None:
+        """A handover file a lost unit may have left (its state was never reported)."""
+        with self._lock:
+            files = self._models.get(model_id)
+            path = None if files is None else files.files.pop(version, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+    def release(self, model_id: int) -> None:
+        """The model trains no more: its files go once their copies are written."""
+        with self._lock:
+            self._models.setdefault(model_id, _ModelFiles()).released = True
+        self._prune(model_id)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every copy asked for is written (True) or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Stop the thread after the copy in progress (waiting copies are not made)."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            self._lock.notify_all()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                model_id = next(iter(self._queue))
+                copy = self._queue.pop(model_id)
+                self._busy = True
+            saved = self._write(copy)
+            with self._lock:
+                self._busy = False
+                files = self._models.get(copy.model_id)
+                if files is not None:
+                    files.copying.discard(copy.version)
+                self._lock.notify_all()
+            self._report(saved)
+            self._prune(copy.model_id)
+
+    @staticmethod
+    def _write(copy: _Copy) -> StateSaved:
+        began = time.perf_counter()
+        try:
+            replace_atomically(copy.target, lambda tmp: _copy_file(copy.source, tmp))
+        except Exception:
+            return StateSaved(
+                copy.model_id, copy.version, ok=False, error=traceback.format_exc(),
+                path=copy.target,
+            )  # fmt: skip
+        return StateSaved(
+            copy.model_id, copy.version, ok=True, save_s=time.perf_counter() - began,
+            path=copy.target,
+        )  # fmt: skip
+
+    def _prune(self, model_id: int) -> None:
+        """Delete the model's handover files nothing needs: older than its newest (or all, once
+        it is released) and not waiting for their durable copy."""
+        with self._lock:
+            files = self._models.get(model_id)
+            if files is None:
+                return
+            newest = max(files.files, default=None)
+            doomed = [
+                v for v in files.files if v not in files.copying and (v != newest or files.released)
+            ]
+            paths = [files.files.pop(v) for v in doomed]
+            if files.released and not files.files:
+                del self._models[model_id]
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _copy_file(source: str, target: str) -> None:
+    shutil.copyfile(source, target)  # sendfile(2) on Linux: no copy through this process

@@ -1,0 +1,93 @@
+"""How far a model's current state may run ahead of its state file.
+
+A model hops on as soon as its unit is done, its new state handed over in memory; the backend
+writes the state file behind it and reports each write (:class:`~cerebro.backends.base.StateSaved`).
+:class:`Durability` says when a model must wait for its state file instead: when its next hop
+would put it more than ``lag`` versions ahead (a crash of the whole run then costs at most
+``lag`` hops per model, trained again on resume), and at the end of each epoch's training, so
+that epoch checkpoints, PBT exploits, clones and results always read a durable state.
+
+Example:
+    >>> durability = Durability(lag=2)
+    >>> durability.handed_over(model_id=0, version=1, epoch=0, shard=3)
+    >>> durability.awaited
+    True
+    >>> from cerebro.backends.base import StateSaved
+    >>> durability.saved(StateSaved(model_id=0, version=1, ok=True))  # the hop it belongs to
+    (0, 3)
+    >>> durability.awaited
+    False
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from ..backends.base import StateSaved
+from ..errors import DurabilityError
+from .roster import ModelRun
+
+
+class Durability:
+    """Which hops still wait for their state files, and the lag bound (``lag`` >= 0)."""
+
+    def __init__(self, lag: int) -> None:
+        self.lag = lag
+        self._waiting: dict[tuple[int, int], tuple[int, int]] = {}  # (model, version) -> hop
+        self._warned = False
+
+    @property
+    def awaited(self) -> bool:
+        """Whether a state file write is still to be reported (the run is not over before)."""
+        return bool(self._waiting)
+
+    def handed_over(self, model_id: int, version: int, epoch: int, shard: int) -> None:
+        """A training hop (``epoch``, ``shard``) made ``version``, not yet in the state file."""
+        self._waiting[(model_id, version)] = (epoch, shard)
+
+    def must_wait(self, model: ModelRun, end_of_epoch: bool) -> bool:
+        """Whether ``model`` waits for its state file before its next unit: it is behind, and
+        its epoch's training is over or one more hop would exceed the lag bound."""
+        behind = model.version - model.durable_version
+        return behind > 0 and (end_of_epoch or behind + 1 > self.lag)
+
+    def saved(self, event: StateSaved) -> tuple[int, int] | None:
+        """A write is reported: the (epoch, shard) of the hop that made its version, if known.
+        Older versions of the model are no longer waited for (a backend may skip them)."""
+        hop = self._waiting.get((event.model_id, event.version))
+        self.forget(event.model_id, -1, up_to=event.version)
+        if not event.ok and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"could not write model {event.model_id}'s state to "
+                f"{os.path.dirname(event.path) or event.path} ({_cause(event)}): training goes "
+                f"on from memory; the run stops if a model gets {self.lag} hops ahead of its "
+                "state file",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return hop
+
+    def forget(self, model_id: int, version: int, up_to: int | None = None) -> None:
+        """Stop waiting for the model's versions after ``version`` (its newer states are
+        gone), or, with ``up_to``, for those up to that one."""
+        for key in [k for k in self._waiting if k[0] == model_id]:
+            if (up_to is not None and key[1] <= up_to) or (up_to is None and key[1] > version):
+                del self._waiting[key]
+
+    def bound_reached(self, model: ModelRun, event: StateSaved) -> DurabilityError:
+        """The error that stops the run: ``model`` must wait for a state file that cannot be
+        written."""
+        return DurabilityError(
+            f"model {model.model_id}'s state could not be written to {event.path} "
+            f"({_cause(event)}); it is {model.version - model.durable_version} hop(s) ahead of "
+            f"its state file (version {model.durable_version}) and may go no further "
+            f"(durable_lag={self.lag}, or the end of an epoch). What is recorded is kept: "
+            "make the folder writable and run the experiment again to resume"
+        )
+
+
+def _cause(event: StateSaved) -> str:
+    lines = [line for line in (event.error or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
