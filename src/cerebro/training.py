@@ -112,13 +112,30 @@ def restore_state(spec: ModelSpec, state: dict[str, Any], device: torch.device) 
     """Load a captured state into ``spec``'s objects (already on ``device``), copying every
     tensor: the state's own may be views of a file or of shared memory."""
     spec.model.load_state_dict(state["model"])
+    # A model that trained on this worker before has optimizer tensors of the right shapes:
+    # copying into them costs no allocation (page faults cost more than the copy itself).
+    before = {id(p): dict(v) for p, v in spec.optimizer.state.items()}
     spec.optimizer.load_state_dict(state["optimizer"])
-    for values in spec.optimizer.state.values():  # it keeps the tensors it need not convert
+    for param, values in spec.optimizer.state.items():  # it keeps tensors it need not convert
+        kept = before.get(id(param), {})
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                values[key] = value.clone()
+                values[key] = _copied(value, kept.get(key))
     if spec.lr_scheduler is not None and state.get("lr_scheduler") is not None:
         spec.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def _copied(value: torch.Tensor, into: Any) -> torch.Tensor:
+    """``value`` copied into the tensor ``into`` when it fits, else into a new one."""
+    if (
+        isinstance(into, torch.Tensor)
+        and into.shape == value.shape
+        and into.dtype == value.dtype
+        and into.device == value.device
+        and into.data_ptr() != value.data_ptr()
+    ):
+        return into.copy_(value)
+    return value.clone()
 
 
 def warm_start_state(
