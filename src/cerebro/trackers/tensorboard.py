@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from typing import Any
 
 from ..errors import ConfigError
@@ -17,7 +18,12 @@ from ..kinds import ModelStatus
 from .base import Tracker
 
 # A model that ended in one of these has its hyper-parameters and last metrics in HParams.
+_FLUSH_S = 2  # how often a model's events reach its file while it trains
 _HPARAMS_ON = (ModelStatus.COMPLETED, ModelStatus.PRUNED, ModelStatus.FAILED)
+
+
+def _import_writer() -> None:
+    import torch.utils.tensorboard  # noqa: F401
 
 
 def available() -> bool:
@@ -38,12 +44,19 @@ class TensorBoardLog(Tracker):
         self.logdir = logdir
         self._writers: dict[int, Any] = {}
 
+    def run_started(self) -> None:
+        # Importing tensorboard takes ~0.1 s: done now, beside the first units, it does not
+        # hold up the driver's loop at the first epoch's end.
+        threading.Thread(target=_import_writer, daemon=True, name="cerebro-tb-import").start()
+
     def _writer(self, model_id: int) -> Any:
         if model_id not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
 
+            # Its own thread writes the events every few seconds: flushing after each epoch
+            # would cost the driver's loop ~5 ms a time.
             self._writers[model_id] = SummaryWriter(
-                log_dir=os.path.join(self.logdir, f"model-{model_id:05d}")
+                log_dir=os.path.join(self.logdir, f"model-{model_id:05d}"), flush_secs=_FLUSH_S
             )
         return self._writers[model_id]
 
@@ -52,7 +65,6 @@ class TensorBoardLog(Tracker):
         for name, value in metrics.items():
             split, _, metric = name.partition("_")
             writer.add_scalar(f"{metric}/{split}", value, epoch)
-        writer.flush()
 
     def model_ended(
         self,
