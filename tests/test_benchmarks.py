@@ -74,3 +74,25 @@ def test_transfer_quick_runs_every_approach():
     assert done.returncode == 0, done.stderr
     for label in ("current practice", "materialized, unlimited", "materialized, 25%"):
         assert label in done.stdout
+
+
+@pytest.mark.slow
+def test_busy_quick_writes_a_row_per_workload_and_lag(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "busy.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "busy.md").read_text()
+    for workload in ("demo", "tiny", "6mlp"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| {workload} ")]
+        assert len(rows) == 4, table  # durable_lag 0, 1, 2 and 4
+    assert "busy_vs_lag0" in table
