@@ -115,6 +115,17 @@ def assert_same_results(result: cerebro.Result, reference: cerebro.Result) -> No
         ), record.id
 
 
+def assert_same_hops(result: cerebro.Result, reference: cerebro.Result) -> None:
+    """The records read as if nothing had happened: every (model, epoch, kind, shard) once,
+    the same ones as ``reference``'s."""
+    key = ["model_id", "epoch", "kind", "shard"]
+    assert not result.hops.duplicated(key).any()
+    pd.testing.assert_frame_equal(
+        result.hops[key].sort_values(key, ignore_index=True),
+        reference.hops[key].sort_values(key, ignore_index=True),
+    )
+
+
 def wait_for_train_hops(
     path, count: int, timeout: float, still: Callable[[], bool] = lambda: True
 ) -> bool:

@@ -13,9 +13,8 @@ import sys
 import time
 import warnings
 
-import pandas as pd
 import pytest
-from conftest import assert_same_results, small_experiment, wait_for_train_hops
+from conftest import assert_same_hops, assert_same_results, small_experiment, wait_for_train_hops
 
 import cerebro
 from cerebro.backends import handover
@@ -105,8 +104,7 @@ def test_a_full_disk_warns_once_then_stops_at_the_bound_and_loses_nothing(
     monkeypatch.setattr(handover, "_copy_file", copy)  # room again
     resumed = _experiment(digits, path).run()
     assert_same_results(resumed, reference)
-    key = ["model_id", "epoch", "kind", "shard"]
-    assert not resumed.hops.duplicated(key).any()
+    assert_same_hops(resumed, reference)
 
 
 SCRIPT = """
@@ -188,12 +186,7 @@ def test_killing_a_worker_then_the_driver_while_states_run_ahead_resumes_to_iden
     resumed, uninterrupted = cerebro.load(path), cerebro.load(reference)
     assert {m.status for m in resumed.models} == {"completed"}
     assert_same_results(resumed, uninterrupted)
-    key = ["model_id", "epoch", "kind", "shard"]
-    assert not resumed.hops.duplicated(key).any()
-    pd.testing.assert_frame_equal(
-        resumed.hops[key].sort_values(key, ignore_index=True),
-        uninterrupted.hops[key].sort_values(key, ignore_index=True),
-    )
+    assert_same_hops(resumed, uninterrupted)
 
 
 def _worker_lost(path) -> bool:

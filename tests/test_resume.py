@@ -13,7 +13,13 @@ from pathlib import Path
 import builders
 import pandas as pd
 import pytest
-from conftest import assert_same_results, small_experiment, state_equal, wait_for_train_hops
+from conftest import (
+    assert_same_hops,
+    assert_same_results,
+    small_experiment,
+    state_equal,
+    wait_for_train_hops,
+)
 
 import cerebro
 
@@ -121,13 +127,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
     assert resumed.experiment["status"] == "completed"
     assert {m.status for m in resumed.models} == {"completed"}
     assert_same_results(resumed, reference)
-    # The records read as if nothing had happened: every shard once per model and epoch.
-    key = ["model_id", "epoch", "kind", "shard"]
-    assert not resumed.hops.duplicated(key).any()
-    pd.testing.assert_frame_equal(
-        resumed.hops[key].sort_values(key, ignore_index=True),
-        reference.hops[key].sort_values(key, ignore_index=True),
-    )
+    assert_same_hops(resumed, reference)
     # Models that had completed were not trained again.
     for model_id, mtime in finished_states.items():
         assert os.stat(training_state(crashed, model_id)).st_mtime_ns == mtime
