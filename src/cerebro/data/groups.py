@@ -123,9 +123,9 @@ def group_values(columns: Mapping[str, np.ndarray], group_by: str, label: str) -
     if values.dtype.kind in "US":
         return values.astype(str)
     if values.dtype == object:
-        null = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v)]
-        if null:
-            raise _null_error(group_by, null[0], len(null))
+        nulls = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v)]
+        if nulls:
+            raise _null_error(group_by, nulls[0], len(nulls))
         kinds = {type(v) for v in values}
         if kinds <= {str}:
             return values.astype(str)

@@ -35,6 +35,7 @@ from ..techniques.features import FeaturePlan
 from ..trackers import Standing, Tracker
 from .building import ModelBuilder
 from .grouping import Fusion, Grouping
+from .groups import PerGroup
 from .identity import Fingerprints
 from .lifecycle import Lifecycle, Proposal
 from .materializing import FeaturePlanner, Materialize
@@ -68,6 +69,7 @@ class RunConfig:
     fusion: Fusion | None = None  # None: every unit trains one model
     materialize: Materialize | None = None  # None: frozen prefixes run on every batch
     features_dir: str = ""  # where workers keep frozen prefixes' outputs
+    per_group: bool = False  # one model per group of the dataset and configuration
 
     @property
     def search_epochs(self) -> int | None:
@@ -103,6 +105,7 @@ class Driver:
                 config.fusion or (Fusion() if config.materialize is not None else None),
                 config.deterministic,
             ),
+            PerGroup.of(config.dataset) if config.per_group else None,
         )
         self.builder = ModelBuilder(
             config.build,
