@@ -346,3 +346,33 @@ def test_best_by_group_follows_the_metric_and_mode(grouped, tmp_path, mode):
         candidates = [m for m in result.models if m.group == name]
         assert len(candidates) == 2
         assert chosen.metrics["val_loss"] == pick(m.metrics["val_loss"] for m in candidates)
+
+
+def test_a_scheduler_decides_per_configuration_for_all_its_group_models(grouped, tmp_path):
+    """ASHA sees 4 configuration trials; each rung decision applies to every group model of a
+    configuration, so a configuration's group models all train the same number of epochs."""
+    ds, _ = grouped
+    exp = cerebro.Experiment(
+        builders.mlp,
+        ds,
+        cerebro.GridSearch({"lr": cerebro.choice([0.0005, 0.002, 0.01, 0.05])}),
+        epochs=3,
+        metric="val_loss",
+        mode="min",
+        scheduler=cerebro.ASHA(max_epochs=3, reduction_factor=2),
+        backend=cerebro.LocalBackend(workers=2),
+        path=tmp_path / "asha",
+        seed=SEED,
+        progress=False,
+        per_group=True,
+    )
+    result = exp.run()
+    assert len(result.models) == 12
+    epochs: dict[int, set[int]] = {}
+    for m in result.models:
+        epochs.setdefault(m.configuration, set()).add(len(m.history))
+    assert all(len(done) == 1 for done in epochs.values()), epochs
+    assert sorted(max(d) for d in epochs.values())[-1] == 3  # the best went on to the end
+    assert min(min(d) for d in epochs.values()) < 3  # and some configuration was cut at a rung
+    waited = [e for e in result.events if e["kind"] == "paused" and "waiting" in str(e["detail"])]
+    assert waited  # a group model that finished first waited for its configuration's others
