@@ -74,3 +74,16 @@ def test_transfer_quick_runs_every_approach():
     assert done.returncode == 0, done.stderr
     for label in ("current practice", "materialized, unlimited", "materialized, 25%"):
         assert label in done.stdout
+
+
+@pytest.mark.slow
+def test_groups_quick_runs_every_approach():
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "groups.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for label in ("one after another", "per_group=True, MOP, 2 workers, fused"):
+        assert label in done.stdout
