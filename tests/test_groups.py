@@ -376,3 +376,32 @@ def test_a_scheduler_decides_per_configuration_for_all_its_group_models(grouped,
     assert min(min(d) for d in epochs.values()) < 3  # and some configuration was cut at a rung
     waited = [e for e in result.events if e["kind"] == "paused" and "waiting" in str(e["detail"])]
     assert waited  # a group model that finished first waited for its configuration's others
+
+
+def test_a_rerun_reads_the_groups_back_and_per_group_is_part_of_the_experiment(grouped, tmp_path):
+    ds, _ = grouped
+
+    def experiment(**overrides):
+        arguments = dict(
+            build=builders.mlp,
+            dataset=ds,
+            search=cerebro.GridSearch({"lr": cerebro.choice([0.01])}),
+            epochs=1,
+            metric="val_accuracy",
+            mode="max",
+            backend=cerebro.LocalBackend(workers=2),
+            path=tmp_path / "run",
+            seed=SEED,
+            progress=False,
+            per_group=True,
+        )
+        return cerebro.Experiment(**{**arguments, **overrides})
+
+    first = experiment().run()
+    again = experiment().run()  # finished: the records are read back, nothing retrains
+    assert [(m.id, m.group, m.configuration) for m in again.models] == [
+        (m.id, m.group, m.configuration) for m in first.models
+    ]
+    assert len(again.hops) == len(first.hops)
+    with pytest.raises(cerebro.ConfigError, match="per_group"):
+        experiment(per_group=False).run()
