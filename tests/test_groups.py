@@ -405,3 +405,98 @@ def test_a_rerun_reads_the_groups_back_and_per_group_is_part_of_the_experiment(g
     assert len(again.hops) == len(first.hops)
     with pytest.raises(cerebro.ConfigError, match="per_group"):
         experiment(per_group=False).run()
+
+
+RESUME_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import builders, cerebro
+if __name__ == "__main__":
+    space = {{"lr": cerebro.choice([0.003, 0.01, 0.03]), "width": cerebro.choice([16, 32])}}
+    cerebro.Experiment(builders.mlp, {data!r}, cerebro.RandomSearch(space, num_models=3, seed=0),
+                       epochs=3, metric="val_accuracy", mode="max",
+                       backend=cerebro.LocalBackend(workers=2), path=sys.argv[1], seed={seed},
+                       progress=False, deterministic=True, per_group=True).run()
+"""
+
+
+def test_a_per_group_run_killed_mid_run_resumes_with_its_groups_and_the_same_results(
+    grouped, tmp_path
+):
+    """SIGKILL of the driver of a per-group experiment half-way through its training hops;
+    the same script run again reads each model's group back from the records, trains each
+    unfinished group model on its own group's shards only, and ends bit for bit as a run that
+    was never interrupted (deterministic mode)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import assert_same_results, wait_for_train_hops
+
+    ds, _ = grouped
+    groups = {g.name: g for g in ds.groups}
+    script = tmp_path / "run.py"
+    script.write_text(
+        RESUME_SCRIPT.format(tests=os.path.dirname(__file__), data=ds.path, seed=SEED)
+    )
+
+    def run(path) -> None:
+        done = subprocess.run(
+            [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+
+    uninterrupted = tmp_path / "uninterrupted"
+    run(uninterrupted)
+    reference = cerebro.load(uninterrupted)
+    assert len(reference.models) == 9  # 3 configurations x 3 groups
+    total_train_hops = sum(len(g.shards) for g in ds.groups) * 3 * 3  # shards x configs x epochs
+
+    crashed = tmp_path / "crashed"
+    victim = subprocess.Popen([sys.executable, str(script), str(crashed)])
+    try:
+        reached = wait_for_train_hops(
+            crashed, total_train_hops // 2, timeout=240, still=lambda: victim.poll() is None
+        )
+        assert victim.poll() is None, "the run finished before it could be killed"
+        assert reached
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before the kill landed"
+    at_kill = cerebro.load(crashed)
+    assert at_kill.experiment["status"] == "interrupted"
+    assert [m for m in at_kill.models if m.status != "completed"], "the kill came too late"
+    killed_hops = len(at_kill.hops)
+
+    run(crashed)  # the same script again: it continues the experiment
+    resumed = cerebro.load(crashed)
+    assert resumed.experiment["status"] == "completed"
+    assert {m.status for m in resumed.models} == {"completed"}
+    # Every model's group and configuration as recorded in the uninterrupted run.
+    assert [(m.id, m.group, m.configuration) for m in resumed.models] == [
+        (m.id, m.group, m.configuration) for m in reference.models
+    ]
+    group_events = [e for e in resumed.events if e["kind"] == "group_model"]
+    # One group_model event per model: the rerun read them back instead of recording anew.
+    assert sorted((e["detail"]["model"], e["detail"]["group"]) for e in group_events) == [
+        (m.id, m.group) for m in reference.models
+    ]
+    assert_same_results(resumed, reference)  # history (with its group column) and weights
+    assert {g: m.id for g, m in resumed.best_by_group.items()} == {
+        g: m.id for g, m in reference.best_by_group.items()
+    }
+    # The hops after the kill stayed on each model's own group's shards, and the records read
+    # as if nothing had happened: every shard of its group once per model and epoch.
+    after = resumed.hops.iloc[killed_hops:]
+    by_id = {m.id: m for m in resumed.models}
+    assert len(after) > 0
+    for row in after.itertuples():
+        assert row.shard in groups[by_id[row.model_id].group].shards, row
+    key = ["model_id", "epoch", "kind", "shard"]
+    assert not resumed.hops.duplicated(key).any()
+    pd.testing.assert_frame_equal(
+        resumed.hops[key].sort_values(key, ignore_index=True),
+        reference.hops[key].sort_values(key, ignore_index=True),
+    )
