@@ -420,6 +420,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # 35 s: three drivers; the default run's resume test covers the plain case
 def test_a_per_group_run_killed_mid_run_resumes_with_its_groups_and_the_same_results(
     grouped, tmp_path
 ):
