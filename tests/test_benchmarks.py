@@ -78,21 +78,28 @@ def test_transfer_quick_runs_every_approach():
 
 @pytest.mark.slow
 def test_busy_quick_writes_a_row_per_workload_and_lag(tmp_path):
+    done = _run_quick("busy.py", "--out", str(tmp_path))
+    table = (tmp_path / "busy.md").read_text()
+    for workload in ("demo", "tiny", "6mlp"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| {workload} ")]
+        assert len(rows) == 4, table  # durable_lag 0, 1, 2 and 4
+    assert "busy_vs_lag0" in table and done.stdout
+
+
+@pytest.mark.slow
+def test_groups_quick_runs_every_approach():
+    done = _run_quick("groups.py")
+    for label in ("one after another", "per_group=True, MOP, 2 workers, fused"):
+        assert label in done.stdout
+
+
+def _run_quick(script: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/<script> --quick`` run to its end, successfully."""
     done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "busy.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", *options],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    table = (tmp_path / "busy.md").read_text()
-    for workload in ("demo", "tiny", "6mlp"):
-        rows = [line for line in table.splitlines() if line.startswith(f"| {workload} ")]
-        assert len(rows) == 4, table  # durable_lag 0, 1, 2 and 4
-    assert "busy_vs_lag0" in table
+    return done

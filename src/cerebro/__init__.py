@@ -25,7 +25,7 @@ from ._lazy import lazy_attributes
 _EXPORTS = {
     "metrics": ".metrics",
     **dict.fromkeys(["Backend", "LocalBackend", "RayBackend"], ".backends"),
-    **dict.fromkeys(["Dataset", "DatasetVersion", "prepare_data"], ".data"),
+    **dict.fromkeys(["Dataset", "DatasetVersion", "GroupInfo", "prepare_data"], ".data"),
     **dict.fromkeys(
         ["Controller", "ControlRejected", "Experiment", "ModelRecord", "Result", "control", "load"],
         ".engine",
@@ -62,7 +62,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, globals(), _EXPORTS)
 if TYPE_CHECKING:
     from . import metrics
     from .backends import Backend, LocalBackend, RayBackend
-    from .data import Dataset, DatasetVersion, prepare_data
+    from .data import Dataset, DatasetVersion, GroupInfo, prepare_data
     from .engine import Controller, ControlRejected, Experiment, ModelRecord, Result, load
     from .engine.control import control  # the function: `.engine`'s `control` is also a module
     from .engine.grouping import Fusion
@@ -98,6 +98,7 @@ __all__ = [
     "Controller",
     "Dataset",
     "DatasetVersion",
+    "GroupInfo",
     "EarlyStopping",
     "Experiment",
     "Fusion",

@@ -199,7 +199,15 @@ def _models(path: str, console: Console) -> int:
     if ctl.is_running is None:  # records in a database server: no lock here to ask
         status = f"{status}, as recorded"
     table = Table(title=f"{path} ({status})")
-    for name in ("model", "status", "origin", "epochs", ctl.metric):
+    grouped = "group" in frame.columns
+    for name in (
+        "model",
+        *(["group"] if grouped else []),
+        "status",
+        "origin",
+        "epochs",
+        ctl.metric,
+    ):
         table.add_column(name, justify="right")
     table.add_column("params", overflow="fold")
     for row in frame.itertuples(index=False):
@@ -210,6 +218,7 @@ def _models(path: str, console: Console) -> int:
         )
         table.add_row(
             str(row.model_id),
+            *([str(row.group)] if grouped else []),
             row.status,
             origin,
             f"{row.epochs_done}/{row.max_epochs}",
@@ -280,24 +289,34 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def leaderboard_table(result: Result) -> Table:
-    """Models best first: the ranking metric, validation loss and parameters."""
+    """Models best first: the ranking metric, validation loss and parameters (and each
+    model's group, ``*`` marking the best of its group, with ``per_group=True``)."""
     table = Table(title=f"Leaderboard (by {result.metric}, {result.mode})")
     second = "val_loss" if result.metric != "val_loss" else "train_loss"
-    for name in ("#", "model", result.metric, second):
+    grouped = result.grouped
+    best_of_group = {m.id for m in result.best_by_group.values()}
+    for name in ("#", "model", *(["group"] if grouped else []), result.metric, second):
         table.add_column(name, justify="right")
     table.add_column("params", overflow="fold")
     ranked = result.ranked()
     for rank, model in enumerate(ranked + [m for m in result.models if m not in ranked], 1):
+        shown_group = f"{model.group}{' *' if model.id in best_of_group else ''}"
         table.add_row(
             str(rank) if model.status == ModelStatus.COMPLETED else model.status,
             str(model.id),
+            *([shown_group] if grouped else []),
             format_metric(model.metrics.get(result.metric)),
             format_metric(model.metrics.get(second)),
             format_params(model.params),
         )
     fused = result.fused_models
+    captions = []
     if fused:
-        table.caption = f"{len(fused)} of {len(result.models)} models trained fused"
+        captions.append(f"{len(fused)} of {len(result.models)} models trained fused")
+    if grouped:
+        captions.append("* the best model of its group")
+    if captions:
+        table.caption = "; ".join(captions)
     return table
 
 

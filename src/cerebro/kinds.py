@@ -100,6 +100,7 @@ class EventKind(_Named):
     FEATURE_PLAN = "feature_plan"  # prefixed models' chains and the prefix depths kept
     MATERIALIZED = "materialized"  # a kept prefix depth computed for one shard
     DATASET_GROWN = "dataset_grown"  # the run went on with a later version of its dataset
+    GROUP_MODEL = "group_model"  # per_group=True: a model's group and configuration
 
 
 class ExperimentStatus(_Named):

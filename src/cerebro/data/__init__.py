@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
 from .dataset import Dataset, DatasetVersion, Shard
+from .groups import GroupInfo
 
 # Preparing loads pandas; workers only read shards.
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), {"prepare_data": ".prepare"})
@@ -11,4 +12,4 @@ __getattr__, __dir__ = lazy_attributes(__name__, globals(), {"prepare_data": ".p
 if TYPE_CHECKING:
     from .prepare import prepare_data
 
-__all__ = ["Dataset", "DatasetVersion", "Shard", "prepare_data"]
+__all__ = ["Dataset", "DatasetVersion", "GroupInfo", "Shard", "prepare_data"]

@@ -48,6 +48,14 @@ def append_rows(
     # would be overwritten otherwise.
     current = Dataset.open(dataset.path)
     manifest = current.manifest
+    if current.group_by is not None:
+        raise ConfigError(
+            "dataset",
+            dataset.path,
+            "a dataset prepared without group_by",
+            hint=f"appending to a dataset grouped by {current.group_by!r} is not supported yet: "
+            "prepare the grown source again",
+        )
     label, features = current.label, current.features
     if drop_invalid is None:
         drop_invalid = bool(manifest.get("arguments", {}).get("drop_invalid", False))
@@ -72,7 +80,10 @@ def append_rows(
 
     version = current.version + 1
     order = np.random.default_rng([int(manifest["seed"]), version]).permutation(num_rows)
-    splits = {"val": order[:num_val], "train": order[num_val:]}
+    splits = {
+        split: np.array_split(rows, added)
+        for split, rows in (("val", order[:num_val]), ("train", order[num_val:]))
+    }
     stored = {f: columns[f] for f in features}
     stored[label] = codes
     shards = range(current.num_shards, current.num_shards + added)

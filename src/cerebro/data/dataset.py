@@ -28,6 +28,7 @@ import torch
 from .. import files
 from ..errors import ConfigError
 from .fingerprint import content_digest
+from .groups import GroupInfo, GroupName
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -160,6 +161,25 @@ class Dataset:
             return [DatasetVersion.from_json(v) for v in recorded]
         return [first_version(self.manifest)]
 
+    @property
+    def group_by(self) -> str | None:
+        """The column the dataset was grouped by (``prepare_data(group_by=...)``), or None."""
+        return self.manifest.get("group_by")
+
+    @property
+    def groups(self) -> list[GroupInfo]:
+        """Each group with its rows and shards, in order of name (empty if not grouped)."""
+        return [GroupInfo.from_json(g) for g in self.manifest.get("groups", [])]
+
+    def shard_group(self, shard: int) -> GroupName | None:
+        """The group whose rows shard ``shard`` holds (in both splits); None if not grouped."""
+        for group in self.groups:
+            if shard in group.shards:
+                return group.name
+        if self.group_by is not None or not 0 <= shard < self.num_shards:
+            raise ConfigError("shard", shard, f"a shard number in range({self.num_shards})")
+        return None
+
     def version_of(self, fingerprint: str) -> DatasetVersion | None:
         """The version of this dataset whose fingerprint is ``fingerprint``; None if it is no
         version of this dataset. An experiment trained on that version may go on with this one:
@@ -255,7 +275,9 @@ class Dataset:
     def __repr__(self) -> str:
         return (
             f"Dataset(path={self.path!r}, num_rows={self.num_rows}, num_shards={self.num_shards}, "
-            f"features={self.features!r}, label={self.label!r})"
+            f"features={self.features!r}, label={self.label!r}"
+            + (f", group_by={self.group_by!r}, groups={len(self.groups)}" if self.group_by else "")
+            + ")"
         )
 
 

@@ -22,6 +22,12 @@ from ..errors import ConfigError, check_bool, check_int, is_number
 from . import checks, folder
 from .dataset import FORMAT_VERSION, MANIFEST, Dataset, first_version
 from .fingerprint import content_digest, source_fingerprint
+from .groups import (
+    DEFAULT_MIN_GROUP_ROWS,
+    check_group_arguments,
+    group_values,
+    split_groups,
+)
 from .sources import read_source
 
 
@@ -35,6 +41,9 @@ def prepare_data(
     seed: int = 0,
     overwrite: bool = False,
     drop_invalid: bool = False,
+    group_by: str | None = None,
+    min_group_rows: int = DEFAULT_MIN_GROUP_ROWS,
+    small_groups: str = "error",
 ) -> Dataset:
     """Split ``source`` into training and validation rows and write both as Parquet shards.
 
@@ -58,6 +67,18 @@ def prepare_data(
         drop_invalid: leave out rows with NaN or inf in a feature or label, or with no label,
             and count them in :attr:`Dataset.dropped_rows`. By default such a row is refused,
             naming its column and row.
+        group_by: a column of integers or strings (a participant, a site) whose groups never
+            share a shard: each group is split into training and validation rows on its own
+            and gets shards of its own (``max(num_shards, number of groups)`` shards in all,
+            given to groups in proportion to their training rows, at least one each). The
+            column is not a feature. :attr:`Dataset.groups` lists the groups, and
+            ``Experiment(per_group=True)`` trains one model per group and configuration.
+        min_group_rows: with ``group_by``, the fewest rows a group may have (default 10: a
+            validation row and a few training rows per shard); smaller groups are refused,
+            naming them, unless ``small_groups="merge"``.
+        small_groups: ``"error"`` (default) or ``"merge"``: groups under ``min_group_rows``
+            become one group named ``"other"`` (refused if that is still too small, or if a
+            group of that name exists).
 
     Returns:
         The prepared :class:`Dataset`.
@@ -67,13 +88,28 @@ def prepare_data(
         >>> d = load_digits()                                               # doctest: +SKIP
         >>> ds = cerebro.prepare_data({"x": d.images, "y": d.target}, "data/digits",
         ...                           label="y", num_shards=4)              # doctest: +SKIP
+
+        Grouped, one participant per group:
+
+        >>> import numpy as np, tempfile, cerebro
+        >>> rng = np.random.default_rng(0)
+        >>> rows = {"x": rng.normal(size=(60, 3)), "y": rng.integers(0, 2, 60),
+        ...         "who": np.repeat(["ann", "bob", "cy"], [30, 20, 10])}
+        >>> ds = cerebro.prepare_data(rows, tempfile.mkdtemp() + "/g", group_by="who",
+        ...                           num_shards=4)
+        >>> [(g.name, g.rows, g.shards) for g in ds.groups]
+        [('ann', 30, range(0, 2)), ('bob', 20, range(2, 3)), ('cy', 10, range(3, 4))]
+        >>> ds.features, ds.shard_group(2)
+        (['x'], 'bob')
     """
     _check_arguments(num_shards, seed, validation, overwrite, drop_invalid)
+    check_group_arguments(group_by, min_group_rows, small_groups)
     out, shown = Path(path), os.fspath(path)
     existing = folder.dataset_at(out, shown)
 
     columns = read_source(source)
-    features = _choose_columns(columns, label, features)
+    grouping = None if group_by is None else group_values(columns, group_by, label)
+    features = _choose_columns(columns, label, features, exclude=group_by)
     _check_has_rows(source, len(columns[label]))
     checks.check_features_numeric(columns, features)
     invalid = checks.invalid_rows(columns, label, features)
@@ -81,7 +117,7 @@ def prepare_data(
         checks.refuse_invalid(invalid, columns, label)
     checks.check_label_values(label, columns[label], invalid.get(label))
 
-    used = [label, *features]
+    used = [label, *features] + ([group_by] if group_by is not None else [])
     # The fingerprint is of the source as read, before any row is dropped: drop_invalid is one of
     # the recorded arguments.
     fingerprint = source_fingerprint(columns, used)
@@ -93,6 +129,12 @@ def prepare_data(
         "seed": int(seed),
         "drop_invalid": bool(drop_invalid),
     }
+    if group_by is not None:  # only then: ungrouped datasets keep the arguments they had
+        arguments.update(
+            group_by=group_by, min_group_rows=int(min_group_rows), small_groups=small_groups
+        )
+    if grouping is not None:
+        columns = {**columns, group_by: grouping}  # type: ignore[dict-item]
     columns, dropped = checks.drop_rows({c: columns[c] for c in used}, invalid)
     num_val = _validation_rows(len(columns[label]), validation, num_shards, dropped)
 
@@ -114,25 +156,45 @@ def _write_dataset(
 ) -> Dataset:
     """Split the rows (seeded), write the shards, then the manifest; a failure removes them."""
     label, features, num_shards = arguments["label"], arguments["features"], arguments["num_shards"]
-    order = np.random.default_rng(arguments["seed"]).permutation(len(columns[label]))
-    splits = {"val": order[:num_val], "train": order[num_val:]}
+    num_rows = len(columns[label])
+    group_by = arguments.get("group_by")
+    if group_by is None:
+        order = np.random.default_rng(arguments["seed"]).permutation(num_rows)
+        pieces = {
+            split: np.array_split(rows, num_shards)
+            for split, rows in (("val", order[:num_val]), ("train", order[num_val:]))
+        }
+        grouped: dict[str, Any] = {}
+    else:
+        split = split_groups(
+            columns[group_by],
+            arguments["validation"],
+            num_shards,
+            arguments["seed"],
+            arguments["min_group_rows"],
+            arguments["small_groups"],
+        )
+        pieces = {"val": split.shards["val"], "train": split.shards["train"]}
+        num_shards = len(split.shards["train"])
+        grouped = {"group_by": group_by, "groups": [g.to_json() for g in split.groups]}
     label_info = _label_info(label, columns[label])
     stored = {f: columns[f] for f in features}
     stored[label] = label_info.pop("codes")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "num_rows": len(order),
+        "num_rows": num_rows,
         "num_shards": num_shards,
         "validation": arguments["validation"],
         "seed": arguments["seed"],
         "features": [{"name": f, "shape": list(columns[f].shape[1:])} for f in features],
         "label": label_info,
         **recorded,
+        **grouped,
     }
     with folder.undone_on_failure(out, shown) as created:
         folder.make_folder(out, created)
         manifest["splits"], manifest["fingerprint"] = _write_shards(
-            out, stored, splits, range(num_shards), created
+            out, stored, pieces, range(num_shards), created
         )
         manifest["version"] = 1
         manifest["versions"] = [first_version(manifest).to_json()]
@@ -153,13 +215,17 @@ def _check_arguments(
 
 
 def _choose_columns(
-    columns: Mapping[str, np.ndarray], label: Any, features: Sequence[str] | None
+    columns: Mapping[str, np.ndarray],
+    label: Any,
+    features: Sequence[str] | None,
+    exclude: str | None = None,
 ) -> list[str]:
-    """The feature columns, checked against the source's columns and the label."""
+    """The feature columns, checked against the source's columns and the label (and the group
+    column ``exclude``, which is never a feature)."""
     if not isinstance(label, str) or label not in columns:
         raise ConfigError("label", label, f"one of the source's columns {sorted(columns)}")
     if features is None:
-        features = [c for c in columns if c != label]
+        features = [c for c in columns if c not in (label, exclude)]
     elif isinstance(features, str) or not isinstance(features, Sequence):
         raise ConfigError("features", features, "a list of column names or None")
     features = list(features)
@@ -170,6 +236,10 @@ def _choose_columns(
         )
     if label in features:
         raise ConfigError("features", features, f"columns other than the label {label!r}")
+    if exclude is not None and exclude in features:
+        raise ConfigError(
+            "features", features, f"columns other than the group_by column {exclude!r}"
+        )
     if not features:
         raise ConfigError("features", features, "at least one input column besides the label")
     return features
@@ -211,20 +281,21 @@ def _validation_rows(num_rows: int, validation: float, num_shards: int, dropped:
 def _write_shards(
     out: Path,
     stored: Mapping[str, np.ndarray],
-    splits: Mapping[str, np.ndarray],
+    splits: Mapping[str, Sequence[np.ndarray]],
     shards: range,
     created: list[Path],
     after: str = "",
 ) -> tuple[dict[str, Any], str]:
-    """Write each split's rows as the shards numbered ``shards`` under ``out``; their names, row
-    counts and content digests, and a checksum of them all (chained to the checksum ``after`` of
-    the shards before them, when a dataset grows)."""
+    """Write each split's rows as the shards numbered ``shards`` under ``out`` (``splits``:
+    one array of row indices per shard); their names, row counts and content digests, and a
+    checksum of them all (chained to the checksum ``after`` of the shards before them, when a
+    dataset grows)."""
     digest = hashlib.sha256(after.encode())
     split_meta = {}
     for split, rows in splits.items():
         folder.make_folder(out / split, created)
         names, counts, digests = [], [], []
-        for shard, shard_rows in zip(shards, np.array_split(rows, len(shards))):
+        for shard, shard_rows in zip(shards, rows, strict=True):
             name = f"{split}/shard-{shard:05d}.parquet"
             if not (out / name).exists():  # undo removes only what this call made
                 created.append(out / name)

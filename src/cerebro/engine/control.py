@@ -102,8 +102,12 @@ class Controller:
 
     def models(self) -> pd.DataFrame:
         """One row per model: id, status, origin, parent, epochs done, budget, the ranking
-        metric's last value, params."""
+        metric's last value, params; and ``group`` when the experiment trains one model per
+        group (``per_group=True``)."""
+        from .groups import PerGroup
+
         records = self._store.snapshot()
+        groups = PerGroup.recorded(records.events)
         done: dict[int, int] = {}
         last: dict[int, float | None] = {}
         for row in records.epochs:
@@ -119,6 +123,7 @@ class Controller:
                 "max_epochs": m["max_epochs"] or self.epochs,
                 self.metric: last.get(m["model_id"]),
                 "params": m["params"],
+                **({"group": groups.get(m["model_id"], (None,))[0]} if groups else {}),
             }
             for m in records.models
         ]

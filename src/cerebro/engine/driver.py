@@ -41,6 +41,7 @@ from ..trackers import Standing, Tracker
 from .building import ModelBuilder
 from .durability import Durability
 from .grouping import Fusion, Grouping
+from .groups import PerGroup
 from .identity import Fingerprints
 from .lifecycle import Lifecycle, Proposal
 from .materializing import FeaturePlanner, Materialize
@@ -75,6 +76,7 @@ class RunConfig:
     materialize: Materialize | None = None  # None: frozen prefixes run on every batch
     features_dir: str = ""  # where workers keep frozen prefixes' outputs
     durable_lag: int = 2  # hops a model's current state may run ahead of its state file
+    per_group: bool = False  # one model per group of the dataset and configuration
 
     @property
     def search_epochs(self) -> int | None:
@@ -110,6 +112,7 @@ class Driver:
                 config.fusion or (Fusion() if config.materialize is not None else None),
                 config.deterministic,
             ),
+            PerGroup.of(config.dataset) if config.per_group else None,
         )
         self.builder = ModelBuilder(
             config.build,

@@ -60,6 +60,7 @@ from ..trackers.tensorboard import available as tensorboard_available
 from . import identity
 from .driver import Driver, RunConfig
 from .grouping import Fusion, fusion_option
+from .groups import per_group_option
 from .materializing import Materialize, materialize_option
 from .result import BUILD_FILE, Result
 
@@ -157,6 +158,16 @@ class Experiment:
             an int: on that port, 0 for any free one); its URL, with the token, is printed
             when the run starts and kept as ``exp.dashboard_url``. A port in use is refused
             here, before any work. Needs ``pip install cerebro[dashboard]``.
+        per_group: with a dataset prepared with ``group_by``, ``True`` trains every
+            configuration the search proposes as one model per group, each trained and
+            validated only on its group's shards, all scheduled together by MOP. The search
+            and scheduler see one trial per configuration, whose metrics are the row-weighted
+            mean over its groups (a ``val_*`` metric weighted by validation rows, a ``train_*``
+            one by training rows); with a scheduler, a group model that finishes an epoch
+            first waits for its configuration's other groups, and the decision applies to all;
+            ``early_stopping`` compares a model with the other models of its group. Results:
+            :attr:`Result.best_by_group`, and a ``group`` column in ``Result.history`` and
+            ``Result.leaderboard()``. ``False`` (default): one model per configuration.
 
     With an adaptive search (:class:`cerebro.ASHA`, :class:`cerebro.Hyperband`, ...), ``epochs``
     is the most any model trains. While it runs, :func:`cerebro.control` (or the ``cerebro``
@@ -200,6 +211,7 @@ class Experiment:
         durable_lag: int = 2,
         trackers: Sequence[Tracker] | None = None,
         dashboard: bool | int = False,
+        per_group: bool = False,
     ) -> None:
         if not callable(build):
             raise ConfigError("build", build, "a function build(params) -> cerebro.ModelSpec")
@@ -251,6 +263,7 @@ class Experiment:
         self.tensorboard = tensorboard_available() if tensorboard is None else tensorboard
         check_bool("deterministic", deterministic)
         self.fusion = fusion_option(fusion)
+        self.per_group = per_group_option(per_group, dataset)
         self.materialize = materialize_option(materialize)
         self.durable_lag = check_int("durable_lag", durable_lag, minimum=0, unit="hops")
         if not isinstance(resume, str) or resume not in ("auto", "force"):
@@ -379,6 +392,7 @@ class Experiment:
                 features_dir=(self.materialize and self.materialize.folder)
                 or os.path.join(os.path.abspath(self.path), "features"),
                 durable_lag=self.durable_lag,
+                per_group=self.per_group,
             )
             trackers: list[Tracker] = [RunProgress(self.progress, self.metric, self.mode)]
             if self.tensorboard:
@@ -592,6 +606,7 @@ class Experiment:
             "fusion": dataclasses.asdict(self.fusion) if self.fusion is not None else None,
             # On or off changes results within float32 rounding; the budget only speed.
             "materialize": True if self.materialize is not None else None,
+            "per_group": True if self.per_group else None,  # None: as records from before
             "command": _launch_command(),
             "path": os.path.abspath(self.path),
             "checkpoint_dir": (
@@ -631,6 +646,7 @@ _IDENTITY = (
     "deterministic",
     "fusion",
     "materialize",
+    "per_group",
 )
 
 

@@ -120,22 +120,46 @@ class Lifecycle:
         for a configuration that cannot train; otherwise it is registered as failed)."""
         trials = self.roster.trials() if trials is None else trials
         proposals = []
+        groups = self.roster.groups
         for params in self.search.propose(trials):
-            model = self.roster.new(dict(params), origin=Origin.SEARCH)
-            initial = self.builder.initial_state(model.model_id, model.params, strict)
-            proposals.append(Proposal(model, initial))
+            if groups is None:
+                models = [self.roster.new(dict(params), origin=Origin.SEARCH)]
+            else:  # one model per group, all of one configuration
+                number = self.roster.configuration_count()
+                models = [
+                    self.roster.new(
+                        dict(params), origin=Origin.SEARCH, group=name, configuration=number
+                    )
+                    for name in groups.names
+                ]
+            for model in models:
+                initial = self.builder.initial_state(model.model_id, model.params, strict)
+                proposals.append(Proposal(model, initial))
         return proposals
 
     def new_model(
         self, params: dict[str, Any], origin: Origin, parent: int | None, max_epochs: int | None
     ) -> ModelRun:
-        return self.roster.new(params, origin=origin, parent=parent, max_epochs=max_epochs)
+        """A model a person adds or clones; with ``per_group=True`` a clone trains on its
+        source's group, as a configuration of its own."""
+        fields: dict[str, Any] = {}
+        if self.roster.groups is not None and parent is not None:
+            fields = dict(
+                group=self.roster[parent].group, configuration=self.roster.configuration_count()
+            )
+        return self.roster.new(
+            params, origin=origin, parent=parent, max_epochs=max_epochs, **fields
+        )
 
     def add(self, proposals: list[Proposal]) -> None:
         """Write each new model's initial state and record; a model that could not be built
         (or whose state could not be written) is recorded as failed."""
         for proposal in proposals:
             self._register(proposal.model, proposal.initial)
+            if self.roster.groups is not None:  # which group it is, for results and a restart
+                self.store.add_event(
+                    EventKind.GROUP_MODEL.value, **self.roster.groups.event(proposal.model)
+                )
         self._enroll(proposals)
         self.trackers.plan(self.roster.units_total())
 
@@ -265,8 +289,9 @@ class Lifecycle:
         model.busy = False
         model.last_worker = worker_id
         if model.status is RUNNING and not model.remaining:
-            if model.phase is UnitKind.TRAIN and self.roster.val_shards:
-                model.phase, model.remaining = UnitKind.EVAL, sorted(self.roster.val_shards)
+            val_shards = self.roster.val_shards_of(model)
+            if model.phase is UnitKind.TRAIN and val_shards:
+                model.phase, model.remaining = UnitKind.EVAL, sorted(val_shards)
             else:
                 self.finish_epoch(model)
 
@@ -303,7 +328,17 @@ class Lifecycle:
 
     def decide(self, model: ModelRun, fresh: bool, trials: list[Trial] | None = None) -> Decision:
         """Ask the early-stopping rule (after a new epoch only), then the scheduler (or the
-        search, when it schedules itself)."""
+        search, when it schedules itself). With ``per_group=True`` the configuration decides
+        for all its group models (see :mod:`.groups`)."""
+        if self.roster.groups is not None:
+            return self.roster.groups.decide(
+                model,
+                fresh,
+                list(self.roster),
+                self.decider,
+                self.early_stopping,
+                self.roster.budget,
+            )
         trials = self.roster.trials() if trials is None else trials
         trial = next(t for t in trials if t.model_id == model.model_id)
         rule = self.early_stopping
@@ -342,7 +377,8 @@ class Lifecycle:
             self.set_status(model, status, event=event)
             if decision.action is Action.EXPLOIT:
                 self.exploit(model, decision)
-            trials[position[model.model_id]] = self.roster.trial(model)
+            if self.roster.groups is None:  # per group, decide() reads the roster itself
+                trials[position[model.model_id]] = self.roster.trial(model)
 
     def prune_waiting(self) -> bool:
         """Prune models still paused when no running model or new proposal can decide them."""

@@ -27,6 +27,7 @@ from ..store import RecordStore, checkpoints
 from ..store.checkpoint_keeper import CheckpointKeeper
 from ..store.records import Snapshot, jsonable
 from .building import ModelBuilder
+from .groups import PerGroup
 from .lifecycle import Lifecycle
 from .roster import ModelRun, Roster
 
@@ -115,8 +116,10 @@ class Recovery:
             history.setdefault(row["model_id"], []).append(
                 {"epoch": row["epoch"], **row["metrics"]}
             )
+        groups = PerGroup.recorded(records.events) if self.roster.groups is not None else {}
         for row in records.models:
             model = self._model_from(row, history.get(row["model_id"], []))
+            model.group, model.configuration = groups.get(model.model_id, (None, None))
             self.roster.models[model.model_id] = model
             remove_partial_writes(model.folder)
             saved = [c for c in records.checkpoints if c["model_id"] == model.model_id]
@@ -168,7 +171,10 @@ class Recovery:
             self.lifecycle.rekey(model)
         model.version = model.durable_version = counters.version
         point = resume_point(
-            counters, len(model.history), len(self.roster.train_shards), self.roster.budget(model)
+            counters,
+            len(model.history),
+            len(self.roster.train_shards_of(model)),
+            self.roster.budget(model),
         )
         model.epoch = point.epoch
         if point.completed:
@@ -181,9 +187,10 @@ class Recovery:
             model.train.add(hop.shard, hop.rows, hop.sums)
             if hop.shard not in recorded:
                 self.lifecycle.record_hop(model.model_id, model.epoch, UnitKind.TRAIN, hop)
-        model.units_done = len(model.history) * self.roster.units_per_epoch + len(point.hops)
+        per_epoch = self.roster.units_per_epoch_of(model)
+        model.units_done = len(model.history) * per_epoch + len(point.hops)
         if point.trained:
-            model.phase, model.remaining = UnitKind.EVAL, sorted(self.roster.val_shards)
+            model.phase, model.remaining = UnitKind.EVAL, sorted(self.roster.val_shards_of(model))
             if not model.remaining:
                 self.lifecycle.finish_epoch(model)
         else:

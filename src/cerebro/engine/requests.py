@@ -231,6 +231,14 @@ class RequestApplier:
         return {"epochs": epochs, "status": model.status.value}
 
     def _add(self, params: dict[str, Any], epochs: Any) -> dict[str, Any]:
+        if self.roster.groups is not None:
+            raise ConfigError(
+                "op",
+                "add",
+                "stop, resume, clone or set_epochs in an experiment with per_group=True",
+                hint="adding one configuration as a model per group is not supported yet; "
+                "clone a group's model instead",
+            )
         epochs = check_epochs_option(epochs)
         model = self.lifecycle.new_model(dict(params), Origin.ADD, None, epochs)
         initial = self.builder.initial_state(model.model_id, model.params, strict=False)

@@ -19,6 +19,7 @@ from ..kinds import ModelStatus
 from ..store import RecordStore, place
 from ..store.checkpoints import state_path
 from ..store.records import reading
+from .groups import PerGroup
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ModelRecord:
         error: the traceback of a failed model.
         origin: "search", or "add"/"clone" for models a person added.
         parent: the source of a clone.
+        group: with ``Experiment(per_group=True)``, the group whose shards it trained on.
+        configuration: with ``per_group=True``, the configuration it is one of (0, 1, ...).
     """
 
     id: int
@@ -46,6 +49,8 @@ class ModelRecord:
     error: str | None = None
     origin: str = "search"
     parent: int | None = None
+    group: Any = None
+    configuration: int | None = None
 
 
 class Result:
@@ -80,6 +85,7 @@ class Result:
             epochs_by_model.setdefault(row["model_id"], []).append(
                 {"epoch": row["epoch"], **row["metrics"]}
             )
+        groups = PerGroup.recorded(records.events)
         self.models: list[ModelRecord] = [
             ModelRecord(
                 id=row["model_id"],
@@ -90,6 +96,8 @@ class Result:
                 error=row["error"],
                 origin=row["origin"] or "search",
                 parent=row["parent"],
+                group=groups.get(row["model_id"], (None, None))[0],
+                configuration=groups.get(row["model_id"], (None, None))[1],
             )
             for row in records.models
         ]
@@ -103,9 +111,22 @@ class Result:
         the unit that ran it; missing in records from before units had ids)."""
 
     @property
+    def grouped(self) -> bool:
+        """Whether the experiment trained one model per group (``per_group=True``)."""
+        return any(m.group is not None for m in self.models)
+
+    def _group_columns(self, m: ModelRecord) -> dict[str, Any]:
+        return {"group": m.group, "configuration": m.configuration} if self.grouped else {}
+
+    @property
     def history(self) -> pd.DataFrame:
-        """One row per (model, epoch): model_id, epoch, train_loss, val_loss, train_<m>, val_<m>."""
-        rows = [{"model_id": m.id, **h} for m in self.models for h in m.history]
+        """One row per (model, epoch): model_id, epoch, train_loss, val_loss, train_<m>, val_<m>;
+        with ``per_group=True`` also ``group`` and ``configuration`` after ``model_id``."""
+        rows = [
+            {"model_id": m.id, **self._group_columns(m), **h}
+            for m in self.models
+            for h in m.history
+        ]
         frame = pd.DataFrame(rows)
         if frame.empty:
             return pd.DataFrame(columns=["model_id", "epoch"])
@@ -125,6 +146,23 @@ class Result:
         """The completed model with the best last-epoch ``metric`` (None if no model completed)."""
         ranked = [m for m in self.ranked() if m.status == ModelStatus.COMPLETED]
         return ranked[0] if ranked else None
+
+    @property
+    def best_by_group(self) -> dict[Any, ModelRecord]:
+        """With ``per_group=True``: each group's completed model with the best last-epoch
+        ``metric`` (ties: the lower id), by group in the dataset's order; a group none of whose
+        models completed with the metric is left out. Empty for an experiment without groups.
+
+        Example:
+            >>> for group, model in result.best_by_group.items():     # doctest: +SKIP
+            ...     print(group, model.id, model.params, model.metrics["val_accuracy"])
+        """
+        best: dict[Any, ModelRecord] = {}
+        for model in self.ranked():  # best first
+            if model.group is not None and model.status == ModelStatus.COMPLETED:
+                best.setdefault(model.group, model)
+        order = {g: i for i, g in enumerate(dict.fromkeys(m.group for m in self.models))}
+        return dict(sorted(best.items(), key=lambda item: order[item[0]]))
 
     @property
     def fused_models(self) -> frozenset[int]:
@@ -161,7 +199,8 @@ class Result:
 
     def leaderboard(self) -> pd.DataFrame:
         """A table of every model: id, status, params and last-epoch metrics, best first
-        (and ``fused``: whether it trained in a fused unit, when any model did)."""
+        (and ``fused``: whether it trained in a fused unit, when any model did; ``group`` and
+        ``configuration`` with ``per_group=True``)."""
         ranked_ids = [m.id for m in self.ranked()]
         order = ranked_ids + [m.id for m in self.models if m.id not in ranked_ids]
         by_id = {m.id: m for m in self.models}
@@ -169,6 +208,7 @@ class Result:
         rows = [
             {
                 "model_id": i,
+                **self._group_columns(by_id[i]),
                 "status": by_id[i].status,
                 **({"fused": i in fused} if fused else {}),
                 **by_id[i].params,

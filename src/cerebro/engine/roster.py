@@ -16,6 +16,7 @@ from ..kinds import ModelStatus, Origin, UnitKind
 from ..search import Trial
 from ..store.checkpoints import state_path
 from .grouping import Grouping
+from .groups import PerGroup
 from .scheduler import ModelSlot
 
 
@@ -75,6 +76,8 @@ class ModelRun:
     origin: Origin = Origin.SEARCH
     parent: int | None = None  # a clone's source
     max_epochs: int | None = None  # its own budget, set by a person; None: the search's
+    group: Any = None  # per_group=True: the group whose shards it trains on
+    configuration: int | None = None  # per_group=True: which configuration it is (0, 1, ...)
 
     @property
     def folder(self) -> str:
@@ -100,6 +103,8 @@ class Roster:
             models, None if it has no limit of its own.
         seed, deterministic: deterministic mode fixes each epoch's shard order by the seed.
         grouping: which models may hop together (default: none, one model per unit).
+        groups: ``per_group=True``: each model trains on its group's shards only, and the
+            search sees one trial per configuration (see :mod:`.groups`).
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class Roster:
         seed: int,
         deterministic: bool,
         grouping: Grouping | None = None,
+        groups: PerGroup | None = None,
     ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.train_shards = frozenset(range(num_shards))
@@ -121,6 +127,7 @@ class Roster:
         self.seed = seed
         self.deterministic = deterministic
         self.grouping = grouping or Grouping(None, deterministic)
+        self.groups = groups
         self.models: dict[int, ModelRun] = {}
         self._bundles: dict[int, list[int]] = {}  # the units slots() offered, by slot id
         self.changed = True  # models started, ended or paused since the search was last asked
@@ -162,11 +169,31 @@ class Roster:
     def units_per_epoch(self) -> int:
         return len(self.train_shards) + len(self.val_shards)
 
+    def train_shards_of(self, model: ModelRun) -> frozenset[int]:
+        """The training shards the model visits each epoch: all, or its group's."""
+        if self.groups is None or model.group is None:
+            return self.train_shards
+        return self.groups[model.group].train
+
+    def val_shards_of(self, model: ModelRun) -> frozenset[int]:
+        """The validation shards (with rows) it is evaluated on: all, or its group's."""
+        if self.groups is None or model.group is None:
+            return self.val_shards
+        return self.groups[model.group].val
+
+    def units_per_epoch_of(self, model: ModelRun) -> int:
+        return len(self.train_shards_of(model)) + len(self.val_shards_of(model))
+
+    def configuration_count(self) -> int:
+        """Configurations so far (per_group=True): the next one's number."""
+        numbers = [m.configuration for m in self.models.values() if m.configuration is not None]
+        return max(numbers, default=-1) + 1
+
     def train_order(self, model: ModelRun) -> list[int]:
         """The shards of the model's current epoch. Deterministic mode fixes their order by
         (seed, model, epoch), a fused cohort's by its anchor; free mode lets the scheduler take
         them in any order."""
-        shards = sorted(self.train_shards)
+        shards = sorted(self.train_shards_of(model))
         if not self.deterministic:
             return shards
         anchor = self.grouping.anchor(model.model_id)
@@ -175,7 +202,7 @@ class Roster:
     def units_total(self) -> int:
         """Units the run will have done: all of each live model's, what ended ones did."""
         return sum(
-            m.units_done if m.status.ended_early else self.budget(m) * self.units_per_epoch
+            m.units_done if m.status.ended_early else self.budget(m) * self.units_per_epoch_of(m)
             for m in self.models.values()
         )
 
@@ -185,7 +212,7 @@ class Roster:
             model.busy
             or model.epoch > len(model.history)
             or model.phase is not UnitKind.TRAIN
-            or len(model.remaining) < len(self.train_shards)
+            or len(model.remaining) < len(self.train_shards_of(model))
         )
 
     # What the search and the scheduler see -----------------------------------------------------
@@ -201,6 +228,10 @@ class Roster:
         )
 
     def trials(self) -> list[Trial]:
+        """What the search sees: one trial per model, or with ``per_group=True`` one per
+        configuration (its metrics aggregated over groups, see :mod:`.groups`)."""
+        if self.groups is not None:
+            return self.groups.trials(self.models.values(), self.budget)
         return [self.trial(m) for m in self.models.values()]
 
     def schedulable(self) -> bool:
@@ -236,8 +267,9 @@ class Roster:
         return [self.models[i] for i in self._bundles.get(slot_id, [slot_id])]
 
     def _work_left(self, m: ModelRun) -> int:
-        later = max(self.budget(m) - m.epoch - 1, 0) * self.units_per_epoch
-        return later + len(m.remaining) + (len(self.val_shards) if m.phase is UnitKind.TRAIN else 0)
+        later = max(self.budget(m) - m.epoch - 1, 0) * self.units_per_epoch_of(m)
+        val = len(self.val_shards_of(m)) if m.phase is UnitKind.TRAIN else 0
+        return later + len(m.remaining) + val
 
     def _eligible(self, model: ModelRun) -> frozenset[int]:
         if self.deterministic and model.phase is UnitKind.TRAIN and model.remaining:
