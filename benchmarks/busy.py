@@ -8,7 +8,9 @@ a model selection goes. Three workloads, each run once per ``durable_lag`` in on
   2 workers;
 - ``tiny``: 32 tiny MLPs (width 8-16) x 2 epochs on digits, 2 workers (``overhead.py``'s);
 - ``6mlp``: 6 small MLPs (32-64-10) x 3 epochs on synthetic data, 5 shards of 480 training
-  rows, 3 workers.
+  rows, 3 workers;
+- ``10M``: ``mop_scaling.py``'s 2 MLPs of 10M parameters (123 MB states), 2 workers: where the
+  lag matters, since writing a state file takes far longer than handing it over.
 
 The baseline is ``durable_lag=0``: every new state written to its state file before its model
 hops on (what every hop cost before states were handed over in memory). Reported per run:
@@ -19,7 +21,7 @@ hops on (what every hop cost before states were handed over in memory). Reported
 - durable_ms: mean time a state file took to write (off the critical path unless lag 0);
 
 Usage:
-    python benchmarks/busy.py              # 3 workloads x 4 lags, ~3 min on 2 cores
+    python benchmarks/busy.py              # 4 workloads x 4 lags, ~4 min on 2 cores
     python benchmarks/busy.py --quick      # a smoke run, writes nothing unless --out
 """
 
@@ -42,6 +44,9 @@ from torch import nn
 import cerebro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from mop_scaling import hop_delays  # noqa: E402  (a sibling script, not a package)
+
 LAGS = (0, 1, 2, 4)
 GOAL = 0.8  # busy fraction the workloads should reach with the default lag
 
@@ -57,6 +62,12 @@ WORKLOADS = {
     "demo": Workload("demo", 2, "8 configurations of `cerebro demo` x 5 epochs, digits"),
     "tiny": Workload("tiny", 2, "32 tiny MLPs x 2 epochs, digits (overhead.py's)"),
     "6mlp": Workload("6mlp", 3, "6 MLPs 32-64-10 x 3 epochs, 5 shards x 480 training rows"),
+    "10M": Workload(
+        "10M",
+        2,
+        "mop_scaling.py's 10M-parameter hop workload (2 MLPs, 123 MB states), where "
+        "writing a state file takes longer than a memcpy of it by far",
+    ),
 }
 
 
@@ -71,10 +82,9 @@ def small_mlp(params: dict[str, Any]) -> cerebro.ModelSpec:
 
 
 def experiment(name: str, root: str, lag: int, quick: bool) -> cerebro.Experiment:
-    from cerebro.demo import SPACE, build
-
-    sys.path.insert(0, HERE)
     from overhead import tiny_space
+
+    from cerebro.demo import SPACE, build
 
     w = WORKLOADS[name]
     backend = cerebro.LocalBackend(workers=w.workers, threads_per_worker=1)
@@ -87,6 +97,17 @@ def experiment(name: str, root: str, lag: int, quick: bool) -> cerebro.Experimen
         progress=False,
         durable_lag=lag,
     )
+    if name == "10M":
+        import mop_scaling
+
+        hops = mop_scaling.QUICK_HOPS["0.1M"] if quick else mop_scaling.HOP_WORKLOADS["10M"]
+        dataset = _DATASETS.get(name) or mop_scaling.make_dataset(hops, root)
+        _DATASETS[name] = dataset
+        grid = cerebro.GridSearch({"cfg": cerebro.choice(list(range(hops.num_models)))})
+        return cerebro.Experiment(
+            mop_scaling._ConfigBuild(mop_scaling.configurations(hops)), dataset, grid,
+            epochs=hops.epochs, **common,
+        )  # fmt: skip
     if name == "6mlp":
         rng = np.random.default_rng(0)
         rows = 600 * 5  # 20% validation: 480 training rows per shard
@@ -133,6 +154,7 @@ def measure(name: str, root: str, lag: int, quick: bool) -> dict[str, Any]:
     for _, group in hops.sort_values("start").groupby("worker"):
         gaps += list(group.start.to_numpy()[1:] - group.end.to_numpy()[:-1])
     train = hops[hops.kind == "train"]
+    moved, stayed = hop_delays(hops)
     return {
         "workload": name,
         "workers": w.workers,
@@ -143,6 +165,8 @@ def measure(name: str, root: str, lag: int, quick: bool) -> dict[str, Any]:
         "median_gap_ms": round(1000 * float(np.median(gaps)), 2),
         "load_ms": round(1000 * float(train.load_s.mean()), 2),
         "durable_ms": round(1000 * float(train.save_s.dropna().mean()), 2),
+        "moved_hop_ms": round(1000 * float(np.mean(moved)), 2) if moved else None,
+        "stayed_hop_ms": round(1000 * float(np.mean(stayed)), 2) if stayed else None,
         "span_s": round(float(span), 2),
         "busy": round(float((hops.end - hops.start).sum() / (w.workers * span)), 3),
     }
@@ -166,8 +190,11 @@ def table(rows: list[dict[str, Any]], quick: bool) -> str:
         "`durable_lag=0` is the baseline: each state is written to its file before its model "
         "hops on. `busy` = unit time / (workers x span); `gap_ms` = mean wait of a worker "
         "between two units; `load_ms` = a training unit's time bringing its state in; "
-        "`durable_ms` = a state file's write (behind the model, unless lag 0). A crash of the "
-        "whole run costs at most `durable_lag` hops per model.",
+        "`durable_ms` = a state file's write (behind the model, unless lag 0); `moved_hop_ms` / "
+        "`stayed_hop_ms` = what a training hop adds to the critical path, from when both its "
+        "model and its worker were free to the start of its computation, for hops that change "
+        "worker / stay (mop_scaling.py's `hop_delays`). A crash of the whole run costs at most "
+        "`durable_lag` hops per model.",
         "",
         frame.to_markdown(index=False),
         "",

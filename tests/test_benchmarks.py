@@ -80,7 +80,7 @@ def test_transfer_quick_runs_every_approach():
 def test_busy_quick_writes_a_row_per_workload_and_lag(tmp_path):
     done = _run_quick("busy.py", "--out", str(tmp_path))
     table = (tmp_path / "busy.md").read_text()
-    for workload in ("demo", "tiny", "6mlp"):
+    for workload in ("demo", "tiny", "6mlp", "10M"):
         rows = [line for line in table.splitlines() if line.startswith(f"| {workload} ")]
         assert len(rows) == 4, table  # durable_lag 0, 1, 2 and 4
     assert "busy_vs_lag0" in table and done.stdout
