@@ -135,8 +135,8 @@ class PerGroup:
     ) -> Decision:
         """What a group model does after an epoch (or while paused): see the module."""
         if fresh and early_stopping is not None:
-            mine = [_own_trial(m, budget) for m in models if m.group == model.group]
-            reason = early_stopping.should_stop(_own_trial(model, budget), mine)
+            mine = [m.trial(budget(m)) for m in models if m.group == model.group]
+            reason = early_stopping.should_stop(model.trial(budget(model)), mine)
             if reason:
                 return Decision(
                     Action.STOP,
@@ -223,17 +223,6 @@ def configuration_status(statuses: Sequence[ModelStatus]) -> ModelStatus:
     if all(s is ModelStatus.FAILED for s in statuses):
         return ModelStatus.FAILED
     return ModelStatus.PRUNED if ModelStatus.PRUNED in statuses else ModelStatus.STOPPED
-
-
-def _own_trial(model: ModelRun, budget: Any) -> Trial:
-    return Trial(
-        model.model_id,
-        dict(model.params),
-        model.status,
-        list(model.history),
-        origin=model.origin,
-        max_epochs=budget(model),
-    )
 
 
 def per_group_option(per_group: Any, dataset: Dataset) -> bool:

@@ -84,6 +84,17 @@ class ModelRun:
         """Where the model's state and epoch checkpoints live."""
         return os.path.dirname(self.state_path)
 
+    def trial(self, max_epochs: int | None) -> Trial:
+        """What a search sees of this model, trained for at most ``max_epochs``."""
+        return Trial(
+            self.model_id,
+            dict(self.params),
+            self.status,
+            list(self.history),
+            origin=self.origin,
+            max_epochs=max_epochs,
+        )
+
     def start_epoch(self, train_order: list[int]) -> None:
         """Begin the next epoch's training phase (sums of the last one are cleared)."""
         self.train, self.val = SplitSums(), SplitSums()
@@ -218,14 +229,7 @@ class Roster:
     # What the search and the scheduler see -----------------------------------------------------
 
     def trial(self, model: ModelRun) -> Trial:
-        return Trial(
-            model.model_id,
-            dict(model.params),
-            model.status,
-            list(model.history),
-            origin=model.origin,
-            max_epochs=self.budget(model),
-        )
+        return model.trial(self.budget(model))
 
     def trials(self) -> list[Trial]:
         """What the search sees: one trial per model, or with ``per_group=True`` one per
