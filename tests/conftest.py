@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -124,6 +127,23 @@ def assert_same_hops(result: cerebro.Result, reference: cerebro.Result) -> None:
         result.hops[key].sort_values(key, ignore_index=True),
         reference.hops[key].sort_values(key, ignore_index=True),
     )
+
+
+def kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
+    """Run ``python script path``, SIGKILL it once ``min_train_hops`` training hops are
+    recorded (it must not have finished), and read what it left at ``path``."""
+    victim = subprocess.Popen([sys.executable, str(script), str(path)])
+    try:
+        reached = wait_for_train_hops(
+            path, min_train_hops, timeout=240, still=lambda: victim.poll() is None
+        )
+        assert victim.poll() is None, "the run finished before it could be killed"
+        assert reached
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before the kill landed"
+    return cerebro.load(path)
 
 
 def wait_for_train_hops(

@@ -429,11 +429,10 @@ def test_a_per_group_run_killed_mid_run_resumes_with_its_groups_and_the_same_res
     unfinished group model on its own group's shards only, and ends bit for bit as a run that
     was never interrupted (deterministic mode)."""
     import os
-    import signal
     import subprocess
     import sys
 
-    from conftest import assert_same_results, wait_for_train_hops
+    from conftest import assert_same_results, kill_mid_run
 
     ds, _ = grouped
     groups = {g.name: g for g in ds.groups}
@@ -455,18 +454,7 @@ def test_a_per_group_run_killed_mid_run_resumes_with_its_groups_and_the_same_res
     total_train_hops = sum(len(g.shards) for g in ds.groups) * 3 * 3  # shards x configs x epochs
 
     crashed = tmp_path / "crashed"
-    victim = subprocess.Popen([sys.executable, str(script), str(crashed)])
-    try:
-        reached = wait_for_train_hops(
-            crashed, total_train_hops // 2, timeout=240, still=lambda: victim.poll() is None
-        )
-        assert victim.poll() is None, "the run finished before it could be killed"
-        assert reached
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before the kill landed"
-    at_kill = cerebro.load(crashed)
+    at_kill = kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
     assert at_kill.experiment["status"] == "interrupted"
     assert [m for m in at_kill.models if m.status != "completed"], "the kill came too late"
     killed_hops = len(at_kill.hops)

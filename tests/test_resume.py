@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ import pytest
 from conftest import (
     assert_same_hops,
     assert_same_results,
+    kill_mid_run,
     small_experiment,
     state_equal,
-    wait_for_train_hops,
 )
 
 import cerebro
@@ -61,21 +60,6 @@ def _run(script, path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def _kill_mid_run(script, path, min_train_hops: int) -> cerebro.Result:
-    victim = subprocess.Popen([sys.executable, str(script), str(path)])
-    try:
-        reached = wait_for_train_hops(
-            path, min_train_hops, timeout=240, still=lambda: victim.poll() is None
-        )
-        assert victim.poll() is None, "the run finished before it could be killed"
-        assert reached
-    finally:
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before the kill landed"
-    return cerebro.load(path)
-
-
 @pytest.mark.parametrize(
     "how",
     [
@@ -102,7 +86,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_identical_results(script, tmp_pa
         script = tmp_path / "run_on_ray.py"
         script.write_text(_script_text(digits, backend="RayBackend"))
     crashed = tmp_path / "crashed"
-    at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
+    at_kill = kill_mid_run(script, crashed, min_train_hops=total_train_hops // 2)
     # It died without saying so; no driver holds the path's lock, so readers say interrupted.
     assert at_kill.experiment["status"] == "interrupted"
     unfinished = [m for m in at_kill.models if m.status != "completed"]
@@ -213,7 +197,7 @@ def test_a_lost_state_file_restarts_its_model_from_a_good_checkpoint(
     crashed = tmp_path / "crashed"
     # At a third, the kill usually lands between an epoch's end and the record of its
     # checkpoint's checksum: a checkpoint corrupted then must not be trusted on resume.
-    at_kill = _kill_mid_run(script, crashed, min_train_hops=total_train_hops // 3)
+    at_kill = kill_mid_run(script, crashed, min_train_hops=total_train_hops // 3)
     unfinished = [m for m in at_kill.models if m.status != "completed"]
     assert unfinished, "the kill came too late to test anything"
     victim = max(unfinished, key=lambda m: len(m.history))
@@ -253,7 +237,7 @@ def test_a_model_whose_local_files_are_all_lost_recovers_from_the_checkpoint_mir
     _run(script, uninterrupted)
     crashed = tmp_path / "crashed"
     total_train_hops = MODELS * EPOCHS * digits.num_shards
-    at_kill = _kill_mid_run(mirrored, crashed, min_train_hops=total_train_hops * 2 // 3)
+    at_kill = kill_mid_run(mirrored, crashed, min_train_hops=total_train_hops * 2 // 3)
     unfinished = [m for m in at_kill.models if m.status != "completed"]
     assert unfinished, "the kill came too late to test anything"
     victim = max(unfinished, key=lambda m: len(m.history))
@@ -286,7 +270,7 @@ def test_sigkill_then_rerun_with_checkpoints_at_an_fsspec_url(script, tmp_path, 
     _run(script, uninterrupted)
     crashed = tmp_path / "crashed"
     total_train_hops = MODELS * EPOCHS * digits.num_shards
-    at_kill = _kill_mid_run(at_url, crashed, min_train_hops=total_train_hops // 2)
+    at_kill = kill_mid_run(at_url, crashed, min_train_hops=total_train_hops // 2)
     assert any(m.status != "completed" for m in at_kill.models), "the kill came too late"
     _run(at_url, crashed)
     _assert_same_results(crashed, uninterrupted)
