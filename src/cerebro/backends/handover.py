@@ -45,7 +45,7 @@ class HandoverFolder:
 
     Example:
         >>> folder = HandoverFolder(budget_mb=64)
-        >>> os.path.basename(folder.file_for(3, 7))
+        >>> os.path.basename(handover_file(folder.path, 3, 7))
         'model-00003-v7.pt'
         >>> folder.path.startswith("/dev/shm/")  # where the machine has it
         True
@@ -60,9 +60,6 @@ class HandoverFolder:
             self.budget = int(shutil.disk_usage(self.path).total * _SHARE_OF_SHM)
         else:
             self.budget = budget_mb * 2**20
-
-    def file_for(self, model_id: int, version: int) -> str:
-        return handover_file(self.path, model_id, version)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -164,7 +161,7 @@ class DurableWriter:
         # Older files go once this copy is made, on the writer's thread: deleting a file costs
         # about 0.5 ms, time the driver's loop would take from scheduling.
 
-    def newest(self, model_id: int, version: int) -> str | None:
+    def file_of(self, model_id: int, version: int) -> str | None:
         """The handover file of ``model_id`` at ``version``, if there is one."""
         with self._lock:
             files = self._models.get(model_id)

@@ -97,8 +97,8 @@ class LocalBackend(Backend):
         self._processes: dict[int, WorkerProcess] = {}
         self._pending: list[Event] = []
         self._watchdog = Watchdog(self.worker_timeout)
-        self._busy: set[int] = set()  # workers running a unit
-        self._running: dict[int, collections.deque[Unit]] = {}  # by worker, in order sent
+        # Units sent to each worker and not done yet, in order sent: it runs the first.
+        self._running: dict[int, collections.deque[Unit]] = {}
         self._handover: HandoverFolder | None = None
         self._writer: DurableWriter | None = None
         self._saved: list[StateSaved] = []  # reported by the writer's thread
@@ -209,7 +209,6 @@ class LocalBackend(Backend):
                     message = process.conn.recv()
                     self._watchdog.heard(worker_id, now)
                     if isinstance(message, UnitDone):
-                        self._busy.discard(worker_id)
                         self._watchdog.unit_took(message.end - message.start)
                         self._handed_over(worker_id, message)
                     if not isinstance(message, _Heartbeat):
@@ -259,12 +258,11 @@ class LocalBackend(Backend):
         return infos, others
 
     def _handed_over(self, worker_id: int, done: UnitDone) -> None:
-        """A unit's new states are in their handover files: have them copied to the state
-        files (a state written straight to its state file is durable already)."""
+        """The worker's first unit is done and its new states are in their handover files:
+        have them copied to the state files (one written straight to its state file is durable
+        already)."""
         running = self._running.get(worker_id)
         unit = running.popleft() if running else None
-        if running:
-            self._busy.add(worker_id)  # it starts the next unit it holds at once
         if unit is None or self._writer is None:
             return
         for member in unit.members:
@@ -299,12 +297,11 @@ class LocalBackend(Backend):
     def submit(self, unit: Unit) -> None:
         if self._writer is not None:  # members whose state is handed over start from there
             members = tuple(
-                dataclasses.replace(m, source=self._writer.newest(m.model_id, m.version))
+                dataclasses.replace(m, source=self._writer.file_of(m.model_id, m.version))
                 for m in unit.members
             )
             unit = dataclasses.replace(unit, members=members)
         self._running.setdefault(unit.worker_id, collections.deque()).append(unit)
-        self._busy.add(unit.worker_id)
         self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
         # A worker that died since the last poll: the next poll reports it lost, with this unit.
         with contextlib.suppress(OSError):
@@ -316,14 +313,14 @@ class LocalBackend(Backend):
         messages, dead = self._receive(0 if events else timeout, ignore=set())
         events += [message for _, message in messages]  # what a dead worker sent comes first
         events += self._take_saved()
-        stuck = set(self._watchdog.silent(self._busy, time.monotonic())) - dead
+        busy = {w for w, units in self._running.items() if units}
+        stuck = set(self._watchdog.silent(busy, time.monotonic())) - dead
         for worker_id in sorted(dead | stuck):
             process = self._processes[worker_id]
             process.kill()  # its pipe broke, or it is stuck: make sure it is gone first
             process.join(timeout=5)
             exitcode = process.exitcode
             process.close()
-            self._busy.discard(worker_id)
             for unit in self._running.pop(worker_id, ()):  # what it may have half-written
                 self._forget_outputs(unit)
             self._launch(worker_id)
@@ -410,7 +407,7 @@ def worker_main(conn: mp_connection.Connection) -> None:
         return
     boot.adopt()
     config = boot.config
-    sending = threading.Lock()  # the main thread and state-writing threads share the pipe
+    sending = threading.Lock()  # the main thread and the heartbeat thread share the pipe
 
     def send(message: Any) -> None:
         with sending, contextlib.suppress(OSError):  # the driver is gone: this worker ends too
