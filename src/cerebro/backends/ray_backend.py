@@ -52,10 +52,10 @@ from .base import (
     UnitDone,
     WorkerInfo,
     WorkerLost,
-    Written,
     check_worker_options,
     check_workers_fit_shards,
 )
+from .handover import write_states
 from .shipping import pickle_build
 from .watchdog import Watchdog, check_worker_timeout
 from .worker import WorkerConfig, WorkerRuntime
@@ -583,18 +583,13 @@ class _WorkerActor:
         if not done.ok and unfetched:  # the file did not hold that version either
             return dataclasses.replace(done, states_lost=tuple(unfetched)), {}
         refs: dict[int, Any] = {}
-        written: dict[int, Written] = {}
-        for member in unit.members:
-            snapshot = snapshots.get(member.model_id)
-            if snapshot is None:
-                continue
+        unpublished: dict[int, dict[str, Any]] = {}
+        for model_id, snapshot in snapshots.items():
             try:
-                refs[member.model_id] = ray.put(to_object_store(snapshot))
+                refs[model_id] = ray.put(to_object_store(snapshot))
             except (ray.exceptions.RayError, MemoryError):
-                # Not published (object store full, say): it hops through its state file.
-                began = time.perf_counter()
-                training.save_state(snapshot, member.state_path)
-                written[member.model_id] = Written(member.state_path, time.perf_counter() - began)
+                unpublished[model_id] = snapshot  # object store full, say: through its file
+        written = write_states(unit, unpublished, folder=None, budget=0)
         if refs:
             with self._lock:
                 self._saves[unit.unit_id] = self._writer.submit(_write_published, unit, refs)
