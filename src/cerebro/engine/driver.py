@@ -45,7 +45,7 @@ from .groups import PerGroup
 from .identity import Fingerprints
 from .lifecycle import Lifecycle, Proposal
 from .materializing import FeaturePlanner, Materialize
-from .recovery import Recovery
+from .recovery import Recovery, resume_point
 from .requests import RequestApplier
 from .roster import ModelRun, Roster, SplitSums
 from .scheduler import WorkerSlot, place_shards, schedule
@@ -467,15 +467,21 @@ class Driver:
             lost_version=model.version,
             version=counters.version,
         )
-        visited = counters.visited if counters.epoch == model.epoch and counters.version else []
-        self.store.delete_hops(model.model_id, model.epoch, keep_train_shards=visited)
+        # An epoch ends on a durable state, so the file is of this epoch (or the last one's end).
+        point = resume_point(
+            counters,
+            len(model.history),
+            len(self.roster.train_shards_of(model)),
+            self.roster.budget(model),
+        )
+        self.store.delete_hops(model.model_id, point.epoch, keep_train_shards=point.visited)
         self.durability.forget(model.model_id, counters.version)
         model.version = model.durable_version = counters.version
         model.busy, model.waiting, model.waiting_with = False, None, ()
         model.phase, model.train = UnitKind.TRAIN, SplitSums()
-        for hop in counters.hops if visited else ():
+        for hop in point.hops:
             model.train.add(hop.shard, hop.rows, hop.sums)
-        model.remaining = [s for s in self.roster.train_order(model) if s not in visited]
+        model.remaining = [s for s in self.roster.train_order(model) if s not in point.visited]
         self.requests.unit_over(model)
 
     # Display -------------------------------------------------------------------------------------
