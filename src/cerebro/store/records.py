@@ -676,11 +676,8 @@ class RecordStore:
             "metrics": metrics,
             "unit": unit,
         }
-        if self._batch is not None:
-            self._queued.hops.append(row)
-            return
-        with self._begin() as conn:
-            conn.execute(insert(hops), [row])
+        self._queued.hops.append(row)
+        self._write_queued()
 
     def add_event(self, kind: str, **detail: Any) -> None:
         """Something that happened to the run as a whole (e.g. a worker was lost)."""
@@ -832,26 +829,18 @@ class RecordStore:
     def set_durable_version(self, model_id: int, version: int) -> None:
         """The newest version of the model's state in its state file."""
         self._queued.durable[model_id] = version
-        if self._batch is None:
-            with self._begin() as conn:
-                self._flush(conn)
+        self._write_queued()
 
     def set_hop_save_time(self, model_id: int, epoch: int, shard: int, save_s: float) -> None:
-        if self._batch is not None:
-            self._queued.save_times.append({"m": model_id, "e": epoch, "s": shard, "t": save_s})
-            return
-        with self._begin() as conn:
-            conn.execute(
-                update(hops)
-                .where(
-                    hops.c.experiment_id == self.experiment_id,
-                    hops.c.model_id == model_id,
-                    hops.c.epoch == epoch,
-                    hops.c.shard == shard,
-                    hops.c.kind == "train",
-                )
-                .values(save_s=save_s)
-            )
+        self._queued.save_times.append({"m": model_id, "e": epoch, "s": shard, "t": save_s})
+        self._write_queued()
+
+    def _write_queued(self) -> None:
+        """Outside a batch, what was just queued is written at once, in its own transaction
+        (inside one, at the batch's end)."""
+        if self._batch is None:
+            with self.engine.begin() as conn:
+                self._flush(conn)
 
     # Reading ---------------------------------------------------------------------------------
 
