@@ -28,6 +28,7 @@ import os
 import pickle
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -57,15 +58,21 @@ def is_statefile(head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
+def tensors_in(state: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``state`` (dicts, lists and tuples of them and plain values)."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from tensors_in(value)
+    elif isinstance(state, list | tuple):
+        for value in state:
+            yield from tensors_in(value)
+
+
 def writable(state: Any) -> bool:
     """Whether every tensor in ``state`` is a dense CPU tensor (what this format holds)."""
-    if isinstance(state, torch.Tensor):
-        return state.layout is torch.strided and state.device.type == "cpu"
-    if isinstance(state, dict):
-        return all(writable(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return all(writable(v) for v in state)
-    return True
+    return all(t.layout is torch.strided and t.device.type == "cpu" for t in tensors_in(state))
 
 
 def write_to(state: Any, f: BinaryIO) -> None:

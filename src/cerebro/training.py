@@ -214,13 +214,7 @@ def _without_zip_crc() -> Iterator[None]:
 
 def state_nbytes(state: Any) -> int:
     """Bytes of the tensors in a state (what writing it moves)."""
-    if isinstance(state, torch.Tensor):
-        return state.nbytes
-    if isinstance(state, dict):
-        return sum(state_nbytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(state_nbytes(v) for v in state)
-    return 0
+    return sum(t.nbytes for t in statefile.tensors_in(state))
 
 
 def load_state(path: str) -> dict[str, Any]:
