@@ -248,7 +248,9 @@ class FeaturePlanner:
         for model_id, f in sorted(self._facts.items()):
             for depth in range(len(f.chain) + 1):
                 choices.append((model_id, depth))
-                cost.append(self.epochs * self.rows * sum(f.row_seconds[depth:]))
+                # One measurement per depth (``own``), the same one the keeping cost uses: two
+                # models' timings of a shared layer differ by noise, which would flip near-ties.
+                cost.append(self.epochs * self.rows * sum(own[d] for d in f.chain[depth:]))
         n = len(nodes) + len(choices)
         rows: list[np.ndarray] = []
         lower: list[float] = []
