@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builders
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import assert_same_results, make_backend, small_experiment
@@ -13,7 +14,7 @@ from conftest import assert_same_results, make_backend, small_experiment
 import cerebro
 from cerebro import training
 from cerebro.engine.materializing import FeaturePlanner, Materialize, PrefixFacts
-from cerebro.techniques.prefix import chain, cut
+from cerebro.techniques.prefix import chain, cut, run_layers
 
 WEIGHTS = "weights.pt"
 
@@ -33,6 +34,34 @@ def pretrained(tmp_path_factory, digits_arrays) -> str:
     path = tmp_path_factory.mktemp("pretrained") / WEIGHTS
     torch.save(net.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def exact(pretrained, digits_arrays) -> bool:
+    """Whether this CPU's kernels give each row of the prefix the same bits whatever the batch
+    (one thread, as in a worker): the batches of 32 an end-to-end replay runs against the
+    larger chunks kept features are computed in. Some CPUs' kernels (seen with AVX-512) round
+    by batch: there the comparisons below allow float32 rounding instead of equal bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows in (300, 359):  # a shard's rows: chunks of 256, the last one partial
+            x = torch.tensor(digits_arrays["x"][:rows])
+            for depth in (3, 6, 8):
+                frozen = builders.transfer({"weights": pretrained, "freeze": depth}).frozen
+                assert frozen is not None
+                chunked = run_layers(list(frozen), x)
+                with torch.no_grad():
+                    batched = torch.cat([frozen(x[i : i + 32]) for i in range(0, rows, 32)])
+                if not torch.equal(chunked, batched):
+                    return False
+    finally:
+        torch.set_num_threads(threads)
+    return True
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
+    return torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
 def _space(weights: str, freeze=(3, 6, 8), **more) -> dict:
@@ -59,12 +88,14 @@ def _visits(result: cerebro.Result, model_id: int, epochs: int) -> list[list[int
     return [list(hops[hops.epoch == e].shard) for e in range(epochs)]
 
 
-def test_materialized_training_equals_training_with_the_prefix_frozen(digits, tmp_path, pretrained):
+def test_materialized_training_equals_training_with_the_prefix_frozen(
+    digits, tmp_path, pretrained, exact
+):
     """Each configuration, trained on kept features, equals the same configuration trained in
     one process over the same shards in the same order with its prefix run on every batch
-    (``requires_grad`` off, eval mode): bit for bit, since on this CPU the prefix's kernels
-    (conv, linear, pooling on one thread) give each row the same bits whatever the batch. If
-    another machine's kernels round by batch, expect float32 rounding here instead."""
+    (``requires_grad`` off, eval mode): bit for bit where the prefix's kernels (conv, linear,
+    pooling on one thread) give each row the same bits whatever the batch (``exact``), else up
+    to float32 rounding."""
     result = _run(digits, tmp_path / "run", pretrained, True)
     assert {m.status for m in result.models} == {"completed"}
     shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
@@ -75,7 +106,7 @@ def test_materialized_training_equals_training_with_the_prefix_frozen(digits, tm
         trained = result.load_model(record.id)
         assert isinstance(trained, torch.nn.Sequential) and len(trained) == 2  # frozen + model
         for name, tensor in alone.model.state_dict().items():
-            assert torch.equal(trained[1].state_dict()[name], tensor), (record.id, name)
+            assert _same(trained[1].state_dict()[name], tensor, exact), (record.id, name)
 
 
 def test_each_cut_and_shard_is_computed_once_across_configurations_and_epochs(
@@ -96,26 +127,33 @@ def test_each_cut_and_shard_is_computed_once_across_configurations_and_epochs(
 
 
 def test_unlimited_budget_gives_the_results_of_materialize_off_bit_for_bit(
-    digits, tmp_path, pretrained
+    digits, tmp_path, pretrained, exact
 ):
     """Each configuration reads its own kept depth and trains alone, in the shard order it has
-    without materialization: the same records and weights as current practice (on this CPU,
-    whose kernels give each row the same bits whatever the batch: see above)."""
+    without materialization: the same records and weights as current practice (bit for bit
+    where the kernels give each row the same bits whatever the batch: see above)."""
     on = _run(digits, tmp_path / "on", pretrained, True)
     off = _run(digits, tmp_path / "off", pretrained, False)
     assert off.materialized.empty and not on.materialized.empty
     assert not on.fused_models
-    assert_same_results(on, off)
+    if exact:
+        assert_same_results(on, off)
+        return
+    pd.testing.assert_frame_equal(on.history, off.history, rtol=1e-3, atol=1e-5)
+    for record in off.models:
+        for name, tensor in off.load_model(record.id).state_dict().items():
+            assert _same(on.load_model(record.id).state_dict()[name], tensor, exact), name
 
 
 @pytest.mark.slow  # four selections (the default run stays under 10 minutes)
 @pytest.mark.parametrize("fraction", [0.25, 0.0])
 def test_under_a_budget_each_model_still_trains_as_with_its_prefix_frozen(
-    digits, tmp_path, pretrained, fraction
+    digits, tmp_path, pretrained, fraction, exact
 ):
     """A quarter of the storage (or none): fewer depths kept, the others computed from the
     nearest kept depth below in each unit, which configurations of one prefix share. Features
-    are computed in fixed chunks, so each model still equals its end-to-end replay."""
+    are computed in fixed chunks, so each model still equals its end-to-end replay (up to
+    float32 rounding where kernels round by batch: see ``exact``)."""
     need = _run(digits, tmp_path / "full", pretrained, True).materialized.bytes.sum()
     result = _run(
         digits, tmp_path / "run", pretrained, Materialize(budget_mb=fraction * need / 2**20)
@@ -130,7 +168,7 @@ def test_under_a_budget_each_model_still_trains_as_with_its_prefix_frozen(
         )
         trained = result.load_model(record.id)[1].state_dict()
         for name, tensor in alone.model.state_dict().items():
-            assert torch.equal(trained[name], tensor), (record.id, name)
+            assert _same(trained[name], tensor, exact), (record.id, name)
 
 
 def test_configurations_sharing_a_prefix_train_in_one_unit(digits, tmp_path, pretrained):
