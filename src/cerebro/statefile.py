@@ -75,8 +75,17 @@ def writable(state: Any) -> bool:
     return all(t.layout is torch.strided and t.device.type == "cpu" for t in tensors_in(state))
 
 
-def write_to(state: Any, f: BinaryIO) -> None:
-    """Write ``state`` (dicts, lists and tuples of tensors and plain values) to ``f``."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where a state's parts go in a file: its header (the pickle of its skeleton) and each
+    tensor's bytes, in order."""
+
+    header: bytes
+    tensors: tuple[torch.Tensor, ...]
+    refs: tuple[_TensorRef, ...]
+
+
+def _layout(state: Any) -> _Layout:
     tensors: list[torch.Tensor] = []
     refs: list[_TensorRef] = []
     offset = 0
@@ -84,7 +93,7 @@ def write_to(state: Any, f: BinaryIO) -> None:
     def swap(value: Any) -> Any:
         nonlocal offset
         if isinstance(value, torch.Tensor):
-            tensor = value.detach().contiguous()
+            tensor = value.detach()
             refs.append(_TensorRef(offset, tensor.nbytes, str(tensor.dtype), tuple(tensor.shape)))
             tensors.append(tensor)
             offset += _aligned(tensor.nbytes)
@@ -100,14 +109,60 @@ def write_to(state: Any, f: BinaryIO) -> None:
         _Unpickler(io.BytesIO(header)).load()
     except pickle.UnpicklingError as e:
         raise Unsupported(str(e)) from e
+    return _Layout(header, tuple(tensors), tuple(refs))
+
+
+def write_to(state: Any, f: BinaryIO, header_room: int = 0) -> None:
+    """Write ``state`` (dicts, lists and tuples of tensors and plain values) to ``f``.
+
+    ``header_room``: bytes left free after the header, so that :func:`rewrite` can later put a
+    longer header (more hops recorded, say) in the same file without moving its tensors.
+    """
+    layout = _layout(state)
     f.write(MAGIC)
-    f.write(_LENGTH.pack(len(header)))
-    f.write(header)
-    f.write(b"\0" * (_aligned(f.tell()) - f.tell()))
-    for tensor in tensors:
+    f.write(_LENGTH.pack(len(layout.header) + header_room))
+    f.write(layout.header)
+    f.write(b"\0" * (_aligned(f.tell() + header_room) - f.tell()))
+    for tensor in layout.tensors:
         if tensor.nbytes:
-            f.write(memoryview(_bytes_of(tensor)))
+            f.write(memoryview(_bytes_of(tensor.contiguous())))
         f.write(b"\0" * (_aligned(tensor.nbytes) - tensor.nbytes))
+
+
+def rewrite(buffer: Any, state: Any) -> bool:
+    """Write ``state`` over the state file mapped writable in ``buffer``, in place, if it has
+    the same tensors (types and shapes, in the same order) and its header fits the room the
+    file has; tensors that already are views of ``buffer`` at their place are not copied.
+    Returns False, writing nothing, where it does not fit (write a new file then).
+
+    Example:
+        >>> data = io.BytesIO()
+        >>> write_to({"w": torch.zeros(3), "step": 1}, data, header_room=64)
+        >>> mapped = bytearray(data.getvalue())
+        >>> state = read_from(mapped)
+        >>> _ = state["w"].add_(2.0)  # a view of the file's bytes: trained in place
+        >>> rewrite(mapped, {"w": state["w"], "step": 2})
+        True
+        >>> read_from(mapped)["w"].tolist(), read_from(mapped)["step"]
+        ([2.0, 2.0, 2.0], 2)
+        >>> rewrite(mapped, {"w": torch.zeros(4), "step": 3})  # another shape: a new file
+        False
+    """
+    view = memoryview(buffer)
+    room, data = _header_span(view)
+    layout = _layout(state)
+    if len(layout.header) > room or layout.refs != _refs_of(view):
+        return False
+    for tensor, ref in zip(layout.tensors, layout.refs, strict=True):
+        if not ref.nbytes:
+            continue
+        place = _view_of(view, data, ref)
+        if tensor.data_ptr() != place.data_ptr() or not tensor.is_contiguous():
+            place.copy_(tensor)
+    start = len(MAGIC) + _LENGTH.size
+    view[start : start + len(layout.header)] = layout.header
+    view[start + len(layout.header) : start + room] = bytes(room - len(layout.header))
+    return True
 
 
 def write(state: Any, path: str) -> None:
@@ -127,27 +182,63 @@ def read(path: str) -> Any:
 def read_from(buffer: Any) -> Any:
     """A state from the bytes of a state file (``bytes`` or a writable mapping)."""
     view = memoryview(buffer)
+    if not view.readonly:
+        return _fill(_skeleton(view), view)
+    return _fill(_skeleton(view), memoryview(bytearray(view)))
+
+
+def _header_span(view: memoryview) -> tuple[int, int]:
+    """The header's room (bytes) and where the tensors' bytes begin."""
     if not is_statefile(bytes(view[: len(MAGIC)])):
         raise pickle.UnpicklingError("not a cerebro state file (no magic line)")
     start = len(MAGIC) + _LENGTH.size
     if len(view) < start:
         raise EOFError("state file is truncated")
     (length,) = _LENGTH.unpack(view[len(MAGIC) : start])
-    skeleton = _Unpickler(io.BytesIO(view[start : start + length])).load()
-    data = _aligned(start + length)
-    writable_view = view if not view.readonly else memoryview(bytearray(view))
+    return length, _aligned(start + length)
+
+
+def _skeleton(view: memoryview) -> Any:
+    length, _ = _header_span(view)
+    start = len(MAGIC) + _LENGTH.size
+    # The pickle ends at its STOP opcode: the room after it is ignored.
+    return _Unpickler(io.BytesIO(view[start : start + length])).load()
+
+
+def _refs_of(view: memoryview) -> tuple[_TensorRef, ...]:
+    refs: list[_TensorRef] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, _TensorRef):
+            refs.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v)
+
+    walk(_skeleton(view))
+    return tuple(refs)
+
+
+def _view_of(view: memoryview, data: int, ref: _TensorRef) -> torch.Tensor:
+    begin = data + ref.offset
+    if begin + ref.nbytes > len(view):
+        raise EOFError("state file is truncated")
+    dtype = _dtype(ref.dtype)
+    if not ref.nbytes:
+        return torch.empty(ref.shape, dtype=dtype)
+    raw = torch.frombuffer(view, dtype=torch.uint8, count=ref.nbytes, offset=begin)
+    return raw.view(dtype).view(ref.shape)
+
+
+def _fill(skeleton: Any, view: memoryview) -> Any:
+    _, data = _header_span(view)
 
     def fill(value: Any) -> Any:
         if isinstance(value, _TensorRef):
-            begin = data + value.offset
-            if begin + value.nbytes > len(writable_view):
-                raise EOFError("state file is truncated")
-            dtype = _dtype(value.dtype)
-            if not value.nbytes:
-                return torch.empty(value.shape, dtype=dtype)
-            raw = torch.frombuffer(writable_view, dtype=torch.uint8, count=value.nbytes,
-                                   offset=begin)  # fmt: skip
-            return raw.view(dtype).view(value.shape)
+            return _view_of(view, data, value)
         if isinstance(value, dict):
             return type(value)((k, fill(v)) for k, v in value.items())
         if isinstance(value, list | tuple):

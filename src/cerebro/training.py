@@ -125,6 +125,64 @@ def restore_state(spec: ModelSpec, state: dict[str, Any], device: torch.device) 
         spec.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
 
+def can_bind(spec: ModelSpec, state: dict[str, Any]) -> bool:
+    """Whether :func:`bind_state` can make ``spec`` use ``state``'s tensors as its own: the
+    state holds exactly the model's parameters and buffers, of their shapes and types, on the
+    model's device."""
+    tensors = _bindable_tensors(spec)
+    saved = state["model"]
+    return saved.keys() == tensors.keys() and all(
+        isinstance(value, torch.Tensor)
+        and value.shape == tensors[key].shape
+        and value.dtype == tensors[key].dtype
+        and value.device == tensors[key].device
+        for key, value in saved.items()
+    )
+
+
+def bind_state(spec: ModelSpec, state: dict[str, Any]) -> None:
+    """Make ``spec``'s objects hold ``state``'s tensors themselves, not copies (see
+    :func:`can_bind`): training then updates them in place. Its weights and buffers become
+    views of the state's, and so does the optimizer's state (``load_state_dict`` keeps tensors
+    already of the parameter's type and device).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> spec = ModelSpec(model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                  loss=torch.nn.MSELoss(), batch_size=4)
+        >>> state = capture_state(spec, {"version": 0}, _CPU)
+        >>> state["model"] = {k: v.clone() for k, v in state["model"].items()}
+        >>> can_bind(spec, state)
+        True
+        >>> bind_state(spec, state)
+        >>> _ = state["model"]["bias"].fill_(5.0)  # the model's own bias now
+        >>> model.bias.item()
+        5.0
+    """
+    tensors = _bindable_tensors(spec)
+    for key, value in state["model"].items():
+        tensors[key].data = value
+    spec.optimizer.load_state_dict(state["optimizer"])
+    if spec.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+        spec.lr_scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def _bindable_tensors(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    model = spec.model
+    found: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    found.update(
+        (name, buffer)
+        for name, buffer in model.named_buffers(remove_duplicate=False)
+        if name.rpartition(".")[2] not in _non_persistent(model, name)
+    )
+    return found
+
+
+def _non_persistent(model: torch.nn.Module, name: str) -> set[str]:
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return set(owner._non_persistent_buffers_set)
+
+
 def _copied(value: torch.Tensor, into: Any) -> torch.Tensor:
     """``value`` copied into the tensor ``into`` when it fits, else into a new one."""
     if (

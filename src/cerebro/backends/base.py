@@ -35,8 +35,10 @@ class UnitMember:
 
     ``state_path`` is the model's durable state file; ``source``, set by a backend that handed
     the state at ``version`` over in memory, is where the worker reads it instead (None: from
-    the state file). ``shuffle_seed`` orders the shard's rows for this model; ``rng_seed``
-    (deterministic mode) seeds torch before its hop instead of the RNG state it carries.
+    the state file); ``target``, set by such a backend for a training unit, is the slot file
+    the worker writes the new state to (see :mod:`.slots`). ``shuffle_seed`` orders the shard's
+    rows for this model; ``rng_seed`` (deterministic mode) seeds torch before its hop instead of
+    the RNG state it carries.
     """
 
     model_id: int
@@ -46,6 +48,7 @@ class UnitMember:
     shuffle_seed: int = 0
     rng_seed: int | None = None
     source: str | None = None
+    target: str | None = None
 
 
 @dataclass(frozen=True)

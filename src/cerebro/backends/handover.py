@@ -1,12 +1,13 @@
 """Hand-over of model states between the workers of one machine, and their durable copies.
 
-After a training unit, a worker writes each member's new state to a *handover file* in shared
-memory (``/dev/shm``), then reports the unit done: the next worker reads the state from there,
-at memory speed, without waiting for a disk. Meanwhile a :class:`DurableWriter` in the driver's
-process copies each handed-over state to the model's state file (the durable copy that resume,
-clone, PBT and results read), newest version first, on a background thread. A handover file is
-deleted once a newer version of its model is handed over and its own durable copy is written
-(or skipped for the newer one).
+A model's states take turns in a few *slot files* in shared memory (``/dev/shm``; see
+:mod:`.slots`): a worker trains the model in place in the slot the driver gave its unit as
+target and reports the unit done; the next worker copies the state from there, at memory speed,
+without waiting for a disk. Meanwhile a :class:`DurableWriter` in the driver's process copies
+each handed-over state to the model's state file (the durable copy that resume, clone, PBT and
+results read), newest version first, on a background thread. A slot is free again once a newer
+state of its model is handed over and its own durable copy is written (or skipped for the
+newer one); a few free ones stay for the model's next states, the others are deleted.
 
 The folder has a byte budget: a state that does not fit is written straight to the model's
 state file instead (a slower hop, never a lost one).
@@ -29,6 +30,7 @@ from typing import Any
 from .. import training
 from ..files import replace_atomically
 from .base import StateSaved, Unit, Written
+from .slots import SlotMaps
 
 # Share of the shared-memory filesystem a run's handover files may take by default.
 _SHARE_OF_SHM = 0.5
@@ -45,8 +47,8 @@ class HandoverFolder:
 
     Example:
         >>> folder = HandoverFolder(budget_mb=64)
-        >>> os.path.basename(handover_file(folder.path, 3, 7))
-        'model-00003-v7.pt'
+        >>> os.path.basename(slot_file(folder.path, 3, 0))
+        'model-00003-s0.pt'
         >>> folder.path.startswith("/dev/shm/")  # where the machine has it
         True
         >>> folder.close(); os.path.exists(folder.path)
@@ -65,9 +67,9 @@ class HandoverFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def handover_file(folder: str, model_id: int, version: int) -> str:
-    """The handover file of a model's state at ``version``."""
-    return os.path.join(folder, f"model-{model_id:05d}-v{version}.pt")
+def slot_file(folder: str, model_id: int, slot: int) -> str:
+    """The path of one of a model's slot files (see :mod:`.slots`)."""
+    return os.path.join(folder, f"model-{model_id:05d}-s{slot}.pt")
 
 
 def _shared_memory_root() -> str | None:
@@ -78,35 +80,29 @@ def _shared_memory_root() -> str | None:
 
 
 def write_states(
-    unit: Unit, snapshots: dict[int, dict[str, Any]], folder: str | None, budget: int
+    unit: Unit, snapshots: dict[int, dict[str, Any]], slots: SlotMaps | None
 ) -> dict[int, Written]:
-    """Write each member's new state (``snapshots``, by model id) to its handover file in
-    ``folder``, or, when the folder has no room left for it (or there is none), straight to
-    its durable state file."""
+    """Write each member's new state (``snapshots``, by model id) to its target slot (in
+    place where it was trained there), or, where it has none or the handover folder has no
+    room left for it, straight to its durable state file."""
     written = {}
     for member in unit.members:
         snapshot = snapshots.get(member.model_id)
         if snapshot is None:
             continue  # it failed alone: nothing of it changed
         began = time.perf_counter()
-        if folder is not None and _fits(folder, snapshot, budget):
-            path = handover_file(folder, member.model_id, member.version + 1)
+        target = member.target
+        if (
+            target is not None
+            and slots is not None
+            and (slots.hand_over(target, snapshot) or slots.write_new(target, snapshot))
+        ):
+            path = target
         else:
             path = member.state_path
-        training.save_state(snapshot, path)
+            training.save_state(snapshot, path)
         written[member.model_id] = Written(path, time.perf_counter() - began)
     return written
-
-
-def _fits(folder: str, snapshot: dict[str, Any], budget: int) -> bool:
-    size = training.state_nbytes(snapshot)
-    used = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by the driver
-                used += entry.stat().st_size
-    free = shutil.disk_usage(folder).free
-    return used + size <= budget and size < free
 
 
 @dataclass
@@ -117,12 +113,19 @@ class _Copy:
     target: str
 
 
+# Free slot files a model keeps for its next states (more are deleted).
+_SPARE_SLOTS = 2
+
+
 @dataclass
 class _ModelFiles:
-    """One model's handover files, as the driver's side of a backend tracks them."""
+    """One model's slot files, as the driver's side of a backend tracks them."""
 
-    files: dict[int, str] = field(default_factory=dict)  # by version
+    files: dict[int, str] = field(default_factory=dict)  # handed-over states, by version
     copying: set[int] = field(default_factory=set)  # versions the writer still needs
+    leased: set[str] = field(default_factory=set)  # targets of units running
+    free: list[str] = field(default_factory=list)  # slots no state needs
+    made: int = 0  # slot files named so far
     released: bool = False
 
 
@@ -151,6 +154,10 @@ class DurableWriter:
         with self._lock:
             files = self._models.setdefault(model_id, _ModelFiles())
             files.released = False  # a stopped model a person resumed trains again
+            files.leased.discard(path)
+            # Versions trained again (replayed after a roll-back) supersede the files of the
+            # first run's: the writer may be copying one, so they are deleted, never reused.
+            superseded = [files.files.pop(v) for v in list(files.files) if v >= version]
             files.files[version] = path
             files.copying.add(version)
             replaced = self._queue.pop(model_id, None)
@@ -158,6 +165,10 @@ class DurableWriter:
                 files.copying.discard(replaced.version)
             self._queue[model_id] = _Copy(model_id, version, path, target)
             self._lock.notify_all()
+        for stale in superseded:
+            if stale != path:
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
         # Older files go once this copy is made, on the writer's thread: deleting a file costs
         # about 0.5 ms, time the driver's loop would take from scheduling.
 
@@ -167,14 +178,30 @@ class DurableWriter:
             files = self._models.get(model_id)
             return None if files is None else files.files.get(version)
 
-    def forget(self, model_id: int, version: int) -> None:
-        """A handover file a lost unit may have left (its state was never reported)."""
+    def target_for(self, model_id: int, folder: str) -> str:
+        """A slot file of ``model_id`` in ``folder`` that no state needs, for a unit to write
+        the model's next state to (a new name when it has none free)."""
+        with self._lock:
+            files = self._models.setdefault(model_id, _ModelFiles())
+            files.released = False
+            if files.free:
+                path = files.free.pop()
+            else:
+                path = slot_file(folder, model_id, files.made)
+                files.made += 1
+            files.leased.add(path)
+            return path
+
+    def unlease(self, model_id: int, path: str) -> None:
+        """A unit's target slot holds no handed-over state (the unit failed, was lost, or
+        wrote its state elsewhere): the slot is free again."""
         with self._lock:
             files = self._models.get(model_id)
-            path = None if files is None else files.files.pop(version, None)
-        if path is not None:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+            if files is None or path not in files.leased:
+                return
+            files.leased.discard(path)
+            files.free.append(path)
+        self._prune(model_id)
 
     def release(self, model_id: int) -> None:
         """The model trains no more: its files go once their copies are written."""
@@ -237,8 +264,9 @@ class DurableWriter:
         )  # fmt: skip
 
     def _prune(self, model_id: int) -> None:
-        """Delete the model's handover files nothing needs: older than its newest (or all, once
-        it is released) and not waiting for their durable copy."""
+        """Free the model's slots no state needs: those of versions older than its newest (all,
+        once it is released) not waiting for their durable copy. A few free ones are kept
+        for its next states; the others (all, once it is released) are deleted."""
         with self._lock:
             files = self._models.get(model_id)
             if files is None:
@@ -247,8 +275,10 @@ class DurableWriter:
             doomed = [
                 v for v in files.files if v not in files.copying and (v != newest or files.released)
             ]
-            paths = [files.files.pop(v) for v in doomed]
-            if files.released and not files.files:
+            files.free += [files.files.pop(v) for v in doomed]
+            keep = 0 if files.released else _SPARE_SLOTS
+            paths, files.free = files.free[keep:], files.free[:keep]
+            if files.released and not files.files and not files.leased:
                 del self._models[model_id]
         for path in paths:
             with contextlib.suppress(OSError):

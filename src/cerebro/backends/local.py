@@ -3,9 +3,9 @@
 Each worker is a separate process that loads its shards once and keeps them for the whole run.
 Workers are forked from cerebro's template process (:mod:`.process_template`), never started by
 importing the user's main module, so plain scripts, ``python -``/``-c``, IPython and notebooks
-all work. Data never moves; model states move between workers through handover files in shared
-memory, and a thread of the driver's process copies each to the model's durable state file
-behind them (see :mod:`.handover`).
+all work. Data never moves; model states move between workers through slot files in shared
+memory that they train in place, and a thread of the driver's process copies each to the
+model's durable state file behind them (see :mod:`.handover` and :mod:`.slots`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, WorkerError, check_int
+from ..kinds import UnitKind
 from .allocator import tune_malloc_for_training
 from .base import (
     Backend,
@@ -267,22 +268,27 @@ class LocalBackend(Backend):
             return
         for member in unit.members:
             written = done.written.get(member.model_id)
-            if written is None:
+            if written is not None and written.path == member.target:
+                self._writer.handed_over(
+                    member.model_id, member.version + 1, written.path, member.state_path
+                )
                 continue
-            version = member.version + 1
-            if written.path == member.state_path:
+            if member.target is not None:  # it failed, or its state went to its state file
+                self._writer.unlease(member.model_id, member.target)
+            if written is not None:
                 saved = StateSaved(
-                    member.model_id, version, True, written.seconds, path=written.path
+                    member.model_id, member.version + 1, True, written.seconds, path=written.path
                 )
                 with self._saved_lock:
                     self._saved.append(saved)
-            else:
-                self._writer.handed_over(member.model_id, version, written.path, member.state_path)
 
     def _forget_outputs(self, unit: Unit) -> None:
+        """A unit lost with its worker: what it may have half-written in its targets is no
+        state of anyone's."""
         if self._writer is not None:
             for member in unit.members:
-                self._writer.forget(member.model_id, member.version + 1)
+                if member.target is not None:
+                    self._writer.unlease(member.model_id, member.target)
 
     def _take_saved(self) -> list[Event]:
         if self._wake_r >= 0:
@@ -296,8 +302,15 @@ class LocalBackend(Backend):
 
     def submit(self, unit: Unit) -> None:
         if self._writer is not None:  # members whose state is handed over start from there
+            writer = self._writer
+            folder = self._handover.path if self._handover is not None else None
+            training = unit.kind is UnitKind.TRAIN
             members = tuple(
-                dataclasses.replace(m, source=self._writer.file_of(m.model_id, m.version))
+                dataclasses.replace(
+                    m,
+                    source=writer.file_of(m.model_id, m.version),
+                    target=writer.target_for(m.model_id, folder) if folder and training else None,
+                )
                 for m in unit.members
             )
             unit = dataclasses.replace(unit, members=members)
@@ -443,7 +456,7 @@ def _hand_over(
     """Write a training unit's new states where the next worker reads them, before the unit
     is reported done (so the model may hop on at once)."""
     try:
-        written = write_states(unit, snapshots, config.handover_dir, config.handover_budget)
+        written = write_states(unit, snapshots, runtime.slots)
     except Exception:
         runtime.forget(unit.model_ids)  # its objects are ahead of every state written
         error = f"writing the new states failed:\n{traceback.format_exc()}"

@@ -589,7 +589,7 @@ class _WorkerActor:
                 refs[model_id] = ray.put(to_object_store(snapshot))
             except (ray.exceptions.RayError, MemoryError):
                 unpublished[model_id] = snapshot  # object store full, say: through its file
-        written = write_states(unit, unpublished, folder=None, budget=0)
+        written = write_states(unit, unpublished, slots=None)
         if refs:
             with self._lock:
                 self._saves[unit.unit_id] = self._writer.submit(_write_published, unit, refs)

@@ -28,6 +28,7 @@ from ..techniques.features import Materialization
 from ..techniques.materialized import FeatureStore
 from .base import MemberResult, Unit, UnitDone, UnitMember, WorkerInfo
 from .shipping import load_build
+from .slots import SlotMaps
 
 _in_worker = False
 
@@ -82,6 +83,9 @@ class WorkerRuntime:
         _in_worker = True  # before user modules are imported: they may call Experiment.run()
         self.build = load_build(config.build)
         self.cache_budget = config.model_cache_mb * 2**20
+        self.slots = (
+            SlotMaps(config.handover_dir, config.handover_budget) if config.handover_dir else None
+        )
         self._cache: OrderedDict[int, ModelInHand] = OrderedDict()
         dataset = Dataset.open(config.dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
@@ -108,6 +112,7 @@ class WorkerRuntime:
         entry = self._cache.get(member.model_id)
         return (
             entry is None
+            or entry.bound
             or entry.params != member.params
             or entry.counters.version != member.version
         )
@@ -134,7 +139,11 @@ class WorkerRuntime:
             runner = runner_for(unit.technique)
             runner.check(len(unit.members))
             in_unit = frozenset(unit.model_ids)
-            models = [self._bring_in(m, states.get(m.model_id), in_unit) for m in unit.members]
+            if self.slots is not None:
+                self.slots.prune()
+            models = [
+                self._bring_in(m, states.get(m.model_id), in_unit, unit.kind) for m in unit.members
+            ]
             load_s = time.time() - received
             split = "train" if unit.kind is UnitKind.TRAIN else "val"
             shard = self.data[(split, unit.shard)]
@@ -205,7 +214,11 @@ class WorkerRuntime:
             self._cache.pop(model_id, None)
 
     def _bring_in(
-        self, member: UnitMember, state: dict[str, Any] | None, in_unit: frozenset[int]
+        self,
+        member: UnitMember,
+        state: dict[str, Any] | None,
+        in_unit: frozenset[int],
+        kind: UnitKind,
     ) -> ModelInHand:
         entry = self._cache.get(member.model_id)
         if entry is not None and not self.needs_state(member):
@@ -218,6 +231,14 @@ class WorkerRuntime:
         else:
             spec = entry.spec
         source = member.source or member.state_path
+        # States this worker reads itself are bound, not copied, where they can be: a
+        # training unit's into its target slot (trained in place there), an evaluation's
+        # mapped copy-on-write. States a backend hands over (Ray's) are copied.
+        ours = state is None
+        if ours and self.slots is not None and member.target is not None:
+            state = self.slots.bring_in(source, member.target)
+        elif ours and kind is not UnitKind.EVAL:
+            ours = False  # no slot to train in: the file's mapping is copied (as before)
         if state is None:
             state = training.load_state(source)
         counters = Counters.from_dict(state["counters"])
@@ -226,10 +247,17 @@ class WorkerRuntime:
                 f"state of model {member.model_id} at {source} is version "
                 f"{counters.version}, expected {member.version}"
             )
-        training.restore_state(spec, state, self.device)
+        bound = ours and training.can_bind(spec, state)
+        if bound:
+            training.bind_state(spec, state)
+        else:
+            if entry is not None and entry.bound:  # copying into it would write another's state
+                spec = training.build_spec(self.build, member.params, init_seed=None)
+                spec = spec.to(self.device)
+            training.restore_state(spec, state, self.device)
         rng: dict[str, Any] = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
         entry = ModelInHand(
-            member.model_id, spec, rng, counters, dict(member.params), _nbytes(spec)
+            member.model_id, spec, rng, counters, dict(member.params), _nbytes(spec), bound
         )
         self._cache[member.model_id] = entry
         self._cache.move_to_end(member.model_id)

@@ -35,6 +35,9 @@ class ModelInHand:
             of the state its objects hold).
         params: what it was built with (PBT may change a model's params: then it is rebuilt).
         nbytes: its tensors' size (measured when it arrives and after each training hop).
+        bound: its tensors are views of a state file's bytes (a handover slot, or a file mapped
+            copy-on-write), not its own: the next unit brings its state in again whatever its
+            version (the slot may hold another state by then).
     """
 
     model_id: int
@@ -43,6 +46,7 @@ class ModelInHand:
     counters: Counters
     params: dict[str, Any]
     nbytes: int = 0
+    bound: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,222 @@
+"""Slot files: states trained in place in a few recycled shared-memory files per model, and the
+driver's bookkeeping of which slot holds what (see cerebro.backends.slots and .handover)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import builders
+import pytest
+import torch
+from conftest import assert_same_results, small_experiment, state_equal
+from test_techniques import PARAMS, SCHEDULE, SEED, _initial, _member
+
+import cerebro
+from cerebro import training
+from cerebro.backends import worker as worker_module
+from cerebro.backends.base import StateSaved, Unit, UnitDone, UnitMember
+from cerebro.backends.handover import DurableWriter, HandoverFolder, write_states
+from cerebro.backends.shipping import pickle_build
+from cerebro.backends.worker import WorkerConfig, WorkerRuntime
+from cerebro.kinds import UnitKind
+from cerebro.state import Counters
+
+CPU = torch.device("cpu")
+
+
+class _Driver:
+    """What LocalBackend does around its workers' units, in this process: a target slot for
+    each training member, the hand-over of its new state, a durable copy behind it."""
+
+    def __init__(self, digits, tmp_path, monkeypatch, workers: int = 2) -> None:
+        monkeypatch.setattr(worker_module, "_in_worker", False)
+        self.folder = HandoverFolder(budget_mb=64)
+        self.saved: list[StateSaved] = []
+        self.writer = DurableWriter(self.saved.append)
+        self.paths = {m: str(tmp_path / f"model-{m}.pt") for m in PARAMS}
+        for model_id, path in self.paths.items():
+            training.save_state(_initial(model_id), path)
+        self.runtimes = [
+            WorkerRuntime(
+                WorkerConfig(
+                    worker_id=w,
+                    dataset_path=digits.path,
+                    shards=frozenset(range(digits.num_shards)),
+                    device="cpu",
+                    build=pickle_build(builders.mlp),
+                    threads=1,
+                    model_cache_mb=1024,
+                    handover_dir=self.folder.path,
+                    handover_budget=self.folder.budget,
+                )
+            )
+            for w in range(workers)
+        ]
+        self.version = dict.fromkeys(PARAMS, 0)
+        self.targets: dict[int, list[str]] = {m: [] for m in PARAMS}
+
+    def member(self, model_id: int, epoch: int, shard: int, train: bool = True) -> UnitMember:
+        version = self.version[model_id]
+        member = _member(model_id, self.paths[model_id], version, epoch, shard)
+        target = self.writer.target_for(model_id, self.folder.path) if train else None
+        source = self.writer.file_of(model_id, version)
+        return dataclasses.replace(member, source=source, target=target)
+
+    def train(self, worker: int, unit: Unit) -> UnitDone:
+        done, snapshots = self.runtimes[worker].run(unit)
+        assert done.ok, done.error
+        written = write_states(unit, snapshots, self.runtimes[worker].slots)
+        for member in unit.members:
+            assert written[member.model_id].path == member.target  # handed over, in its slot
+            self.version[member.model_id] += 1
+            self.targets[member.model_id].append(member.target)
+            self.writer.handed_over(
+                member.model_id, self.version[member.model_id], member.target, member.state_path
+            )
+        assert self.writer.drain(30)  # its durable copy made: older slots are free again
+        return done
+
+    def close(self) -> None:
+        self.writer.close()
+        self.folder.close()
+
+
+@pytest.fixture
+def driver(digits, tmp_path, monkeypatch):
+    made = _Driver(digits, tmp_path, monkeypatch)
+    yield made
+    made.close()
+
+
+def test_models_hopping_through_recycled_slots_train_as_one_process(digits, driver):
+    for unit_id, (model_id, epoch, shard, last) in enumerate(SCHEDULE):
+        member = driver.member(model_id, epoch, shard)
+        unit = Unit(unit_id, UnitKind.TRAIN, epoch, shard, unit_id % 2, (member,), last)
+        driver.train(unit_id % 2, unit)  # the workers take turns: every unit is a hop
+    shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
+    for model_id in PARAMS:
+        order = [[s for m, e, s, _ in SCHEDULE if m == model_id and e == ep] for ep in (0, 1)]
+        reference = training.train_in_process(
+            builders.mlp, PARAMS[model_id], shards, order, SEED, model_id
+        )
+        newest = driver.writer.file_of(model_id, driver.version[model_id])
+        for path in (newest, driver.paths[model_id]):  # the slot and its durable copy
+            saved = training.load_state(path)
+            assert state_equal(saved["model"], reference.model.state_dict()), (model_id, path)
+            assert state_equal(saved["optimizer"], reference.optimizer.state_dict())
+        # Two slots take turns: the newest state's, and the one the next state goes to.
+        assert len(set(driver.targets[model_id])) == 2, driver.targets[model_id]
+    assert [s.version for s in driver.saved if s.model_id == 0] == list(range(1, 6))
+    assert all(s.ok for s in driver.saved)
+
+
+def test_a_model_brought_back_from_its_state_file_ignores_the_slot_it_was_trained_in(
+    digits, driver, monkeypatch
+):
+    """A roll-back: the worker holds the model built at the version its state file has, but
+    bound to a slot that meanwhile holds other bytes. It must read the file."""
+    runtime = driver.runtimes[0]
+    for unit_id, shard in enumerate((0, 1)):
+        member = driver.member(0, 0, shard)
+        driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, shard, 0, (member,)))
+    slot = driver.targets[0][-1]
+    with open(slot, "r+b") as f:  # recycled for another state: other bytes, same layout
+        f.seek(os.path.getsize(slot) // 2)
+        f.write(os.urandom(4096))
+    member = dataclasses.replace(driver.member(0, 0, 2), source=None)  # from the state file
+    assert runtime.needs_state(member)  # a model bound to a slot is always brought in again
+    done, snapshots = runtime.run(Unit(2, UnitKind.TRAIN, 0, 2, 0, (member,)))
+    assert done.ok, done.error
+    without_slots = WorkerRuntime(
+        WorkerConfig(
+            worker_id=9,
+            dataset_path=digits.path,
+            shards=frozenset(range(digits.num_shards)),
+            device="cpu",
+            build=pickle_build(builders.mlp),
+            threads=1,
+            model_cache_mb=0,
+        )
+    )
+    expected, reference = without_slots.run(
+        Unit(2, UnitKind.TRAIN, 0, 2, 0, (dataclasses.replace(member, target=None),))
+    )
+    assert expected.ok and expected.results[0].sums == done.results[0].sums
+    assert state_equal(snapshots[0]["model"], reference[0]["model"])
+    assert state_equal(snapshots[0]["optimizer"], reference[0]["optimizer"])
+
+
+def _eval_member(driver: _Driver, model_id: int) -> UnitMember:
+    return driver.member(model_id, 0, 1, train=False)
+
+
+def test_evaluating_a_model_from_its_slot_changes_nothing_in_the_slot(digits, driver):
+    member = driver.member(0, 0, 0)
+    driver.train(0, Unit(0, UnitKind.TRAIN, 0, 0, 0, (member,), end_of_epoch=True))
+    slot = driver.writer.file_of(0, 1)
+    before = _digest(slot)
+    for worker in (0, 1):  # the worker that trained it (bound to the slot), and another
+        done, snapshots = driver.runtimes[worker].run(
+            Unit(1 + worker, UnitKind.EVAL, 0, 1, worker, (_eval_member(driver, 0),))
+        )
+        assert done.ok and snapshots == {}, done.error
+        reference = training.build_spec(builders.mlp, PARAMS[0], init_seed=None)
+        training.restore_state(reference, training.load_state(driver.paths[0]), CPU)
+        expected = training.run_eval_hop(reference, digits.load_shard("val", 1), CPU)
+        assert done.results[0].sums == expected.sums
+    assert _digest(slot) == before
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_the_writer_recycles_slots_and_deletes_them_when_their_model_is_released(tmp_path):
+    saved: list[StateSaved] = []
+    writer = DurableWriter(saved.append)
+    folder = str(tmp_path)
+    try:
+        first = writer.target_for(7, folder)
+        second = writer.target_for(7, folder)
+        assert first != second  # both leased: each a new name
+        writer.unlease(7, second)  # its unit failed: free again
+        assert writer.target_for(7, folder) == second
+        for version, path in ((1, first), (2, second)):
+            with open(path, "wb") as f:
+                f.write(b"state %d" % version)
+            writer.handed_over(7, version, path, str(tmp_path / f"durable-{version}.pt"))
+            assert writer.drain(10)
+        assert writer.file_of(7, 2) == second and writer.file_of(7, 1) is None
+        assert writer.target_for(7, folder) == first  # version 1 is durable and not newest
+        # A replayed version 2 (after a roll-back) supersedes the first one's file.
+        writer.handed_over(7, 2, first, str(tmp_path / "durable-2.pt"))
+        assert writer.file_of(7, 2) == first and not os.path.exists(second)
+        assert writer.drain(10)
+        writer.release(7)
+        assert not os.path.exists(first) and writer.file_of(7, 2) is None
+    finally:
+        writer.close()
+    assert [s.version for s in saved] == [1, 2, 2] and all(s.ok for s in saved)
+
+
+def test_states_through_slots_give_the_results_of_states_through_their_files(digits, tmp_path):
+    def run(name: str, handover_mb: int | None) -> cerebro.Result:
+        return small_experiment(
+            digits,
+            tmp_path / name,
+            epochs=2,
+            deterministic=True,
+            backend=cerebro.LocalBackend(workers=2, handover_mb=handover_mb),
+        ).run()
+
+    assert_same_results(run("slots", None), run("files", 0))
+
+
+def test_counters_in_a_slot_follow_each_hop(driver):
+    member = driver.member(1, 0, 3)
+    driver.train(1, Unit(0, UnitKind.TRAIN, 0, 3, 1, (member,)))
+    counters = Counters.from_dict(training.load_state(member.target)["counters"])
+    assert counters.version == 1 and counters.visited == [3]
