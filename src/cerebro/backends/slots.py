@@ -65,7 +65,8 @@ class SlotMaps:
     def bring_in(self, source: str, target: str) -> dict[str, Any] | None:
         """Copy the state file ``source`` into the slot ``target`` and return the state, its
         tensors views of the slot's bytes. None where ``source`` is not in cerebro's format
-        (``torch.save``'s) or the folder has no room for the slot: read it otherwise."""
+        (``torch.save``'s), the folder has no room for the slot, or ``source`` is a state file
+        outside the folder and ``target`` no slot of its size yet: read it otherwise."""
         if files.is_url(source):
             return None  # read through fsspec: copied from there (a hop from a remote file)
         mapped = self._mapping(source) if _inside(source, self.folder) else None
@@ -77,13 +78,15 @@ class SlotMaps:
             if slot is None:
                 return None
             memoryview(slot)[:size] = memoryview(mapped)[:size]
-        else:
+        else:  # a state file: copied into a slot of its size if the target is one already
             with open(source, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 if not statefile.is_statefile(f.read(len(statefile.MAGIC))):
                     return None
-                slot = self._slot(target, size)
-                if slot is None:
+                slot = self._mapping(target)
+                if slot is None or len(slot) != size:
+                    # A model's first state (no optimizer state yet) or one after a roll-back:
+                    # read from the file, and the hand-over makes the slot at its new size.
                     return None
                 f.seek(0)
                 if f.readinto(memoryview(slot)[:size]) != size:

@@ -281,8 +281,11 @@ def _member_result(model_id: int, outcome: Outcome) -> MemberResult:
 
 
 def _nbytes(spec: ModelSpec) -> int:
-    """Bytes of a model's tensors: weights, buffers and optimizer state."""
-    total = sum(t.nbytes for t in spec.model.state_dict().values())
+    """Bytes of the model's own tensors (weights, buffers, gradients and optimizer state): what
+    keeping it built costs this worker. Tensors bound to a mapped state file are left out (their
+    storage is the file's: not resizable); the slot's memory is the driver's to free."""
+    tensors = [*spec.model.state_dict().values()]
+    tensors += [p.grad for p in spec.model.parameters() if p.grad is not None]
     for state in spec.optimizer.state.values():
-        total += sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor))
-    return total
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.nbytes for t in tensors if t.untyped_storage().resizable())
