@@ -14,7 +14,7 @@ from conftest import assert_same_results, small_experiment, state_equal
 from test_techniques import PARAMS, SCHEDULE, SEED, _initial, _member
 
 import cerebro
-from cerebro import training
+from cerebro import statefile, training
 from cerebro.backends import worker as worker_module
 from cerebro.backends.base import StateSaved, Unit, UnitDone, UnitMember
 from cerebro.backends.handover import DurableWriter, HandoverFolder, write_states
@@ -220,3 +220,27 @@ def test_counters_in_a_slot_follow_each_hop(driver):
     driver.train(1, Unit(0, UnitKind.TRAIN, 0, 3, 1, (member,)))
     counters = Counters.from_dict(training.load_state(member.target)["counters"])
     assert counters.version == 1 and counters.visited == [3]
+
+
+def test_an_evaluation_uses_the_model_in_place_while_its_slot_holds_what_was_handed_over(
+    digits, driver, monkeypatch
+):
+    reads: list[str] = []
+    load = training.load_state
+    monkeypatch.setattr(training, "load_state", lambda path: reads.append(path) or load(path))
+    for unit_id, shard in enumerate((0, 2)):  # the second hand-over rewrites its slot in place
+        member = driver.member(0, 0, shard)
+        driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, shard, 0, (member,), shard == 2))
+    reference = training.build_spec(builders.mlp, PARAMS[0], init_seed=None)
+    training.restore_state(reference, load(driver.paths[0]), CPU)
+    expected = training.run_eval_hop(reference, digits.load_shard("val", 1), CPU)
+    runtime, slot = driver.runtimes[0], driver.writer.file_of(0, 2)
+    reads.clear()
+    done, _ = runtime.run(Unit(2, UnitKind.EVAL, 0, 1, 0, (_eval_member(driver, 0),)))
+    assert done.ok and done.results[0].sums == expected.sums
+    assert reads == []  # the worker that handed it over evaluates the model it holds
+    with open(slot, "r+b") as f:  # another worker wrote there since (a byte of its header)
+        f.seek(len(statefile.MAGIC) + 8 + 4000)
+        f.write(b"\1")
+    done, _ = runtime.run(Unit(3, UnitKind.EVAL, 0, 1, 0, (_eval_member(driver, 0),)))
+    assert done.ok and reads == [slot]  # brought in again

@@ -92,6 +92,8 @@ def _layout(state: Any) -> _Layout:
 
     def swap(value: Any) -> Any:
         nonlocal offset
+        if type(value) in _PLAIN:  # most of a state's leaves (its counters and hop records)
+            return value
         if isinstance(value, torch.Tensor):
             tensor = value.detach()
             refs.append(_TensorRef(offset, tensor.nbytes, str(tensor.dtype), tuple(tensor.shape)))
@@ -129,11 +131,13 @@ def write_to(state: Any, f: BinaryIO, header_room: int = 0) -> None:
         f.write(b"\0" * (_aligned(tensor.nbytes) - tensor.nbytes))
 
 
-def rewrite(buffer: Any, state: Any) -> bool:
+def rewrite(buffer: Any, state: Any, refs: tuple[Any, ...] | None = None) -> bool:
     """Write ``state`` over the state file mapped writable in ``buffer``, in place, if it has
     the same tensors (types and shapes, in the same order) and its header fits the room the
     file has; tensors that already are views of ``buffer`` at their place are not copied.
-    Returns False, writing nothing, where it does not fit (write a new file then).
+    Returns False, writing nothing, where it does not fit (write a new file then). ``refs``:
+    the file's tensors as :func:`read_with_refs` gave them, if known (else read from its
+    header).
 
     Example:
         >>> data = io.BytesIO()
@@ -151,14 +155,12 @@ def rewrite(buffer: Any, state: Any) -> bool:
     view = memoryview(buffer)
     room, data = _header_span(view)
     layout = _layout(state)
-    if len(layout.header) > room or layout.refs != _refs_of(view):
+    if len(layout.header) > room or layout.refs != (refs or _refs_of(view)):
         return False
+    base = torch.frombuffer(view, dtype=torch.uint8, count=1).data_ptr() + data
     for tensor, ref in zip(layout.tensors, layout.refs, strict=True):
-        if not ref.nbytes:
-            continue
-        place = _view_of(view, data, ref)
-        if tensor.data_ptr() != place.data_ptr() or not tensor.is_contiguous():
-            place.copy_(tensor)
+        if ref.nbytes and (tensor.data_ptr() != base + ref.offset or not tensor.is_contiguous()):
+            _view_of(view, data, ref).copy_(tensor)  # not trained in place there
     start = len(MAGIC) + _LENGTH.size
     view[start : start + len(layout.header)] = layout.header
     view[start + len(layout.header) : start + room] = bytes(room - len(layout.header))
@@ -181,10 +183,24 @@ def read(path: str) -> Any:
 
 def read_from(buffer: Any) -> Any:
     """A state from the bytes of a state file (``bytes`` or a writable mapping)."""
+    return read_with_refs(buffer)[0]
+
+
+def read_with_refs(buffer: Any) -> tuple[Any, tuple[Any, ...]]:
+    """:func:`read_from`'s state, and where its tensors are (for :func:`rewrite`)."""
     view = memoryview(buffer)
-    if not view.readonly:
-        return _fill(_skeleton(view), view)
-    return _fill(_skeleton(view), memoryview(bytearray(view)))
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    refs: list[_TensorRef] = []
+    state = _fill(_skeleton(view), view, refs)
+    return state, tuple(refs)
+
+
+def header_of(buffer: Any) -> bytes:
+    """The header of the state file in ``buffer`` (with its room): every state written over a
+    file in place (:func:`rewrite`) changes it, since it records the state's hops."""
+    _, data = _header_span(memoryview(buffer))
+    return bytes(buffer[:data])
 
 
 def _header_span(view: memoryview) -> tuple[int, int]:
@@ -233,11 +249,12 @@ def _view_of(view: memoryview, data: int, ref: _TensorRef) -> torch.Tensor:
     return raw.view(dtype).view(ref.shape)
 
 
-def _fill(skeleton: Any, view: memoryview) -> Any:
+def _fill(skeleton: Any, view: memoryview, refs: list[_TensorRef]) -> Any:
     _, data = _header_span(view)
 
     def fill(value: Any) -> Any:
         if isinstance(value, _TensorRef):
+            refs.append(value)
             return _view_of(view, data, value)
         if isinstance(value, dict):
             return type(value)((k, fill(v)) for k, v in value.items())
@@ -265,6 +282,8 @@ def _dtype(name: str) -> torch.dtype:
         raise pickle.UnpicklingError(f"unknown tensor type {name!r} in state file")
     return dtype
 
+
+_PLAIN = frozenset({int, float, str, bool, type(None)})
 
 _ALLOWED = {
     (__name__, "_TensorRef"): _TensorRef,

@@ -60,6 +60,11 @@ class SlotMaps:
         self.folder = folder
         self.budget = budget
         self._maps: dict[str, tuple[int, mmap.mmap]] = {}  # path -> (inode, mapping)
+        # Where the unit's target slots hold their tensors, read at bring-in for the hand-over.
+        self._refs: dict[str, tuple[Any, ...]] = {}
+        # The header of what this worker last wrote to (or bound from) each slot: while a slot
+        # still has it, no one else wrote there since (see unchanged()).
+        self._seen: dict[str, bytes] = {}
         self._units = 0
 
     def bring_in(self, source: str, target: str) -> dict[str, Any] | None:
@@ -67,6 +72,7 @@ class SlotMaps:
         tensors views of the slot's bytes. None where ``source`` is not in cerebro's format
         (``torch.save``'s), the folder has no room for the slot, or ``source`` is a state file
         outside the folder and ``target`` no slot of its size yet: read it otherwise."""
+        self._seen.pop(target, None)  # written now: whatever it held is gone
         if files.is_url(source):
             return None  # read through fsspec: copied from there (a hop from a remote file)
         mapped = self._mapping(source) if _inside(source, self.folder) else None
@@ -91,13 +97,38 @@ class SlotMaps:
                 f.seek(0)
                 if f.readinto(memoryview(slot)[:size]) != size:
                     raise EOFError(f"state file {source} changed while it was read")
-        return statefile.read_from(slot)
+        state, self._refs[target] = statefile.read_with_refs(slot)
+        return state
 
     def hand_over(self, target: str, state: dict[str, Any]) -> bool:
         """Write ``state`` over the slot ``target`` in place (see :func:`statefile.rewrite`);
         False where it does not fit there (write a new file)."""
         slot = self._mapping(target)
-        return slot is not None and statefile.rewrite(slot, state)
+        refs = self._refs.pop(target, None)
+        if slot is None or not statefile.rewrite(slot, state, refs):
+            return False
+        self._seen[target] = statefile.header_of(slot)
+        return True
+
+    def remember(self, path: str) -> bool:
+        """Note the state the slot ``path`` holds now (a model is bound to it); False where it
+        is no slot file this worker can map."""
+        slot = self._mapping(path) if _inside(path, self.folder) else None
+        if slot is None:
+            return False
+        self._seen[path] = statefile.header_of(slot)
+        return True
+
+    def unchanged(self, path: str) -> bool:
+        """Whether the slot ``path`` still holds the state this worker last wrote to it or
+        noted (:meth:`remember`). Every write of a slot changes its header (a copy brings
+        another state's header; a hand-over records one more hop), so equal headers mean no
+        write since."""
+        seen = self._seen.get(path)
+        if seen is None:
+            return False
+        slot = self._mapping(path)
+        return slot is not None and slot[: len(seen)] == seen
 
     def write_new(self, target: str, state: dict[str, Any]) -> bool:
         """Write ``state`` to a new file renamed over the slot ``target`` (with room for a
@@ -110,6 +141,7 @@ class SlotMaps:
             with open(tmp, "wb") as f:
                 statefile.write_to(state, f, header_room=HEADER_ROOM)
             os.replace(tmp, target)
+            self._seen.pop(target, None)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
@@ -123,9 +155,11 @@ class SlotMaps:
         self._maps.pop(target, None)
         return True
 
-    def prune(self) -> None:
-        """Drop the mappings of slot files deleted or replaced since they were mapped (looked
-        for once every few calls, one per unit: a mapping found stale at use is dropped then)."""
+    def start_unit(self) -> None:
+        """A unit begins: forget what the last one read of its targets, and drop the mappings
+        of slot files deleted or replaced since they were mapped (looked for once every few
+        units; a mapping found stale at use is dropped then)."""
+        self._refs.clear()  # a new unit: what was read for the last one's targets is stale
         self._units += 1
         if self._units % _PRUNE_EVERY:
             return

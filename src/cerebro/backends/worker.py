@@ -87,6 +87,7 @@ class WorkerRuntime:
             SlotMaps(config.handover_dir, config.handover_budget) if config.handover_dir else None
         )
         self._cache: OrderedDict[int, ModelInHand] = OrderedDict()
+        self._bound_to: dict[int, str] = {}  # model id -> the slot its cached tensors are views of
         dataset = Dataset.open(config.dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
         self.digests: dict[tuple[str, int], str] = {}  # what kept features are keyed by
@@ -140,7 +141,7 @@ class WorkerRuntime:
             runner.check(len(unit.members))
             in_unit = frozenset(unit.model_ids)
             if self.slots is not None:
-                self.slots.prune()
+                self.slots.start_unit()
             models = [
                 self._bring_in(m, states.get(m.model_id), in_unit, unit.kind) for m in unit.members
             ]
@@ -221,7 +222,9 @@ class WorkerRuntime:
         kind: UnitKind,
     ) -> ModelInHand:
         entry = self._cache.get(member.model_id)
-        if entry is not None and not self.needs_state(member):
+        if entry is not None and (
+            not self.needs_state(member) or self._evaluates_in_place(entry, member, kind)
+        ):
             self._cache.move_to_end(member.model_id)
             return entry
         if entry is not None and entry.params != member.params:
@@ -248,8 +251,12 @@ class WorkerRuntime:
                 f"{counters.version}, expected {member.version}"
             )
         bound = ours and training.can_bind(spec, state)
+        self._bound_to.pop(member.model_id, None)
         if bound:
             training.bind_state(spec, state)
+            slot = member.target if member.target is not None else source
+            if self.slots is not None and (slot == member.target or self.slots.remember(slot)):
+                self._bound_to[member.model_id] = slot
         else:
             if entry is not None and entry.bound:  # copying into it would write another's state
                 spec = training.build_spec(self.build, member.params, init_seed=None)
@@ -263,6 +270,20 @@ class WorkerRuntime:
         self._cache.move_to_end(member.model_id)
         self._evict(in_unit)
         return entry
+
+    def _evaluates_in_place(self, entry: ModelInHand, member: UnitMember, kind: UnitKind) -> bool:
+        """Whether an evaluation can use ``entry`` as it is, bound to the slot it is to read:
+        the slot still holds what the model was bound to (or handed over) here. Evaluating
+        writes nothing (no gradients, eval mode), so the slot's state stays as it was."""
+        return (
+            kind is UnitKind.EVAL
+            and self.slots is not None
+            and member.source is not None
+            and self._bound_to.get(member.model_id) == member.source
+            and entry.params == member.params
+            and entry.counters.version == member.version
+            and self.slots.unchanged(member.source)
+        )
 
     def _evict(self, in_unit: frozenset[int]) -> None:
         """Drop least recently used models until the cache fits its budget; the models of the
