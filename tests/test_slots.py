@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import subprocess
+import sys
 
 import builders
 import pytest
@@ -244,3 +246,16 @@ def test_an_evaluation_uses_the_model_in_place_while_its_slot_holds_what_was_han
         f.write(b"\1")
     done, _ = runtime.run(Unit(3, UnitKind.EVAL, 0, 1, 0, (_eval_member(driver, 0),)))
     assert done.ok and reads == [slot]  # brought in again
+
+
+def test_a_new_run_removes_the_handover_folders_of_drivers_that_died(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f"cerebro-handover-{int(finished.stdout)}-abc"
+    alive = tmp_path / f"cerebro-handover-{os.getpid()}-def"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "model-00000-s0.pt").write_bytes(b"state")
+    made = HandoverFolder(budget_mb=1, root=str(tmp_path))
+    assert not dead.exists() and alive.exists() and os.path.isdir(made.path)
+    made.close()

@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,8 +55,9 @@ class HandoverFolder:
     """
 
     def __init__(self, budget_mb: int | None = None, root: str | None = None) -> None:
-        root = root or _shared_memory_root()
-        self.path = tempfile.mkdtemp(prefix=f"cerebro-handover-{uuid.uuid4().hex[:8]}-", dir=root)
+        root = root or _shared_memory_root() or tempfile.gettempdir()
+        _remove_orphans(root)
+        self.path = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root)
         if budget_mb is None:
             self.budget = int(shutil.disk_usage(self.path).total * _SHARE_OF_SHM)
         else:
@@ -65,6 +65,30 @@ class HandoverFolder:
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+_PREFIX = "cerebro-handover-"
+
+
+def _remove_orphans(root: str) -> None:
+    """Remove the handover folders of runs whose driver died without closing them (killed,
+    out of memory): shared memory is held until the machine restarts otherwise. A run resumes
+    from its state files, never from these."""
+    with contextlib.suppress(OSError), os.scandir(root) as entries:
+        for entry in entries:
+            owner = entry.name.removeprefix(_PREFIX).split("-", 1)[0]
+            if entry.name.startswith(_PREFIX) and owner.isdigit() and not _alive(int(owner)):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def slot_file(folder: str, model_id: int, slot: int) -> str:
