@@ -13,15 +13,14 @@ import builders
 import pytest
 import torch
 from conftest import assert_same_results, small_experiment, state_equal
-from test_techniques import PARAMS, SCHEDULE, SEED, _initial, _member
+from test_techniques import PARAMS, SCHEDULE, SEED, _initial, _member, worker_config
 
 import cerebro
 from cerebro import statefile, training
 from cerebro.backends import worker as worker_module
 from cerebro.backends.base import StateSaved, Unit, UnitDone, UnitMember
 from cerebro.backends.handover import DurableWriter, HandoverFolder, write_states
-from cerebro.backends.shipping import pickle_build
-from cerebro.backends.worker import WorkerConfig, WorkerRuntime
+from cerebro.backends.worker import WorkerRuntime
 from cerebro.kinds import UnitKind
 from cerebro.state import Counters
 
@@ -42,17 +41,13 @@ class _Driver:
             training.save_state(_initial(model_id), path)
         self.runtimes = [
             WorkerRuntime(
-                WorkerConfig(
-                    worker_id=w,
-                    dataset_path=digits.path,
-                    shards=frozenset(range(digits.num_shards)),
-                    device="cpu",
-                    build=pickle_build(builders.mlp),
-                    threads=1,
-                    model_cache_mb=1024,
+                worker_config(
+                    digits,
+                    w,
+                    1024,
                     handover_dir=self.folder.path,
                     handover_budget=self.folder.budget,
-                )
+                )  # fmt: skip
             )
             for w in range(workers)
         ]
@@ -131,17 +126,7 @@ def test_a_model_brought_back_from_its_state_file_ignores_the_slot_it_was_traine
     assert runtime.needs_state(member)  # a model bound to a slot is always brought in again
     done, snapshots = runtime.run(Unit(2, UnitKind.TRAIN, 0, 2, 0, (member,)))
     assert done.ok, done.error
-    without_slots = WorkerRuntime(
-        WorkerConfig(
-            worker_id=9,
-            dataset_path=digits.path,
-            shards=frozenset(range(digits.num_shards)),
-            device="cpu",
-            build=pickle_build(builders.mlp),
-            threads=1,
-            model_cache_mb=0,
-        )
-    )
+    without_slots = WorkerRuntime(worker_config(digits, 9, 0))
     expected, reference = without_slots.run(
         Unit(2, UnitKind.TRAIN, 0, 2, 0, (dataclasses.replace(member, target=None),))
     )

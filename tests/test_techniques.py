@@ -116,18 +116,23 @@ def make_runtime(digits, monkeypatch):
     monkeypatch.setattr(worker_module, "_in_worker", False)
 
     def make(model_cache_mb: int) -> WorkerRuntime:
-        config = WorkerConfig(
-            worker_id=0,
-            dataset_path=digits.path,
-            shards=frozenset(range(digits.num_shards)),
-            device="cpu",
-            build=pickle_build(builders.mlp),
-            threads=1,
-            model_cache_mb=model_cache_mb,
-        )
-        return WorkerRuntime(config)
+        return WorkerRuntime(worker_config(digits, 0, model_cache_mb))
 
     return make
+
+
+def worker_config(digits, worker_id: int, model_cache_mb: int, **more) -> WorkerConfig:
+    """A CPU worker holding every shard of ``digits``, building ``builders.mlp``."""
+    return WorkerConfig(
+        worker_id=worker_id,
+        dataset_path=digits.path,
+        shards=frozenset(range(digits.num_shards)),
+        device="cpu",
+        build=pickle_build(builders.mlp),
+        threads=1,
+        model_cache_mb=model_cache_mb,
+        **more,
+    )
 
 
 @pytest.fixture

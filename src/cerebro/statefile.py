@@ -30,11 +30,12 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 
 MAGIC = b"CEREBRO-STATE-1\n"
+_Leaf = TypeVar("_Leaf")
 _ALIGN = 64
 _LENGTH = struct.Struct("<Q")
 
@@ -60,14 +61,19 @@ def is_statefile(head: bytes) -> bool:
 
 def tensors_in(state: Any) -> Iterator[torch.Tensor]:
     """Every tensor in ``state`` (dicts, lists and tuples of them and plain values)."""
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from tensors_in(value)
-    elif isinstance(state, list | tuple):
-        for value in state:
-            yield from tensors_in(value)
+    return _leaves(state, torch.Tensor)
+
+
+def _leaves(tree: Any, kind: type[_Leaf]) -> Iterator[_Leaf]:
+    """Every ``kind`` in ``tree`` (dicts, lists and tuples of them and other values), in order."""
+    if isinstance(tree, kind):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value, kind)
+    elif isinstance(tree, list | tuple):
+        for value in tree:
+            yield from _leaves(value, kind)
 
 
 def writable(state: Any) -> bool:
@@ -222,20 +228,7 @@ def _skeleton(view: memoryview) -> Any:
 
 
 def _refs_of(view: memoryview) -> tuple[_TensorRef, ...]:
-    refs: list[_TensorRef] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, _TensorRef):
-            refs.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v)
-
-    walk(_skeleton(view))
-    return tuple(refs)
+    return tuple(_leaves(_skeleton(view), _TensorRef))
 
 
 def _view_of(view: memoryview, data: int, ref: _TensorRef) -> torch.Tensor:

@@ -25,7 +25,8 @@ import shutil
 import uuid
 from typing import Any
 
-from .. import files, statefile
+from .. import files, statefile, training
+from ..files import replace_atomically
 
 # Room left in a slot's header for hops recorded later in the epoch (about 300 bytes each).
 HEADER_ROOM = 8192
@@ -133,25 +134,20 @@ class SlotMaps:
     def write_new(self, target: str, state: dict[str, Any]) -> bool:
         """Write ``state`` to a new file renamed over the slot ``target`` (with room for a
         longer header later); False where the folder has no room for it."""
-        size = _size_of(state)
-        tmp = os.path.join(self.folder, f".new-{uuid.uuid4().hex}")
-        if not self._room_for(size, replacing=target):
+        if not self._room_for(training.state_nbytes(state) + HEADER_ROOM, replacing=target):
             return False
-        try:
+
+        def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 statefile.write_to(state, f, header_room=HEADER_ROOM)
-            os.replace(tmp, target)
-            self._seen.pop(target, None)
+
+        try:
+            replace_atomically(target, write)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 return False  # /dev/shm filled up meanwhile
             raise
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        self._seen.pop(target, None)
         self._maps.pop(target, None)
         return True
 
@@ -229,7 +225,3 @@ class SlotMaps:
 
 def _inside(path: str, folder: str) -> bool:
     return os.path.dirname(path) == folder
-
-
-def _size_of(state: dict[str, Any]) -> int:
-    return sum(t.nbytes for t in statefile.tensors_in(state)) + HEADER_ROOM

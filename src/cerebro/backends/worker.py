@@ -229,10 +229,7 @@ class WorkerRuntime:
             return entry
         if entry is not None and entry.params != member.params:
             entry = None  # rebuilt: batch size or layers may depend on the new params
-        if entry is None:
-            spec = training.build_spec(self.build, member.params, init_seed=None).to(self.device)
-        else:
-            spec = entry.spec
+        spec = self._build(member) if entry is None else entry.spec
         source = member.source or member.state_path
         # States this worker reads itself are bound, not copied, where they can be: a
         # training unit's into its target slot (trained in place there), an evaluation's
@@ -259,8 +256,7 @@ class WorkerRuntime:
                 self._bound_to[member.model_id] = slot
         else:
             if entry is not None and entry.bound:  # copying into it would write another's state
-                spec = training.build_spec(self.build, member.params, init_seed=None)
-                spec = spec.to(self.device)
+                spec = self._build(member)
             training.restore_state(spec, state, self.device)
         rng: dict[str, Any] = {k: state[k] for k in ("rng", "cuda_rng") if k in state}
         entry = ModelInHand(
@@ -270,6 +266,9 @@ class WorkerRuntime:
         self._cache.move_to_end(member.model_id)
         self._evict(in_unit)
         return entry
+
+    def _build(self, member: UnitMember) -> ModelSpec:
+        return training.build_spec(self.build, member.params, init_seed=None).to(self.device)
 
     def _evaluates_in_place(self, entry: ModelInHand, member: UnitMember, kind: UnitKind) -> bool:
         """Whether an evaluation can use ``entry`` as it is, bound to the slot it is to read:
