@@ -21,8 +21,9 @@ from cerebro.kinds import EventKind, ModelStatus, Origin, UnitKind
 from cerebro.search.base import SearchContext
 from cerebro.state import Counters, HopRecord
 from cerebro.store import RecordStore, checkpoints
+from cerebro.store import records as records_module
 from cerebro.store.checkpoint_keeper import CheckpointKeeper, KeptModel
-from cerebro.store.records import sqlite_url
+from cerebro.store.records import open_engine, sqlite_url
 from cerebro.trackers import Tracker
 
 SPACE = {"lr": cerebro.choice([0.01, 0.02, 0.03])}
@@ -352,3 +353,49 @@ def test_set_epochs_reopens_a_completed_model_and_ends_one_that_has_done_enough(
     parts.requests.apply_pending(now=True)
     added = parts.roster[3]
     assert added.origin is Origin.ADD and parts.roster.budget(added) == 2
+
+
+# Records ---------------------------------------------------------------------------------------
+
+
+def _hop_count(url: str) -> int:
+    engine = open_engine(url, create=False)
+    try:
+        with engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT COUNT(*) FROM hops").scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_hop_records_wait_in_a_batch_until_another_write_or_their_time(tmp_path, monkeypatch):
+    """A poll that only records hops costs no transaction: they are written with the next other
+    record, or at a batch's end once they waited QUEUED_S, and always before a read."""
+    url = sqlite_url(str(tmp_path))
+    store = RecordStore.create(url, "queued", {})
+    clock = [100.0]
+    monkeypatch.setattr(records_module.time, "monotonic", lambda: clock[0])
+    store._flushed = clock[0]
+
+    def hop(shard: int) -> None:
+        store.add_hop(model_id=0, epoch=0, kind="train", shard=shard, worker=0, start=0.0,
+                      end=1.0, rows=8, load_s=0.0, save_s=None, metrics={})  # fmt: skip
+
+    with store.batch():
+        hop(0)
+    assert _hop_count(url) == 0  # queued: not waited long enough
+    clock[0] += records_module.QUEUED_S
+    with store.batch():
+        hop(1)
+    assert _hop_count(url) == 2  # their time came: both written at the batch's end
+    with store.batch():
+        hop(2)
+        store.add_event("note")  # another record: the queued hop goes first, in its transaction
+    assert _hop_count(url) == 3
+    with store.batch():
+        hop(3)
+        store.set_durable_version(0, 4)
+    assert _hop_count(url) == 3 and len(store.snapshot().hops) == 4  # a read writes them first
+    with store.batch():
+        hop(4)
+    store.close()  # and so does closing
+    assert _hop_count(url) == 5

@@ -54,11 +54,18 @@ class _Driver:
         self.version = dict.fromkeys(PARAMS, 0)
         self.targets: dict[int, list[str]] = {m: [] for m in PARAMS}
 
-    def member(self, model_id: int, epoch: int, shard: int, train: bool = True) -> UnitMember:
+    def member(
+        self, model_id: int, epoch: int, shard: int, train: bool = True, in_place: bool = False
+    ) -> UnitMember:
+        """``in_place``: as LocalBackend asks, the slot the state is in may be the target."""
         version = self.version[model_id]
         member = _member(model_id, self.paths[model_id], version, epoch, shard)
-        target = self.writer.target_for(model_id, self.folder.path) if train else None
         source = self.writer.file_of(model_id, version)
+        target = (
+            self.writer.target_for(model_id, self.folder.path, version if in_place else None)
+            if train
+            else None
+        )
         return dataclasses.replace(member, source=source, target=target)
 
     def train(self, worker: int, unit: Unit) -> UnitDone:
@@ -187,6 +194,69 @@ def test_the_writer_recycles_slots_and_deletes_them_when_their_model_is_released
     finally:
         writer.close()
     assert [s.version for s in saved] == [1, 2, 2] and all(s.ok for s in saved)
+
+
+def test_the_writer_gives_a_slot_to_train_in_once_its_durable_copy_is_written(tmp_path):
+    writer = DurableWriter(lambda saved: None)
+    folder = str(tmp_path)
+    try:
+        slot = writer.target_for(3, folder, version=0)  # version 0 is in no slot: a new one
+        with open(slot, "wb") as f:
+            f.write(b"state 1")
+        writer.handed_over(3, 1, slot, str(tmp_path / "durable.pt"))
+        with writer._lock:  # the copy of version 1 not written yet
+            writer._models[3].copying.add(1)
+            writer._models[3].durable = 0
+            elsewhere = writer.target_for(3, folder, version=1)
+        assert elsewhere != slot  # the slot is the only copy of version 1: left as it is
+        writer.unlease(3, elsewhere)
+        writer.handed_over(3, 1, slot, str(tmp_path / "durable.pt"))  # copied this time
+        assert writer.drain(10)
+        assert writer.target_for(3, folder, version=1) == slot  # durable: trained in place
+        assert writer.file_of(3, 1) is None  # a unit run again reads the state file
+        writer.unlease(3, slot)  # its unit failed: what the slot holds is no one's state
+        assert writer.file_of(3, 1) is None and writer.target_for(3, folder) == slot
+    finally:
+        writer.close()
+
+
+def test_models_trained_in_the_slots_they_are_in_train_as_one_process(digits, driver, monkeypatch):
+    """Each unit trains in the slot its state is in where its durable copy is written: a
+    model staying on its worker then starts with no copy and no read at all."""
+    brought_in: list[str] = []
+    bring_in = worker_module.SlotMaps.bring_in
+    monkeypatch.setattr(
+        worker_module.SlotMaps,
+        "bring_in",
+        lambda self, source, target: brought_in.append(source) or bring_in(self, source, target),
+    )
+    in_place = no_copy = 0
+    last: dict[int, tuple[int, bool]] = {}  # model -> its last unit's worker, and if from a slot
+    for unit_id, (model_id, epoch, shard, end) in enumerate(SCHEDULE):
+        worker = (unit_id // 4) % 2  # runs of four units on one worker, then a hop
+        member = driver.member(model_id, epoch, shard, in_place=True)
+        brought_in.clear()
+        unit = Unit(unit_id, UnitKind.TRAIN, epoch, shard, worker, (member,), end)
+        driver.train(worker, unit)
+        if member.source is not None and member.target == member.source:
+            in_place += 1
+            # Bound to its slot here last time (not read from its state file): used as it is.
+            stayed = last[model_id] == (worker, True)
+            assert (brought_in == []) == stayed, (unit_id, brought_in)
+            no_copy += stayed
+        last[model_id] = (worker, member.source is not None)
+    assert in_place == len(SCHEDULE) - 2 and no_copy >= 2  # all but each model's first unit
+    shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
+    for model_id in PARAMS:
+        order = [[s for m, e, s, _ in SCHEDULE if m == model_id and e == ep] for ep in (0, 1)]
+        reference = training.train_in_process(
+            builders.mlp, PARAMS[model_id], shards, order, SEED, model_id
+        )
+        for path in (driver.targets[model_id][-1], driver.paths[model_id]):
+            saved = training.load_state(path)
+            assert state_equal(saved["model"], reference.model.state_dict()), (model_id, path)
+            assert state_equal(saved["optimizer"], reference.optimizer.state_dict())
+        assert len(set(driver.targets[model_id])) == 1  # one slot, trained in again and again
 
 
 def test_states_through_slots_give_the_results_of_states_through_their_files(digits, tmp_path):

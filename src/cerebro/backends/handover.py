@@ -151,6 +151,7 @@ class _ModelFiles:
     free: list[str] = field(default_factory=list)  # slots no state needs
     made: int = 0  # slot files named so far
     released: bool = False
+    durable: int = -1  # the newest version copied to the state file from a slot
 
 
 class DurableWriter:
@@ -202,13 +203,21 @@ class DurableWriter:
             files = self._models.get(model_id)
             return None if files is None else files.files.get(version)
 
-    def target_for(self, model_id: int, folder: str) -> str:
+    def target_for(self, model_id: int, folder: str, version: int | None = None) -> str:
         """A slot file of ``model_id`` in ``folder`` that no state needs, for a unit to write
-        the model's next state to (a new name when it has none free)."""
+        the model's next state to (a new name when it has none free).
+
+        ``version``: the state the unit starts from. Where it is in a slot whose durable copy
+        is written, that slot is the target: the unit trains in it in place, and copies
+        nothing (the state is in the state file still, for a unit that fails or is lost:
+        :meth:`file_of` no longer names the slot)."""
         with self._lock:
             files = self._models.setdefault(model_id, _ModelFiles())
             files.released = False
-            if files.free:
+            path = files.files.get(version) if version is not None else None
+            if path is not None and files.durable == version:
+                del files.files[version]
+            elif files.free:
                 path = files.free.pop()
             else:
                 path = slot_file(folder, model_id, files.made)
@@ -268,6 +277,8 @@ class DurableWriter:
                 files = self._models.get(copy.model_id)
                 if files is not None:
                     files.copying.discard(copy.version)
+                    if saved.ok and files.files.get(copy.version) == copy.source:
+                        files.durable = copy.version
                 self._lock.notify_all()
             self._report(saved)
             self._prune(copy.model_id)

@@ -309,7 +309,11 @@ class LocalBackend(Backend):
                 dataclasses.replace(
                     m,
                     source=writer.file_of(m.model_id, m.version),
-                    target=writer.target_for(m.model_id, folder) if folder and training else None,
+                    target=(
+                        writer.target_for(m.model_id, folder, m.version)
+                        if folder and training
+                        else None
+                    ),
                 )
                 for m in unit.members
             )

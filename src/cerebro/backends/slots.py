@@ -84,7 +84,8 @@ class SlotMaps:
             slot = self._slot(target, size)
             if slot is None:
                 return None
-            memoryview(slot)[:size] = memoryview(mapped)[:size]
+            if slot is not mapped:  # else the unit trains in the slot its state is in
+                memoryview(slot)[:size] = memoryview(mapped)[:size]
         else:  # a state file: copied into a slot of its size if the target is one already
             with open(source, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size

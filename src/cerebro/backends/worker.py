@@ -223,7 +223,7 @@ class WorkerRuntime:
     ) -> ModelInHand:
         entry = self._cache.get(member.model_id)
         if entry is not None and (
-            not self.needs_state(member) or self._evaluates_in_place(entry, member, kind)
+            not self.needs_state(member) or self._uses_in_place(entry, member, kind)
         ):
             self._cache.move_to_end(member.model_id)
             return entry
@@ -270,12 +270,14 @@ class WorkerRuntime:
     def _build(self, member: UnitMember) -> ModelSpec:
         return training.build_spec(self.build, member.params, init_seed=None).to(self.device)
 
-    def _evaluates_in_place(self, entry: ModelInHand, member: UnitMember, kind: UnitKind) -> bool:
-        """Whether an evaluation can use ``entry`` as it is, bound to the slot it is to read:
-        the slot still holds what the model was bound to (or handed over) here. Evaluating
-        writes nothing (no gradients, eval mode), so the slot's state stays as it was."""
+    def _uses_in_place(self, entry: ModelInHand, member: UnitMember, kind: UnitKind) -> bool:
+        """Whether the unit can use ``entry`` as it is, bound to the slot it is to read: the
+        slot still holds what the model was bound to (or handed over) here. An evaluation
+        writes nothing (no gradients, eval mode); a training unit does so only where the slot
+        is its target too (the driver gave it the slot to train in: its durable copy is
+        written), so no state anyone needs changes."""
         return (
-            kind is UnitKind.EVAL
+            (kind is UnitKind.EVAL or member.target == member.source)
             and self.slots is not None
             and member.source is not None
             and self._bound_to.get(member.model_id) == member.source

@@ -149,6 +149,9 @@ controls = Table(
     Column("error", Text),
 )
 
+# The longest queued hop records and durable versions wait for a write of their own in a batch.
+QUEUED_S = 0.25
+
 HOP_COLUMNS = [
     "model_id",
     "epoch",
@@ -362,43 +365,69 @@ class RecordStore:
         self.experiment_id = experiment_id
         # Columns an older store (opened by a reader, which never upgrades) lacks: read as None.
         self.absent = absent
-        self._batch: Connection | None = None  # the transaction batch() holds open
-        self._queued = _Queued()  # the batch's writes of hops and versions, made at its end
+        self._in_batch = False  # inside batch(): writes share one transaction
+        self._batch: Connection | None = None  # that transaction's connection, once opened
+        self._queued = _Queued()  # writes of hops and versions not made yet
+        self._flushed = time.monotonic()  # when queued writes were last made
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Make every write inside one transaction (one commit instead of one per write), as
-        the driver does with the events of one poll; hop records and durable versions are
-        written together at its end, each kind in one statement. What was written before an
-        error inside is committed all the same (each record is a fact of its own). Nested
-        batches join the outer one."""
-        if self._batch is not None:
+        the driver does with the events of one poll; nested batches join the outer one. What
+        was written before an error inside is committed all the same (each record is a fact of
+        its own).
+
+        Hop records, hop save times and durable versions are queued instead, and written
+        together (each kind in one statement) with the next other write, or at a batch's end
+        once they have waited ``QUEUED_S``: a poll that only records hops then costs no
+        transaction at all. Readers see them that much later; a crash loses at most those,
+        and resume re-inserts every hop that a state file holds (see
+        :mod:`cerebro.engine.recovery`)."""
+        if self._in_batch:
             yield
             return
-        with self.engine.connect() as conn:
-            transaction = conn.begin()
-            self._batch = conn
-            try:
-                yield
-            finally:
-                self._batch = None
-                try:
-                    self._flush(conn)
-                    transaction.commit()
-                except BaseException:
-                    transaction.rollback()
-                    raise
+        self._in_batch = True
+        try:
+            yield
+        finally:
+            self._in_batch = False
+            conn, self._batch = self._batch, None
+            if conn is None and self._queued and time.monotonic() - self._flushed >= QUEUED_S:
+                conn = self.engine.connect()
+                conn.begin()
+            if conn is not None:
+                with conn:
+                    try:
+                        self._flush(conn)
+                        conn.commit()
+                    except BaseException:
+                        conn.rollback()
+                        raise
 
-    def _begin(self) -> contextlib.AbstractContextManager[Connection]:
-        """A transaction for one write: the open batch's (its queued writes made first, so
-        writes keep their order), else a new one."""
-        if self._batch is not None:
-            self._flush(self._batch)
-            return contextlib.nullcontext(self._batch)
-        return self.engine.begin()
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        """A transaction for one write, with the queued writes made first (so that writes
+        keep their order): the open batch's, else a new one."""
+        if not self._in_batch:
+            with self.engine.begin() as conn:
+                self._flush(conn)
+                yield conn
+            return
+        if self._batch is None:
+            self._batch = self.engine.connect()
+            self._batch.begin()
+        self._flush(self._batch)
+        yield self._batch
+
+    def flush(self) -> None:
+        """Write what is queued now (outside a batch; inside one it waits for the batch's end)."""
+        if self._queued and not self._in_batch:
+            with self._begin():
+                pass
 
     def _flush(self, conn: Connection) -> None:
         queued, self._queued = self._queued, _Queued()
+        self._flushed = time.monotonic()
         if queued.hops:
             conn.execute(insert(hops), queued.hops)
         if queued.save_times:
@@ -838,15 +867,15 @@ class RecordStore:
     def _write_queued(self) -> None:
         """Outside a batch, what was just queued is written at once, in its own transaction
         (inside one, at the batch's end)."""
-        if self._batch is None:
-            with self.engine.begin() as conn:
-                self._flush(conn)
+        if not self._in_batch:
+            self.flush()
 
     # Reading ---------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         """Every record of this experiment, read in one transaction: a consistent view even
-        while the run goes on writing."""
+        while the run goes on writing (and what this store has queued, written first)."""
+        self.flush()
         options = (
             {} if self.engine.dialect.name == "sqlite" else {"isolation_level": "REPEATABLE READ"}
         )
@@ -914,6 +943,7 @@ class RecordStore:
             return [dict(r) for r in result.mappings().all()]
 
     def close(self) -> None:
+        self.flush()
         self.engine.dispose()
 
 
@@ -924,6 +954,9 @@ class _Queued:
     hops: list[dict[str, Any]] = field(default_factory=list)
     save_times: list[dict[str, Any]] = field(default_factory=list)
     durable: dict[int, int] = field(default_factory=dict)  # model id -> version
+
+    def __bool__(self) -> bool:
+        return bool(self.hops or self.save_times or self.durable)
 
 
 def readable(table: Table, absent: frozenset[str], columns: list[str] | None = None) -> list[Any]:

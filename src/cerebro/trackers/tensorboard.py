@@ -81,7 +81,15 @@ class TensorBoardLog(Tracker):
         hparams = {
             k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in params.items()
         }
-        writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        scalars = {f"hparam/{k}": v for k, v in metrics.items()}
+        # What SummaryWriter.add_hparams writes, but into the model's own run: add_hparams
+        # opens (and closes) another writer with its own thread, ~2 ms of the driver's loop.
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, scalars):
+            writer.file_writer.add_summary(summary)
+        for name, value in scalars.items():
+            writer.add_scalar(name, value)
         writer.close()
         del self._writers[model_id]
 
