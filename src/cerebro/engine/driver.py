@@ -330,8 +330,8 @@ class Driver:
             self._unit_done(self.in_flight.pop(event.unit_id), event)
 
     def _unit_done(self, unit: Unit, event: UnitDone) -> None:
-        """The worker is free: record each member's hop; its new state is handed over, so it
-        hops on (or waits for its state file, at the lag bound or an epoch's end)."""
+        """The worker is free: record each member's hop; a new state is handed over, so the
+        model hops on (or waits for its state file, at the lag bound or an epoch's end)."""
         self.units_held[unit.worker_id] -= 1
         self.tracker.unit_done(unit.model_ids)
         if not event.ok:
@@ -370,12 +370,10 @@ class Driver:
         for model, member in zip(self._members(unit), unit.members, strict=True):
             if not event.result(model.model_id).ok:
                 continue
-            if unit.kind is UnitKind.EVAL:
-                self._unit_over(model, unit.worker_id)
-                continue
-            model.version = member.version + 1
-            self.durability.handed_over(model.model_id, model.version, unit.epoch, unit.shard)
-            if self.durability.must_wait(model, end_of_epoch=not model.remaining):
+            if unit.kind is UnitKind.TRAIN:
+                model.version = member.version + 1
+                self.durability.handed_over(model.model_id, model.version, unit.epoch, unit.shard)
+            if self._must_wait(model):
                 model.waiting = unit.worker_id  # busy until its state file catches up
                 waiting.append(model)
             else:
@@ -404,12 +402,25 @@ class Driver:
         have without the wait (deterministic mode's results do not depend on write timing)."""
         unit = [self.roster[i] for i in model.waiting_with] or [model]
         unit = [m for m in unit if m.waiting is not None and m.status is not ModelStatus.FAILED]
-        if any(self.durability.must_wait(m, end_of_epoch=not m.remaining) for m in unit):
+        if any(self._must_wait(m) for m in unit):
             return
         for member in unit:
             assert member.waiting is not None
             worker, member.waiting, member.waiting_with = member.waiting, None, ()
             self._unit_over(member, worker)
+
+    def _must_wait(self, model: ModelRun) -> bool:
+        """Whether the model, its unit done, waits for its state file (see :class:`Durability`):
+        its epoch ends with this unit (its validation pass, else its training, is over), or
+        its next unit would take it past the lag bound. Its validation pass runs meanwhile: an
+        evaluation reads the state handed over and writes none."""
+        evaluating = model.phase is UnitKind.EVAL
+        has_val = bool(self.roster.val_shards_of(model))
+        epoch_over = not model.remaining and (evaluating or not has_val)
+        next_evaluates = (evaluating and bool(model.remaining)) or (
+            not evaluating and not model.remaining and has_val
+        )
+        return self.durability.must_wait(model, epoch_over, next_trains=not next_evaluates)
 
     def _unit_over(self, model: ModelRun, worker_id: int) -> None:
         self.lifecycle.unit_finished(model, worker_id)

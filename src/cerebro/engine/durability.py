@@ -4,8 +4,9 @@ A model hops on as soon as its unit is done, its new state handed over in memory
 writes the state file behind it and reports each write (:class:`~cerebro.backends.base.StateSaved`).
 :class:`Durability` says when a model must wait for its state file instead: when its next hop
 would put it more than ``lag`` versions ahead (a crash of the whole run then costs at most
-``lag`` hops per model, trained again on resume), and at the end of each epoch's training, so
-that epoch checkpoints, PBT exploits, clones and results always read a durable state.
+``lag`` hops per model, trained again on resume), and at the end of each epoch (after its
+validation pass, which runs meanwhile), so that epoch checkpoints, PBT exploits, clones and
+results always read a durable state.
 
 Example:
     >>> durability = Durability(lag=2)
@@ -46,11 +47,12 @@ class Durability:
         """A training hop (``epoch``, ``shard``) made ``version``, not yet in the state file."""
         self._waiting[(model_id, version)] = (epoch, shard)
 
-    def must_wait(self, model: ModelRun, end_of_epoch: bool) -> bool:
+    def must_wait(self, model: ModelRun, end_of_epoch: bool, next_trains: bool = True) -> bool:
         """Whether ``model`` waits for its state file before its next unit: it is behind, and
-        its epoch's training is over or one more hop would exceed the lag bound."""
+        its epoch is over or its next unit would take it past the lag bound (an evaluation,
+        ``next_trains=False``, makes no new state: it waits only with a bound of 0)."""
         behind = model.version - model.durable_version
-        return behind > 0 and (end_of_epoch or behind + 1 > self.lag)
+        return behind > 0 and (end_of_epoch or behind + int(next_trains) > self.lag)
 
     def saved(self, event: StateSaved) -> tuple[int, int] | None:
         """A write is reported: the (epoch, shard) of the hop that made its version, if known.
