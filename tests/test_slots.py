@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
 
 import builders
 import pytest
@@ -218,6 +219,30 @@ def test_the_writer_gives_a_slot_to_train_in_once_its_durable_copy_is_written(tm
         assert writer.file_of(3, 1) is None and writer.target_for(3, folder) == slot
     finally:
         writer.close()
+
+
+def test_an_epochs_last_state_is_copied_before_the_states_waiting(tmp_path, monkeypatch):
+    order: list[int] = []
+    started, go_on = threading.Event(), threading.Event()
+
+    def write(copy):
+        order.append(copy.model_id)
+        started.set()
+        go_on.wait(10)
+        return StateSaved(copy.model_id, copy.version, ok=True, path=copy.target)
+
+    monkeypatch.setattr(DurableWriter, "_write", staticmethod(write))
+    writer = DurableWriter(lambda saved: None)
+    try:
+        writer.handed_over(1, 1, str(tmp_path / "a"), str(tmp_path / "1.pt"))
+        assert started.wait(10)  # model 1's copy is being made
+        writer.handed_over(2, 1, str(tmp_path / "b"), str(tmp_path / "2.pt"))
+        writer.handed_over(3, 1, str(tmp_path / "c"), str(tmp_path / "3.pt"), first=True)
+        go_on.set()
+        assert writer.drain(10)
+    finally:
+        writer.close()
+    assert order == [1, 3, 2]  # model 3 waits for its copy: it goes before model 2's
 
 
 def test_models_trained_in_the_slots_they_are_in_train_as_one_process(digits, driver, monkeypatch):

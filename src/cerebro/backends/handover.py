@@ -173,9 +173,12 @@ class DurableWriter:
         self._thread = threading.Thread(target=self._run, daemon=True, name="cerebro-durable")
         self._thread.start()
 
-    def handed_over(self, model_id: int, version: int, path: str, target: str) -> None:
+    def handed_over(
+        self, model_id: int, version: int, path: str, target: str, first: bool = False
+    ) -> None:
         """A worker wrote ``model_id``'s state at ``version`` to the handover file ``path``:
-        copy it to ``target`` (replacing a copy of an older version still waiting)."""
+        copy it to ``target`` (replacing a copy of an older version still waiting). ``first``:
+        before the copies waiting (the model will wait for it: its epoch's last state)."""
         with self._lock:
             files = self._models.setdefault(model_id, _ModelFiles())
             files.released = False  # a stopped model a person resumed trains again
@@ -188,7 +191,11 @@ class DurableWriter:
             replaced = self._queue.pop(model_id, None)
             if replaced is not None:
                 files.copying.discard(replaced.version)
-            self._queue[model_id] = _Copy(model_id, version, path, target)
+            copy = _Copy(model_id, version, path, target)
+            if first:
+                self._queue = {model_id: copy, **self._queue}
+            else:
+                self._queue[model_id] = copy
             self._lock.notify_all()
         for stale in superseded:
             if stale != path:

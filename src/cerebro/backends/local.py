@@ -270,7 +270,11 @@ class LocalBackend(Backend):
             written = done.written.get(member.model_id)
             if written is not None and written.path == member.target:
                 self._writer.handed_over(
-                    member.model_id, member.version + 1, written.path, member.state_path
+                    member.model_id,
+                    member.version + 1,
+                    written.path,
+                    member.state_path,
+                    first=unit.end_of_epoch,  # its model waits for this copy at the epoch's end
                 )
                 continue
             if member.target is not None:  # it failed, or its state went to its state file
