@@ -149,6 +149,42 @@ controls = Table(
     Column("error", Text),
 )
 
+# Statements the driver's loop makes for every hop and epoch, built once: building one costs
+# ~100 us, five times as much as running it with new values (SQLite; measured). Bound
+# parameters: "x" the experiment, "m" the model, "e" the epoch.
+_INSERT_HOPS = insert(hops)
+_INSERT_EPOCH = insert(epochs)
+_INSERT_EVENT = insert(events)
+_INSERT_CHECKPOINT = insert(checkpoints)
+_OF_MODEL = (models.c.experiment_id == bindparam("x"), models.c.model_id == bindparam("m"))
+_SET_STATUS = update(models).where(*_OF_MODEL)
+_SET_DURABLE = (
+    update(models).where(*_OF_MODEL).values(durable_version=bindparam("v"), updated=bindparam("u"))
+)
+_SET_SAVE_TIME = (
+    update(hops)
+    .where(
+        hops.c.experiment_id == bindparam("x"),
+        hops.c.model_id == bindparam("m"),
+        hops.c.epoch == bindparam("e"),
+        hops.c.shard == bindparam("s"),
+        hops.c.kind == "train",
+    )
+    .values(save_s=bindparam("t"))
+)
+_OF_CHECKPOINT = (
+    checkpoints.c.experiment_id == bindparam("x"),
+    checkpoints.c.model_id == bindparam("m"),
+)
+_DELETE_CHECKPOINT = delete(checkpoints).where(
+    *_OF_CHECKPOINT, checkpoints.c.epoch == bindparam("e")
+)
+_SET_PRUNED = (
+    update(checkpoints)
+    .where(*_OF_CHECKPOINT, checkpoints.c.epoch.in_(bindparam("es", expanding=True)))
+    .values(pruned=1)
+)
+
 # The longest queued hop records and durable versions wait for a write of their own in a batch.
 QUEUED_S = 0.25
 
@@ -429,29 +465,15 @@ class RecordStore:
         queued, self._queued = self._queued, _Queued()
         self._flushed = time.monotonic()
         if queued.hops:
-            conn.execute(insert(hops), queued.hops)
+            conn.execute(_INSERT_HOPS, queued.hops)
+        x = self.experiment_id
         if queued.save_times:
-            conn.execute(
-                update(hops)
-                .where(
-                    hops.c.experiment_id == self.experiment_id,
-                    hops.c.model_id == bindparam("m"),
-                    hops.c.epoch == bindparam("e"),
-                    hops.c.shard == bindparam("s"),
-                    hops.c.kind == "train",
-                )
-                .values(save_s=bindparam("t")),
-                queued.save_times,
-            )
+            conn.execute(_SET_SAVE_TIME, [{"x": x, **row} for row in queued.save_times])
         if queued.durable:
+            now = time.time()
             conn.execute(
-                update(models)
-                .where(
-                    models.c.experiment_id == self.experiment_id,
-                    models.c.model_id == bindparam("m"),
-                )
-                .values(durable_version=bindparam("v"), updated=time.time()),
-                [{"m": m, "v": v} for m, v in queued.durable.items()],
+                _SET_DURABLE,
+                [{"x": x, "m": m, "v": v, "u": now} for m, v in queued.durable.items()],
             )
 
     @classmethod
@@ -634,10 +656,10 @@ class RecordStore:
     def set_model_status(self, model_id: int, status: str, error: str | None = None) -> None:
         with self._begin() as conn:
             conn.execute(
-                update(models)
-                .where(models.c.experiment_id == self.experiment_id, models.c.model_id == model_id)
-                .values(status=status, error=error, updated=time.time())
-            )
+                _SET_STATUS,
+                {"x": self.experiment_id, "m": model_id, "status": status, "error": error,
+                 "updated": time.time()},
+            )  # fmt: skip
 
     def add_epoch(
         self,
@@ -652,22 +674,14 @@ class RecordStore:
         now = time.time()
         with self._begin() as conn:
             conn.execute(
-                insert(epochs).values(
-                    experiment_id=self.experiment_id,
-                    model_id=model_id,
-                    epoch=epoch,
-                    metrics=metrics,
-                    finished=now,
-                )
-            )
+                _INSERT_EPOCH,
+                {"experiment_id": self.experiment_id, "model_id": model_id, "epoch": epoch,
+                 "metrics": metrics, "finished": now},
+            )  # fmt: skip
             if status is not None:
                 conn.execute(
-                    update(models)
-                    .where(
-                        models.c.experiment_id == self.experiment_id,
-                        models.c.model_id == model_id,
-                    )
-                    .values(status=status, updated=now)
+                    _SET_STATUS,
+                    {"x": self.experiment_id, "m": model_id, "status": status, "updated": now},
                 )
             if event is not None:
                 self._insert_event(conn, *event)
@@ -715,13 +729,10 @@ class RecordStore:
 
     def _insert_event(self, conn: Any, kind: str, detail: dict[str, Any]) -> None:
         conn.execute(
-            insert(events).values(
-                experiment_id=self.experiment_id,
-                time=time.time(),
-                kind=kind,
-                detail=jsonable(detail),
-            )
-        )
+            _INSERT_EVENT,
+            {"experiment_id": self.experiment_id, "time": time.time(), "kind": kind,
+             "detail": jsonable(detail)},
+        )  # fmt: skip
 
     # Controls ----------------------------------------------------------------------------------
 
@@ -786,37 +797,17 @@ class RecordStore:
         self, model_id: int, epoch: int, path: str, checksum: str, size: int
     ) -> None:
         with self._begin() as conn:
+            conn.execute(_DELETE_CHECKPOINT, {"x": self.experiment_id, "m": model_id, "e": epoch})
             conn.execute(
-                delete(checkpoints).where(
-                    checkpoints.c.experiment_id == self.experiment_id,
-                    checkpoints.c.model_id == model_id,
-                    checkpoints.c.epoch == epoch,
-                )
-            )
-            conn.execute(
-                insert(checkpoints).values(
-                    experiment_id=self.experiment_id,
-                    model_id=model_id,
-                    epoch=epoch,
-                    path=path,
-                    checksum=checksum,
-                    bytes=size,
-                    created=time.time(),
-                    pruned=0,
-                )
-            )
+                _INSERT_CHECKPOINT,
+                {"experiment_id": self.experiment_id, "model_id": model_id, "epoch": epoch,
+                 "path": path, "checksum": checksum, "bytes": size, "created": time.time(),
+                 "pruned": 0},
+            )  # fmt: skip
 
     def set_checkpoints_pruned(self, model_id: int, epochs: list[int]) -> None:
         with self._begin() as conn:
-            conn.execute(
-                update(checkpoints)
-                .where(
-                    checkpoints.c.experiment_id == self.experiment_id,
-                    checkpoints.c.model_id == model_id,
-                    checkpoints.c.epoch.in_(epochs),
-                )
-                .values(pruned=1)
-            )
+            conn.execute(_SET_PRUNED, {"x": self.experiment_id, "m": model_id, "es": epochs})
 
     def forget_epochs_after(self, model_id: int, epoch: int) -> None:
         """Delete a model's records of epochs after ``epoch`` (it will train them again)."""
