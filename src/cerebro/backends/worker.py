@@ -87,7 +87,9 @@ class WorkerRuntime:
             SlotMaps(config.handover_dir, config.handover_budget) if config.handover_dir else None
         )
         self._cache: OrderedDict[int, ModelInHand] = OrderedDict()
-        self._bound_to: dict[int, str] = {}  # model id -> the slot its cached tensors are views of
+        # Model id -> the slot its cached tensors are views of, and whether of its shared
+        # mapping (trained in place there) or of a private, copy-on-write one (evaluated).
+        self._bound_to: dict[int, tuple[str, bool]] = {}
         dataset = Dataset.open(config.dataset_path)
         self.data: dict[tuple[str, int], Shard] = {}
         self.digests: dict[tuple[str, int], str] = {}  # what kept features are keyed by
@@ -235,8 +237,10 @@ class WorkerRuntime:
         # training unit's into its target slot (trained in place there), an evaluation's
         # mapped copy-on-write. States a backend hands over (Ray's) are copied.
         ours = state is None
+        in_target = False
         if ours and self.slots is not None and member.target is not None:
             state = self.slots.bring_in(source, member.target)
+            in_target = state is not None
         elif ours and kind is not UnitKind.EVAL:
             ours = False  # no slot to train in: the file's mapping is copied (as before)
         if state is None:
@@ -251,9 +255,10 @@ class WorkerRuntime:
         self._bound_to.pop(member.model_id, None)
         if bound:
             training.bind_state(spec, state)
-            slot = member.target if member.target is not None else source
-            if self.slots is not None and (slot == member.target or self.slots.remember(slot)):
-                self._bound_to[member.model_id] = slot
+            if in_target and member.target is not None:
+                self._bound_to[member.model_id] = (member.target, True)
+            elif member.target is None and self.slots is not None and self.slots.remember(source):
+                self._bound_to[member.model_id] = (source, False)
         else:
             if entry is not None and entry.bound:  # copying into it would write another's state
                 spec = self._build(member)
@@ -276,11 +281,15 @@ class WorkerRuntime:
         writes nothing (no gradients, eval mode); a training unit does so only where the slot
         is its target too (the driver gave it the slot to train in: its durable copy is
         written), so no state anyone needs changes."""
+        bound = self._bound_to.get(member.model_id)
+        if kind is UnitKind.EVAL:
+            usable = bound is not None and bound[0] == member.source
+        else:  # trained in place: its tensors must be the slot's own bytes, not a private copy
+            usable = member.target == member.source and bound == (member.source, True)
         return (
-            (kind is UnitKind.EVAL or member.target == member.source)
+            usable
             and self.slots is not None
             and member.source is not None
-            and self._bound_to.get(member.model_id) == member.source
             and entry.params == member.params
             and entry.counters.version == member.version
             and self.slots.unchanged(member.source)
