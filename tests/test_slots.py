@@ -221,6 +221,31 @@ def test_the_writer_gives_a_slot_to_train_in_once_its_durable_copy_is_written(tm
         writer.close()
 
 
+def test_the_writer_makes_a_spare_slot_ahead_of_the_models_next_unit(tmp_path):
+    folder = HandoverFolder(budget_mb=1)
+    writer = DurableWriter(lambda saved: None, folder)
+    try:
+        slot = writer.target_for(5, folder.path)
+        with open(slot, "wb") as f:
+            f.write(b"x" * 4096)
+        writer.handed_over(5, 1, slot, str(tmp_path / "durable.pt"))
+        assert writer.drain(10)
+        spare = writer.target_for(5, folder.path)  # made by the writer, as large as the slot
+        assert spare != slot and os.path.getsize(spare) == 4096
+        writer.unlease(5, spare)
+        big = writer.target_for(6, folder.path)
+        with open(big, "wb") as f:
+            f.write(b"x" * 700_000)
+        writer.handed_over(6, 1, big, str(tmp_path / "durable-6.pt"))
+        assert writer.drain(10)
+        assert not os.path.exists(writer.target_for(6, folder.path))  # no room: none made
+        writer.release(5)
+        assert not os.path.exists(spare) and not os.path.exists(slot)
+    finally:
+        writer.close()
+        folder.close()
+
+
 def test_an_epochs_last_state_is_copied_before_the_states_waiting(tmp_path, monkeypatch):
     order: list[int] = []
     started, go_on = threading.Event(), threading.Event()

@@ -29,7 +29,7 @@ from typing import Any
 from .. import training
 from ..files import replace_atomically
 from .base import StateSaved, Unit, Written
-from .slots import SlotMaps
+from .slots import SlotMaps, reserve
 
 # Share of the shared-memory filesystem a run's handover files may take by default.
 _SHARE_OF_SHM = 0.5
@@ -163,8 +163,11 @@ class DurableWriter:
     a :class:`StateSaved`, from the writer's thread.
     """
 
-    def __init__(self, report: Callable[[StateSaved], None]) -> None:
+    def __init__(
+        self, report: Callable[[StateSaved], None], folder: HandoverFolder | None = None
+    ) -> None:
         self._report = report
+        self._folder = folder  # where it makes spare slots ahead of their use (None: never)
         self._lock = threading.Condition()
         self._queue: dict[int, _Copy] = {}  # model id -> its newest copy to make, in order
         self._models: dict[int, _ModelFiles] = {}
@@ -280,15 +283,18 @@ class DurableWriter:
                 self._busy = True
             saved = self._write(copy)
             with self._lock:
-                self._busy = False
                 files = self._models.get(copy.model_id)
                 if files is not None:
                     files.copying.discard(copy.version)
                     if saved.ok and files.files.get(copy.version) == copy.source:
                         files.durable = copy.version
-                self._lock.notify_all()
             self._report(saved)
             self._prune(copy.model_id)
+            if saved.ok:
+                self._reserve_spare(copy.model_id, copy.source)
+            with self._lock:  # drain() returns once the copy is reported and its files tidied
+                self._busy = False
+                self._lock.notify_all()
 
     @staticmethod
     def _write(copy: _Copy) -> StateSaved:
@@ -304,6 +310,33 @@ class DurableWriter:
             copy.model_id, copy.version, ok=True, save_s=time.perf_counter() - began,
             path=copy.target,
         )  # fmt: skip
+
+    def _reserve_spare(self, model_id: int, like: str) -> None:
+        """Make a free slot for the model's next unit where it has none (as large as the slot
+        ``like``): a unit whose target exists already copies its state in at memory speed,
+        where making the file would cost it about 9x that (its first hops, or after a slot
+        was deleted)."""
+        if self._folder is None:
+            return
+        with self._lock:
+            files = self._models.get(model_id)
+            if files is None or files.released or files.free:
+                return
+            path = slot_file(self._folder.path, model_id, files.made)
+            files.made += 1
+        try:
+            size = os.path.getsize(like)
+        except OSError:
+            return  # replaced or deleted meanwhile: the next copy tries again
+        made = reserve(self._folder.path, self._folder.budget, path, size)
+        with self._lock:
+            files = self._models.get(model_id)
+            if made and files is not None and not files.released:
+                files.free.append(path)
+                return
+        if made:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
     def _prune(self, model_id: int) -> None:
         """Free the model's slots no state needs: those of versions older than its newest (all,

@@ -159,7 +159,7 @@ class LocalBackend(Backend):
             self._handover = HandoverFolder(self.handover_mb)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._writer = DurableWriter(self._durable)
+        self._writer = DurableWriter(self._durable, self._handover)
 
     def _durable(self, saved: StateSaved) -> None:
         """From the writer's thread: a durable copy is written (or failed)."""
