@@ -194,3 +194,39 @@ def _worker_lost(path) -> bool:
         (count,) = conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'worker_lost'").fetchone()
     conn.close()
     return bool(count)
+
+
+class _StatesLostWithWorkers(cerebro.LocalBackend):
+    """LocalBackend as a backend whose handed-over states die with their worker (Ray's) would
+    be driven, noting when each state file is reported written."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.written_at: dict[tuple[int, int], float] = {}
+
+    @property
+    def states_outlive_workers(self) -> bool:
+        return False
+
+    def _durable(self, saved) -> None:
+        self.written_at[(saved.model_id, saved.version)] = time.time()
+        super()._durable(saved)
+
+
+def test_where_states_die_with_workers_an_epoch_is_evaluated_from_its_state_file(digits, tmp_path):
+    """With such a backend a model evaluates its epoch only once its last training state is in
+    its file: an evaluation whose state was lost with a worker can read it again from there."""
+    from cerebro.store import RecordStore
+
+    backend = _StatesLostWithWorkers(workers=2)
+    path = tmp_path / "run"
+    result = small_experiment(digits, path, epochs=2, backend=backend, durable_lag=2).run()
+    _, row = RecordStore.find(path, None)
+    hops, shards = result.hops, digits.num_shards
+    evaluated = 0
+    for (model, epoch), of_epoch in hops.groupby(["model_id", "epoch"]):
+        written = backend.written_at[(model, (epoch + 1) * shards)]  # the epoch's last state
+        evals = of_epoch[of_epoch.kind == "eval"]
+        assert (evals.start + row["created"] > written).all(), (model, epoch)
+        evaluated += len(evals)
+    assert evaluated == 2 * 2 * shards  # 2 models x 2 epochs x every validation shard

@@ -205,6 +205,14 @@ class Backend(ABC):
         starts its next unit the moment it finishes one, without a round trip to the driver."""
         return 1
 
+    @property
+    def states_outlive_workers(self) -> bool:
+        """Whether a state handed over survives the loss of the worker that made it (it is
+        held outside the workers' processes). Then a model may evaluate its epoch's last state
+        before that state's file is written; else it waits for the file first, so that an
+        evaluation whose state is lost can read it again."""
+        return False
+
     def release(self, model_id: int) -> None:  # noqa: B027 - optional hook
         """The driver will not run ``model_id`` again in this run (it completed, failed or
         stopped): once its state is durable, what holds it in memory may be freed."""

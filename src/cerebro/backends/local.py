@@ -354,6 +354,10 @@ class LocalBackend(Backend):
     def queue_depth(self) -> int:
         return 2  # a worker's pipe keeps the order: one unit running, the next one waiting
 
+    @property
+    def states_outlive_workers(self) -> bool:
+        return True  # in slot files of the driver's handover folder, or in their state files
+
     def release(self, model_id: int) -> None:
         if self._writer is not None:
             self._writer.release(model_id)

@@ -245,7 +245,7 @@ class Driver:
                     continue  # every worker holds this many units: nothing to match
                 for assignment in schedule(self.roster.slots(idle), workers):
                     self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
-            if not self.in_flight and not self.durability.awaited:
+            if not self.in_flight and not self._awaiting_files():
                 if self.roster.changed or self.roster.schedulable():
                     continue
                 if self.lifecycle.prune_waiting():  # nothing else can change what they wait for
@@ -260,6 +260,14 @@ class Driver:
                     self._handle(event)
                 self.keeper.record_ready()
             self._show_standings()
+
+    def _awaiting_files(self) -> bool:
+        """Whether a state file write is still to be reported for a model that goes on. A
+        failed model's may never come (its state was lost with a worker); what is written
+        meanwhile the backend finishes when it shuts down."""
+        return any(
+            self.roster[m].status is not ModelStatus.FAILED for m in self.durability.waited_for()
+        )
 
     def _worker_slots(self, depth: int) -> list[WorkerSlot]:
         """The workers, those holding ``depth`` units or more busy."""
@@ -411,11 +419,15 @@ class Driver:
 
     def _must_wait(self, model: ModelRun) -> bool:
         """Whether the model, its unit done, waits for its state file (see :class:`Durability`):
-        its epoch ends with this unit (its validation pass, else its training, is over), or
-        its next unit would take it past the lag bound. Its validation pass runs meanwhile: an
-        evaluation reads the state handed over and writes none."""
+        its epoch ends with this unit, or its next unit would take it past the lag bound.
+        Where handed-over states outlive the workers (LocalBackend's slot files), an epoch
+        ends after its validation pass, which runs meanwhile (an evaluation reads the state
+        handed over and writes none); else after its training, so that an evaluation whose
+        state was lost with a worker reads it from the file again (RayBackend's)."""
         evaluating = model.phase is UnitKind.EVAL
         has_val = bool(self.roster.val_shards_of(model))
+        if not self.backend.states_outlive_workers:
+            return self.durability.must_wait(model, not model.remaining and not evaluating)
         epoch_over = not model.remaining and (evaluating or not has_val)
         next_evaluates = (evaluating and bool(model.remaining)) or (
             not evaluating and not model.remaining and has_val

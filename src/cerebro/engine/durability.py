@@ -43,6 +43,10 @@ class Durability:
         """Whether a state file write is still to be reported (the run is not over before)."""
         return bool(self._waiting)
 
+    def waited_for(self) -> set[int]:
+        """The models with a state file write still to be reported."""
+        return {model_id for model_id, _ in self._waiting}
+
     def handed_over(self, model_id: int, version: int, epoch: int, shard: int) -> None:
         """A training hop (``epoch``, ``shard``) made ``version``, not yet in the state file."""
         self._waiting[(model_id, version)] = (epoch, shard)
