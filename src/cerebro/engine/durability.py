@@ -4,9 +4,9 @@ A model hops on as soon as its unit is done, its new state handed over in memory
 writes the state file behind it and reports each write (:class:`~cerebro.backends.base.StateSaved`).
 :class:`Durability` says when a model must wait for its state file instead: when its next hop
 would put it more than ``lag`` versions ahead (a crash of the whole run then costs at most
-``lag`` hops per model, trained again on resume), and at the end of each epoch (after its
-validation pass, which runs meanwhile), so that epoch checkpoints, PBT exploits, clones and
-results always read a durable state.
+``lag`` hops per model, trained again on resume), and at the end of each epoch, so that epoch
+checkpoints, PBT exploits, clones and results always read a durable state (the driver decides
+whether the epoch's validation pass runs meanwhile: ``Driver._must_wait``).
 
 Example:
     >>> durability = Durability(lag=2)
