@@ -196,24 +196,12 @@ class SlotMaps:
         slot = self._mapping(target)
         if slot is not None and len(slot) == size:
             return slot
-        if not self._room_for(size, replacing=target):
+        if not reserve(self.folder, self.budget, target, size):
             return None
-        tmp = os.path.join(self.folder, f".new-{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            # Reserve the pages now: a full /dev/shm fails here (ENOSPC), not on a later touch
-            # of a mapped page (which would kill this process).
-            os.posix_fallocate(fd, 0, size)
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-            os.replace(tmp, target)
-            self._maps[target] = (os.fstat(fd).st_ino, mapping)
+            return self._mapping(target)
         except OSError:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
             return None
-        finally:
-            os.close(fd)
-        return mapping
 
     def _room_for(self, size: int, replacing: str) -> bool:
         return room_for(self.folder, self.budget, size, replacing)
@@ -242,6 +230,8 @@ def reserve(folder: str, budget: int, path: str, size: int) -> bool:
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            # The pages now: a full /dev/shm fails here (ENOSPC), not on a later touch of a
+            # mapped page (which would kill the process).
             os.posix_fallocate(fd, 0, size)
         finally:
             os.close(fd)
