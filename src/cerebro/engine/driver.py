@@ -425,9 +425,9 @@ class Driver:
         handed over and writes none); else after its training, so that an evaluation whose
         state was lost with a worker reads it from the file again (RayBackend's)."""
         evaluating = model.phase is UnitKind.EVAL
-        has_val = bool(self.roster.val_shards_of(model))
         if not self.backend.states_outlive_workers:
             return self.durability.must_wait(model, not model.remaining and not evaluating)
+        has_val = bool(self.roster.val_shards_of(model))
         epoch_over = not model.remaining and (evaluating or not has_val)
         next_evaluates = (evaluating and bool(model.remaining)) or (
             not evaluating and not model.remaining and has_val

@@ -11,13 +11,13 @@ whether the epoch's validation pass runs meanwhile: ``Driver._must_wait``).
 Example:
     >>> durability = Durability(lag=2)
     >>> durability.handed_over(model_id=0, version=1, epoch=0, shard=3)
-    >>> durability.awaited
-    True
+    >>> durability.waited_for()
+    {0}
     >>> from cerebro.backends.base import StateSaved
     >>> durability.saved(StateSaved(model_id=0, version=1, ok=True))  # the hop it belongs to
     (0, 3)
-    >>> durability.awaited
-    False
+    >>> durability.waited_for()
+    set()
 """
 
 from __future__ import annotations
@@ -38,13 +38,9 @@ class Durability:
         self._waiting: dict[tuple[int, int], tuple[int, int]] = {}  # (model, version) -> hop
         self._warned = False
 
-    @property
-    def awaited(self) -> bool:
-        """Whether a state file write is still to be reported (the run is not over before)."""
-        return bool(self._waiting)
-
     def waited_for(self) -> set[int]:
-        """The models with a state file write still to be reported."""
+        """The models with a state file write still to be reported (the run is not over
+        before, for those that go on)."""
         return {model_id for model_id, _ in self._waiting}
 
     def handed_over(self, model_id: int, version: int, epoch: int, shard: int) -> None:
