@@ -488,7 +488,8 @@ class Driver:
 
     def _roll_back(self, model: ModelRun) -> None:
         """The model's newest state is gone: it goes on from its state file, and the hops of
-        its epoch after that state are trained again (their records deleted)."""
+        its epoch after that state are trained again (their records deleted); a file that
+        holds all its epoch's training goes on to the validation pass (as on resume)."""
         counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
         self.store.add_event(
             EventKind.STATE_ROLLED_BACK.value,
@@ -504,13 +505,21 @@ class Driver:
             self.roster.budget(model),
         )
         self.store.delete_hops(model.model_id, point.epoch, keep_train_shards=point.visited)
-        self.durability.forget(model.model_id, counters.version)
+        # Nothing of it is waited for: its file holds this version (a report of that write may
+        # have been lost with the worker), and its newer versions are gone.
+        self.durability.forget(model.model_id, -1)
         model.version = model.durable_version = counters.version
         model.busy, model.waiting, model.waiting_with = False, None, ()
-        model.phase, model.train = UnitKind.TRAIN, SplitSums()
+        model.train = SplitSums()
         for hop in point.hops:
             model.train.add(hop.shard, hop.rows, hop.sums)
-        model.remaining = [s for s in self.roster.train_order(model) if s not in point.visited]
+        if point.trained:  # its epoch's training is in the file: the validation pass is next
+            model.phase, model.remaining = UnitKind.EVAL, sorted(self.roster.val_shards_of(model))
+            if not model.remaining:
+                self.lifecycle.finish_epoch(model)
+        else:
+            model.phase = UnitKind.TRAIN
+            model.remaining = [s for s in self.roster.train_order(model) if s not in point.visited]
         self.requests.unit_over(model)
 
     # Display -------------------------------------------------------------------------------------
