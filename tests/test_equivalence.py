@@ -39,13 +39,13 @@ def _hop_through_workers(dataset, order, tmp_path):
                     params=PARAMS,
                     state_path=state_path,
                     version=version,
-                    shuffle_seed=training.shuffle_seed(SEED, MODEL_ID, epoch, shard),
+                    shuffle_seeds=(training.shuffle_seed(SEED, MODEL_ID, epoch, shard),),
                 )
                 unit = Unit(
                     unit_id=version,
                     kind=UnitKind.TRAIN,
                     epoch=epoch,
-                    shard=shard,
+                    shards=(shard,),
                     worker_id=shard,
                     members=(member,),
                     end_of_epoch=i == len(shards) - 1,

@@ -98,7 +98,7 @@ def driver(digits, tmp_path, monkeypatch):
 def test_models_hopping_through_recycled_slots_train_as_one_process(digits, driver):
     for unit_id, (model_id, epoch, shard, last) in enumerate(SCHEDULE):
         member = driver.member(model_id, epoch, shard)
-        unit = Unit(unit_id, UnitKind.TRAIN, epoch, shard, unit_id % 2, (member,), last)
+        unit = Unit(unit_id, UnitKind.TRAIN, epoch, (shard,), unit_id % 2, (member,), last)
         driver.train(unit_id % 2, unit)  # the workers take turns: every unit is a hop
     shards = [digits.load_shard("train", s) for s in range(digits.num_shards)]
     for model_id in PARAMS:
@@ -125,20 +125,20 @@ def test_a_model_brought_back_from_its_state_file_ignores_the_slot_it_was_traine
     runtime = driver.runtimes[0]
     for unit_id, shard in enumerate((0, 1)):
         member = driver.member(0, 0, shard)
-        driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, shard, 0, (member,)))
+        driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, (shard,), 0, (member,)))
     slot = driver.targets[0][-1]
     with open(slot, "r+b") as f:  # recycled for another state: other bytes, same layout
         f.seek(os.path.getsize(slot) // 2)
         f.write(os.urandom(4096))
     member = dataclasses.replace(driver.member(0, 0, 2), source=None)  # from the state file
     assert runtime.needs_state(member)  # a model bound to a slot is always brought in again
-    done, snapshots = runtime.run(Unit(2, UnitKind.TRAIN, 0, 2, 0, (member,)))
+    done, snapshots = runtime.run(Unit(2, UnitKind.TRAIN, 0, (2,), 0, (member,)))
     assert done.ok, done.error
     without_slots = WorkerRuntime(worker_config(digits, 9, 0))
     expected, reference = without_slots.run(
-        Unit(2, UnitKind.TRAIN, 0, 2, 0, (dataclasses.replace(member, target=None),))
+        Unit(2, UnitKind.TRAIN, 0, (2,), 0, (dataclasses.replace(member, target=None),))
     )
-    assert expected.ok and expected.results[0].sums == done.results[0].sums
+    assert expected.ok and expected.passes[0].results[0].sums == done.passes[0].results[0].sums
     assert state_equal(snapshots[0]["model"], reference[0]["model"])
     assert state_equal(snapshots[0]["optimizer"], reference[0]["optimizer"])
 
@@ -149,18 +149,18 @@ def _eval_member(driver: _Driver, model_id: int) -> UnitMember:
 
 def test_evaluating_a_model_from_its_slot_changes_nothing_in_the_slot(digits, driver):
     member = driver.member(0, 0, 0)
-    driver.train(0, Unit(0, UnitKind.TRAIN, 0, 0, 0, (member,), end_of_epoch=True))
+    driver.train(0, Unit(0, UnitKind.TRAIN, 0, (0,), 0, (member,), end_of_epoch=True))
     slot = driver.writer.file_of(0, 1)
     before = _digest(slot)
     for worker in (0, 1):  # the worker that trained it (bound to the slot), and another
         done, snapshots = driver.runtimes[worker].run(
-            Unit(1 + worker, UnitKind.EVAL, 0, 1, worker, (_eval_member(driver, 0),))
+            Unit(1 + worker, UnitKind.EVAL, 0, (1,), worker, (_eval_member(driver, 0),))
         )
         assert done.ok and snapshots == {}, done.error
         reference = training.build_spec(builders.mlp, PARAMS[0], init_seed=None)
         training.restore_state(reference, training.load_state(driver.paths[0]), CPU)
         expected = training.run_eval_hop(reference, digits.load_shard("val", 1), CPU)
-        assert done.results[0].sums == expected.sums
+        assert done.passes[0].results[0].sums == expected.sums
     assert _digest(slot) == before
 
 
@@ -286,7 +286,7 @@ def test_models_trained_in_the_slots_they_are_in_train_as_one_process(digits, dr
         worker = (unit_id // 4) % 2  # runs of four units on one worker, then a hop
         member = driver.member(model_id, epoch, shard, in_place=True)
         brought_in.clear()
-        unit = Unit(unit_id, UnitKind.TRAIN, epoch, shard, worker, (member,), end)
+        unit = Unit(unit_id, UnitKind.TRAIN, epoch, (shard,), worker, (member,), end)
         driver.train(worker, unit)
         if member.source is not None and member.target == member.source:
             in_place += 1
@@ -324,7 +324,7 @@ def test_states_through_slots_give_the_results_of_states_through_their_files(dig
 
 def test_counters_in_a_slot_follow_each_hop(driver):
     member = driver.member(1, 0, 3)
-    driver.train(1, Unit(0, UnitKind.TRAIN, 0, 3, 1, (member,)))
+    driver.train(1, Unit(0, UnitKind.TRAIN, 0, (3,), 1, (member,)))
     counters = Counters.from_dict(training.load_state(member.target)["counters"])
     assert counters.version == 1 and counters.visited == [3]
 
@@ -337,19 +337,19 @@ def test_an_evaluation_uses_the_model_in_place_while_its_slot_holds_what_was_han
     monkeypatch.setattr(training, "load_state", lambda path: reads.append(path) or load(path))
     for unit_id, shard in enumerate((0, 2)):  # the second hand-over rewrites its slot in place
         member = driver.member(0, 0, shard)
-        driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, shard, 0, (member,), shard == 2))
+        driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, (shard,), 0, (member,), shard == 2))
     reference = training.build_spec(builders.mlp, PARAMS[0], init_seed=None)
     training.restore_state(reference, load(driver.paths[0]), CPU)
     expected = training.run_eval_hop(reference, digits.load_shard("val", 1), CPU)
     runtime, slot = driver.runtimes[0], driver.writer.file_of(0, 2)
     reads.clear()
-    done, _ = runtime.run(Unit(2, UnitKind.EVAL, 0, 1, 0, (_eval_member(driver, 0),)))
-    assert done.ok and done.results[0].sums == expected.sums
+    done, _ = runtime.run(Unit(2, UnitKind.EVAL, 0, (1,), 0, (_eval_member(driver, 0),)))
+    assert done.ok and done.passes[0].results[0].sums == expected.sums
     assert reads == []  # the worker that handed it over evaluates the model it holds
     with open(slot, "r+b") as f:  # another worker wrote there since (a byte of its header)
         f.seek(len(statefile.MAGIC) + 8 + 4000)
         f.write(b"\1")
-    done, _ = runtime.run(Unit(3, UnitKind.EVAL, 0, 1, 0, (_eval_member(driver, 0),)))
+    done, _ = runtime.run(Unit(3, UnitKind.EVAL, 0, (1,), 0, (_eval_member(driver, 0),)))
     assert done.ok and reads == [slot]  # brought in again
 
 

@@ -38,7 +38,7 @@ def _member(model_id: int, path: str, version: int, epoch: int, shard: int) -> U
         params=PARAMS[model_id],
         state_path=path,
         version=version,
-        shuffle_seed=training.shuffle_seed(SEED, model_id, epoch, shard),
+        shuffle_seeds=(training.shuffle_seed(SEED, model_id, epoch, shard),),
     )
 
 
@@ -95,11 +95,11 @@ def test_plain_runner_refuses_a_group_of_two(digits):
 
 def test_a_unit_holds_at_least_one_model_and_each_once():
     with pytest.raises(ValueError, match="unit 3 holds no model"):
-        Unit(unit_id=3, kind=UnitKind.TRAIN, epoch=0, shard=0, worker_id=0, members=())
+        Unit(unit_id=3, kind=UnitKind.TRAIN, epoch=0, shards=(0,), worker_id=0, members=())
     member = _member(0, "state.pt", 0, 0, 0)
     with pytest.raises(ValueError, match=r"more than once: \[0, 0\]"):
-        Unit(3, UnitKind.TRAIN, 0, 0, 0, members=(member, member))
-    assert Unit(3, UnitKind.TRAIN, 0, 0, 0, members=(member,)).technique is Technique.PLAIN
+        Unit(3, UnitKind.TRAIN, 0, (0,), 0, members=(member, member))
+    assert Unit(3, UnitKind.TRAIN, 0, (0,), 0, members=(member,)).technique is Technique.PLAIN
 
 
 def test_unknown_technique_is_refused():
@@ -196,14 +196,14 @@ def test_worker_runs_two_models_through_its_cache_as_one_process(
     read = []
     for unit_id, (model_id, epoch, shard, last) in enumerate(SCHEDULE):
         member = _member(model_id, paths[model_id], version[model_id], epoch, shard)
-        unit = Unit(unit_id, UnitKind.TRAIN, epoch, shard, 0, (member,), end_of_epoch=last)
+        unit = Unit(unit_id, UnitKind.TRAIN, epoch, (shard,), 0, (member,), end_of_epoch=last)
         needed, before = runtime.needs_state(member), len(count_reads)
         done = _run(runtime, unit)
         assert (len(count_reads) > before) == needed
         read.append(needed)
         version[model_id] += 1
         written = Counters.from_dict(training.load_state(paths[model_id])["counters"])
-        assert written.hops[-1] == done.hop(unit, model_id)  # the state carries its record
+        assert written.hops[-1] == done.hops(unit, model_id)[-1]  # the state carries its record
         assert written.version == version[model_id] and written.epoch == epoch
     assert read == reads
 
@@ -218,9 +218,9 @@ def test_worker_runs_two_models_through_its_cache_as_one_process(
         assert state_equal(saved["model"], reference.model.state_dict()), model_id
         assert state_equal(saved["optimizer"], reference.optimizer.state_dict()), model_id
         member = _member(model_id, paths[model_id], version[model_id], 1, 1)
-        done = _run(runtime, Unit(50 + model_id, UnitKind.EVAL, 1, 1, 0, (member,)))
+        done = _run(runtime, Unit(50 + model_id, UnitKind.EVAL, 1, (1,), 0, (member,)))
         expected = training.run_eval_hop(reference, val, CPU)
-        (result,) = done.results
+        (result,) = done.passes[0].results
         assert (result.model_id, result.rows, result.sums) == (
             model_id,
             expected.rows,
@@ -235,10 +235,10 @@ def test_worker_refuses_a_two_model_plain_unit_and_keeps_nothing(
     for model_id, path in paths.items():
         training.save_state(_initial(model_id), path)
     runtime = make_runtime(1024)
-    _run(runtime, Unit(0, UnitKind.TRAIN, 0, 0, 0, (_member(0, paths[0], 0, 0, 0),)))
+    _run(runtime, Unit(0, UnitKind.TRAIN, 0, (0,), 0, (_member(0, paths[0], 0, 0, 0),)))
     members = (_member(0, paths[0], 1, 0, 1), _member(1, paths[1], 0, 0, 1))
-    done, snapshots = runtime.run(Unit(1, UnitKind.TRAIN, 0, 1, 0, members))
-    assert not done.ok and snapshots == {} and done.results == ()
+    done, snapshots = runtime.run(Unit(1, UnitKind.TRAIN, 0, (1,), 0, members))
+    assert not done.ok and snapshots == {} and done.passes == ()
     assert "the plain runner trains one model per unit, not a group of 2" in done.error
     assert all(runtime.needs_state(m) for m in members)  # every member's objects forgotten
     assert Counters.from_dict(training.load_state(paths[0])["counters"]).version == 1
@@ -298,9 +298,9 @@ def test_old_counters_without_unit_ids_load_and_train_on(digits, tmp_path, make_
     path = str(tmp_path / "old.pt")
     training.save_state(state, path)
     runtime = make_runtime(0)
-    unit = Unit(5, UnitKind.TRAIN, 0, 2, 0, (_member(0, path, 2, 0, 2),))
+    unit = Unit(5, UnitKind.TRAIN, 0, (2,), 0, (_member(0, path, 2, 0, 2),))
     done = _run(runtime, unit)
     written = Counters.from_dict(training.load_state(path)["counters"])
     assert written.version == 3 and written.visited == [3, 1, 2]
-    assert written.hops[:2] == old.hops and written.hops[2] == done.hop(unit, 0)
+    assert written.hops[:2] == old.hops and written.hops[2] == done.hops(unit, 0)[-1]
     assert written.hops[2].unit == 5

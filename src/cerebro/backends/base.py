@@ -31,39 +31,51 @@ class Written:
 
 @dataclass(frozen=True)
 class UnitMember:
-    """One model of a unit: the state it starts from and its seeds for this unit.
+    """One model of a unit: the state it starts from and its seeds for each of the unit's
+    shards.
 
     ``state_path`` is the model's durable state file; ``source``, set by a backend that handed
     the state at ``version`` over in memory, is where the worker reads it instead (None: from
     the state file); ``target``, set by such a backend for a training unit, is the slot file
-    the worker writes the new state to (see :mod:`.slots`). ``shuffle_seed`` orders the shard's
-    rows for this model; ``rng_seed`` (deterministic mode) seeds torch before its hop instead of
-    the RNG state it carries.
+    the worker writes the new state to (see :mod:`.slots`). ``shuffle_seeds`` order each
+    shard's rows for this model (one per shard of the unit, in its order); ``rng_seeds``
+    (deterministic mode) seed torch before each of its hops instead of the RNG state it carries.
     """
 
     model_id: int
     params: dict[str, Any]
     state_path: str
     version: int
-    shuffle_seed: int = 0
-    rng_seed: int | None = None
+    shuffle_seeds: tuple[int, ...] = (0,)
+    rng_seeds: tuple[int, ...] | None = None
     source: str | None = None
     target: str | None = None
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A group of one or more models on one shard, on one worker: a training hop of each
-    (``kind=TRAIN``) or an evaluation pass. The worker runs it with the runner of
-    ``technique`` (see :mod:`cerebro.techniques`); today every unit holds one model."""
+    """A group of one or more models on one or more shards of one worker, in order: a
+    training hop of each model on each shard (``kind=TRAIN``) or an evaluation pass over them.
+    The worker runs it with the runner of ``technique`` (see :mod:`cerebro.techniques`).
+
+    A unit of several shards is several hops that would have run back to back on one worker
+    anyway: its models stay in the worker between them (no hand-over, no round trip to the
+    driver), and each hop is recorded as its own (:meth:`UnitDone.hops`).
+
+    Example:
+        >>> member = UnitMember(0, {"lr": 0.1}, "state.pt", version=4, shuffle_seeds=(11, 12))
+        >>> unit = Unit(1, UnitKind.TRAIN, epoch=0, shards=(2, 0), worker_id=0, members=(member,))
+        >>> unit.shards, unit.hops
+        ((2, 0), 2)
+    """
 
     unit_id: int
     kind: UnitKind
     epoch: int
-    shard: int
+    shards: tuple[int, ...]
     worker_id: int
     members: tuple[UnitMember, ...]
-    end_of_epoch: bool = False
+    end_of_epoch: bool = False  # its last hop ends its models' training epoch
     technique: Technique = Technique.PLAIN
     features: FeaturePlan | None = None  # a materialized unit's: what its members read
 
@@ -73,12 +85,30 @@ class Unit:
         ids = [m.model_id for m in self.members]
         if len(set(ids)) != len(ids):
             raise ValueError(f"unit {self.unit_id} holds a model more than once: {sorted(ids)}")
+        shards = tuple(self.shards)
+        if not shards or len(set(shards)) != len(shards):
+            raise ValueError(
+                f"unit {self.unit_id} has shards {list(shards)}: it needs one or more, each once"
+            )
+        for m in self.members:
+            seeds = [m.shuffle_seeds, *([m.rng_seeds] if m.rng_seeds is not None else [])]
+            if any(len(s) != len(shards) for s in seeds):
+                raise ValueError(
+                    f"unit {self.unit_id}: model {m.model_id} has {len(m.shuffle_seeds)} "
+                    f"shuffle seeds for {len(shards)} shards (one per shard)"
+                )
+        object.__setattr__(self, "shards", shards)
         object.__setattr__(self, "kind", UnitKind(self.kind))  # frozen: normalized once here
         object.__setattr__(self, "technique", Technique(self.technique))
 
     @property
     def model_ids(self) -> tuple[int, ...]:
         return tuple(m.model_id for m in self.members)
+
+    @property
+    def hops(self) -> int:
+        """How many hops (or evaluation passes) of each model it runs: one per shard."""
+        return len(self.shards)
 
 
 @dataclass(frozen=True)
@@ -97,22 +127,31 @@ class MemberResult:
 
 
 @dataclass(frozen=True)
-class UnitDone:
-    """A worker finished computing a unit (the worker is free again). ``start``/``end`` bound
-    the computation (seconds, wall clock); ``load_s`` is the time spent before it bringing the
-    models' states in. ``ok=False``: the unit failed (``error`` says why) and no state changed;
-    with ``ok=True`` a member may still have failed alone (its result's ``error``).
+class ShardPass:
+    """A unit's run over one of its shards: when it computed (seconds, wall clock) and what
+    each member measured there (a member that failed on an earlier shard has no result)."""
 
-    For a training unit, each successful member's new state is handed over when this arrives;
-    ``written`` says where the worker wrote each, by model id (a backend's own bookkeeping:
-    empty where states move otherwise)."""
+    shard: int
+    start: float
+    end: float
+    results: tuple[MemberResult, ...]
+
+
+@dataclass(frozen=True)
+class UnitDone:
+    """A worker finished computing a unit (the worker is free again). ``passes`` hold each of
+    its shards' timing and results, in order; ``load_s`` is the time spent before the first
+    bringing the models' states in. ``ok=False``: the unit failed (``error`` says why) and no
+    state changed; with ``ok=True`` a member may still have failed alone (:meth:`failure`).
+
+    For a training unit, each successful member's new state (after all its shards) is handed
+    over when this arrives; ``written`` says where the worker wrote each, by model id (a
+    backend's own bookkeeping: empty where states move otherwise)."""
 
     unit_id: int
     worker_id: int
     ok: bool
-    results: tuple[MemberResult, ...] = ()
-    start: float = 0.0
-    end: float = 0.0
+    passes: tuple[ShardPass, ...] = ()
     load_s: float = 0.0
     error: str | None = None
     materialized: tuple[Materialization, ...] = ()  # kept features the unit computed
@@ -121,22 +160,42 @@ class UnitDone:
     # before they were written durably (they go back to their state files).
     states_lost: tuple[int, ...] = ()
 
-    def result(self, model_id: int) -> MemberResult:
-        return next(r for r in self.results if r.model_id == model_id)
+    @property
+    def start(self) -> float:
+        return self.passes[0].start if self.passes else 0.0
 
-    def hop(self, unit: Unit, model_id: int) -> HopRecord:
-        """The record of ``model_id``'s hop in ``unit``, as the records and its state keep it."""
-        result = self.result(model_id)
-        return HopRecord(
-            shard=unit.shard,
-            rows=result.rows,
-            sums=dict(result.sums),
-            worker=self.worker_id,
-            start=self.start,
-            end=self.end,
-            load_s=self.load_s,
-            unit=unit.unit_id,
-        )
+    @property
+    def end(self) -> float:
+        return self.passes[-1].end if self.passes else 0.0
+
+    def failure(self, model_id: int) -> str | None:
+        """Why ``model_id`` alone failed in this unit (None: it did not). A member that fails
+        on one shard runs no later one, and none of its new state is kept."""
+        for shard_pass in self.passes:
+            result = next((r for r in shard_pass.results if r.model_id == model_id), None)
+            if result is None or not result.ok:
+                return "it did not run" if result is None else result.error
+        return None
+
+    def hops(self, unit: Unit, model_id: int) -> list[HopRecord]:
+        """The records of ``model_id``'s hops in ``unit``, one per shard, as the records and
+        its state keep them (the first counts the unit's ``load_s``)."""
+        records = []
+        for i, shard_pass in enumerate(self.passes):
+            result = next(r for r in shard_pass.results if r.model_id == model_id)
+            records.append(
+                HopRecord(
+                    shard=shard_pass.shard,
+                    rows=result.rows,
+                    sums=dict(result.sums),
+                    worker=self.worker_id,
+                    start=shard_pass.start,
+                    end=shard_pass.end,
+                    load_s=self.load_s if i == 0 else 0.0,
+                    unit=unit.unit_id,
+                )
+            )
+        return records
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ class LocalBackend(Backend):
             if written is not None and written.path == member.target:
                 self._writer.handed_over(
                     member.model_id,
-                    member.version + 1,
+                    member.version + unit.hops,
                     written.path,
                     member.state_path,
                     first=unit.end_of_epoch,  # its model waits for this copy at the epoch's end
@@ -280,8 +280,9 @@ class LocalBackend(Backend):
             if member.target is not None:  # it failed, or its state went to its state file
                 self._writer.unlease(member.model_id, member.target)
             if written is not None:
+                version = member.version + unit.hops
                 saved = StateSaved(
-                    member.model_id, member.version + 1, True, written.seconds, path=written.path
+                    member.model_id, version, True, written.seconds, path=written.path
                 )
                 with self._saved_lock:
                     self._saved.append(saved)

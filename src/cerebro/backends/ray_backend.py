@@ -391,7 +391,7 @@ class RayBackend(Backend):
                 events.append(done)
                 self._watchdog.unit_took(done.end - done.start)
                 for member in unit.members:
-                    version = member.version + 1
+                    version = member.version + unit.hops
                     if member.model_id in published:
                         self._states[member.model_id] = (
                             version, published[member.model_id], worker_id
@@ -611,7 +611,7 @@ def _write_published(unit: Unit, refs: dict[int, Any]) -> list[StateSaved]:
     for member in unit.members:
         if member.model_id not in refs:
             continue
-        version, path = member.version + 1, member.state_path
+        version, path = member.version + unit.hops, member.state_path
         began = time.perf_counter()
         try:
             training.save_state(from_object_store(ray.get(refs[member.model_id])), path)

@@ -23,10 +23,10 @@ from ..kinds import UnitKind
 from ..spec import ModelSpec
 from ..state import Counters
 from ..techniques import runner_for
-from ..techniques.base import MemberSeeds, ModelInHand, Outcome
+from ..techniques.base import MemberSeeds, ModelInHand, Outcome, Runner
 from ..techniques.features import Materialization
 from ..techniques.materialized import FeatureStore
-from .base import MemberResult, Unit, UnitDone, UnitMember, WorkerInfo
+from .base import MemberResult, ShardPass, Unit, UnitDone, UnitMember, WorkerInfo
 from .shipping import load_build
 from .slots import SlotMaps
 
@@ -149,48 +149,35 @@ class WorkerRuntime:
             ]
             load_s = time.time() - received
             split = "train" if unit.kind is UnitKind.TRAIN else "val"
-            shard = self.data[(split, unit.shard)]
-            start = time.time()
+            passes: list[ShardPass] = []
             materialized: list[Materialization] = []
-            if unit.features is not None:  # the members train on their prefix's output
-                frozen = models[0].spec.frozen
-                if frozen is None:
-                    raise RuntimeError(f"model {unit.members[0].model_id} has no frozen prefix")
-                x, materialized = self.features.features(
-                    unit.features, frozen, shard, split, unit.shard,
-                    self.digests[(split, unit.shard)], self.device,
+            running = list(range(len(models)))  # members that have not failed
+            for i, shard_id in enumerate(unit.shards):
+                shard_pass, made = self._pass(
+                    unit, runner, [models[k] for k in running], [unit.members[k] for k in running],
+                    split, i, shard_id,
                 )  # fmt: skip
-                shard = Shard(x, shard.y)
-            if unit.kind is UnitKind.TRAIN:
-                seeds = [MemberSeeds(m.shuffle_seed, m.rng_seed) for m in unit.members]
-                outcomes = runner.train(models, seeds, shard, self.device, unit.end_of_epoch)
-            else:
-                outcomes = runner.evaluate(models, shard, self.device)
-            end = time.time()
+                passes.append(shard_pass)
+                materialized += made
+                running = [k for k, r in zip(running, shard_pass.results, strict=True) if r.ok]
             done = UnitDone(
                 unit.unit_id,
                 self.worker_id,
                 ok=True,
-                results=tuple(
-                    _member_result(m.model_id, outcome)
-                    for m, outcome in zip(unit.members, outcomes, strict=True)
-                ),
-                start=start,
-                end=end,
+                passes=tuple(passes),
                 load_s=load_s,
                 materialized=tuple(materialized),
             )
-            for result in done.results:
-                if not result.ok:  # its objects may hold non-finite values: built again later
-                    self._cache.pop(result.model_id, None)
+            failed = set(unit.model_ids) - {unit.members[k].model_id for k in running}
+            for model_id in failed:  # its objects may hold non-finite values: built again later
+                self._cache.pop(model_id, None)
             snapshots: dict[int, dict[str, Any]] = {}
             if unit.kind is UnitKind.TRAIN:
                 for member, model in zip(unit.members, models, strict=True):
-                    if not done.result(member.model_id).ok:
+                    if member.model_id in failed:
                         continue  # failed alone: its last saved state stays
-                    model.counters = model.counters.after_hop(
-                        done.hop(unit, member.model_id), epoch=unit.epoch
-                    )
+                    for hop in done.hops(unit, member.model_id):
+                        model.counters = model.counters.after_hop(hop, epoch=unit.epoch)
                     snapshot = training.capture_state(
                         model.spec, model.counters.to_dict(), self.device
                     )
@@ -210,6 +197,48 @@ class WorkerRuntime:
                 unit.unit_id, self.worker_id, ok=False, error=traceback.format_exc()
             ), {}
         return done, snapshots
+
+    def _pass(
+        self,
+        unit: Unit,
+        runner: Runner,
+        models: list[ModelInHand],
+        members: list[UnitMember],
+        split: str,
+        index: int,
+        shard_id: int,
+    ) -> tuple[ShardPass, list[Materialization]]:
+        """Train or evaluate ``models`` (the unit's members still running) on the unit's
+        ``index``-th shard."""
+        shard = self.data[(split, shard_id)]
+        start = time.time()
+        materialized: list[Materialization] = []
+        if unit.features is not None:  # the members train on their prefix's output
+            frozen = models[0].spec.frozen
+            if frozen is None:
+                raise RuntimeError(f"model {members[0].model_id} has no frozen prefix")
+            x, materialized = self.features.features(
+                unit.features, frozen, shard, split, shard_id,
+                self.digests[(split, shard_id)], self.device,
+            )  # fmt: skip
+            shard = Shard(x, shard.y)
+        outcomes: list[Outcome] = []
+        if models and unit.kind is UnitKind.TRAIN:
+            seeds = [
+                MemberSeeds(
+                    m.shuffle_seeds[index], None if m.rng_seeds is None else m.rng_seeds[index]
+                )
+                for m in members
+            ]
+            last = unit.end_of_epoch and index == len(unit.shards) - 1
+            outcomes = runner.train(models, seeds, shard, self.device, last)
+        elif models:
+            outcomes = runner.evaluate(models, shard, self.device)
+        results = tuple(
+            _member_result(m.model_id, outcome)
+            for m, outcome in zip(members, outcomes, strict=True)
+        )
+        return ShardPass(shard_id, start, time.time(), results), materialized
 
     def forget(self, model_ids: tuple[int, ...]) -> None:
         """Drop these models from the cache (their objects no longer match a saved state)."""

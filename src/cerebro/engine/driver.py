@@ -277,13 +277,18 @@ class Driver:
         ]
 
     def _submit(self, slot_id: int, worker_id: int, shard: int) -> None:
-        """Send the unit the scheduler matched: one model, or a bundle of fused ones."""
+        """Send the unit the scheduler matched: one model, or a bundle of fused ones, on
+        ``shard`` and the shards it would visit next on the same worker anyway (see
+        :meth:`_shards_for`)."""
         models = self.roster.bundle(slot_id)
         first = models[0]
+        shards = self._shards_for(models, worker_id, shard)
         seed = self.config.seed
+        epoch = first.epoch
         members = []
         for model in models:
-            model.remaining.remove(shard)
+            for visited in shards:
+                model.remaining.remove(visited)
             model.busy = True
             members.append(
                 UnitMember(
@@ -291,9 +296,11 @@ class Driver:
                     params=model.params,
                     state_path=model.state_path,
                     version=model.version,
-                    shuffle_seed=training.shuffle_seed(seed, model.model_id, model.epoch, shard),
-                    rng_seed=(
-                        training.hop_rng_seed(seed, model.model_id, model.epoch, shard)
+                    shuffle_seeds=tuple(
+                        training.shuffle_seed(seed, model.model_id, epoch, s) for s in shards
+                    ),
+                    rng_seeds=(
+                        tuple(training.hop_rng_seed(seed, model.model_id, epoch, s) for s in shards)
                         if self.config.deterministic
                         else None
                     ),
@@ -304,8 +311,8 @@ class Driver:
         unit = Unit(
             unit_id=self._next_unit,
             kind=first.phase,
-            epoch=first.epoch,
-            shard=shard,
+            epoch=epoch,
+            shards=shards,
             worker_id=worker_id,
             members=tuple(members),
             end_of_epoch=first.phase is UnitKind.TRAIN and not first.remaining,
@@ -315,6 +322,30 @@ class Driver:
         self._next_unit += 1
         self.in_flight[unit.unit_id] = unit
         self.backend.submit(unit)
+
+    def _shards_for(self, models: list[ModelRun], worker_id: int, shard: int) -> tuple[int, ...]:
+        """``shard``, then the models' next shards that this worker holds too: hops (or
+        evaluations) the models would run here one after another, in one unit, without a
+        round trip to the driver between them. In deterministic mode only those next in the
+        models' fixed order; free mode takes them all. A training unit stays within the lag
+        bound with a hop to spare (its intermediate states are never written: a unit that
+        ended at the bound would wait for its state file before the next one)."""
+        held = next(w.shards for w in self.workers if w.worker_id == worker_id)
+        remaining = models[0].remaining
+        if self.config.deterministic:
+            start = remaining.index(shard)
+            after = []
+            for s in remaining[start + 1 :]:
+                if s not in held:
+                    break
+                after.append(s)
+        else:
+            after = sorted(s for s in remaining if s in held and s != shard)
+        after = [s for s in after if all(s in m.remaining for m in models)]
+        if models[0].phase is UnitKind.TRAIN:
+            behind = max(m.version - m.durable_version for m in models)
+            after = after[: max(self.durability.lag - behind - 1, 1) - 1]
+        return (shard, *after)
 
     def _technique(self, model: ModelRun) -> tuple[Technique, FeaturePlan | None]:
         """How a unit led by ``model`` trains. A fusable model runs on the fused runner even
@@ -341,46 +372,47 @@ class Driver:
         """The worker is free: record each member's hop; a new state is handed over, so the
         model hops on (or waits for its state file, at the lag bound or an epoch's end)."""
         self.units_held[unit.worker_id] -= 1
-        self.tracker.unit_done(unit.model_ids)
+        self.tracker.unit_done(unit.model_ids, unit.hops)
+        where = f"{unit.kind} unit on shard{'s' if unit.hops > 1 else ''} " + ", ".join(
+            map(str, unit.shards)
+        )
         if not event.ok:
             for model in self._members(unit):
-                model.units_done += 1
+                model.units_done += unit.hops
                 if model.model_id in event.states_lost:  # its state was lost with a worker
                     self._roll_back(model)
-                elif event.states_lost:  # not its fault: it runs the shard again
+                elif event.states_lost:  # not its fault: it runs the shards again
                     model.busy = False
-                    model.remaining.insert(0, unit.shard)
+                    model.remaining[:0] = unit.shards
                     self.requests.unit_over(model)
                 else:
-                    self.lifecycle.fail(
-                        model, f"{unit.kind} unit on shard {unit.shard} failed:\n{event.error}"
-                    )
+                    self.lifecycle.fail(model, f"{where} failed:\n{event.error}")
                     self.requests.unit_over(model)
             return
-        for model in self._members(unit):
-            model.units_done += 1
-            result = event.result(model.model_id)
-            if not result.ok:  # it failed alone: the unit's other models go on
-                self.lifecycle.fail(
-                    model, f"{unit.kind} unit on shard {unit.shard} failed:\n{result.error}"
-                )
+        went_on = []
+        for model, member in zip(self._members(unit), unit.members, strict=True):
+            model.units_done += unit.hops
+            error = event.failure(model.model_id)
+            if error is not None:  # it failed alone: the unit's other models go on
+                self.lifecycle.fail(model, f"{where} failed:\n{error}")
                 self.requests.unit_over(model)
                 continue
-            hop = event.hop(unit, model.model_id)
-            self.lifecycle.record_hop(model.model_id, unit.epoch, unit.kind, hop)
             split = model.train if unit.kind is UnitKind.TRAIN else model.val
-            split.add(unit.shard, hop.rows, hop.sums)
+            for hop in event.hops(unit, model.model_id):
+                self.lifecycle.record_hop(model.model_id, unit.epoch, unit.kind, hop)
+                split.add(hop.shard, hop.rows, hop.sums)
+            went_on.append((model, member))
         for made in event.materialized:
             self.store.add_event(
                 EventKind.MATERIALIZED.value, **dataclasses.asdict(made), worker=event.worker_id
             )
         waiting = []
-        for model, member in zip(self._members(unit), unit.members, strict=True):
-            if not event.result(model.model_id).ok:
-                continue
+        for model, member in went_on:
             if unit.kind is UnitKind.TRAIN:
-                model.version = member.version + 1
-                self.durability.handed_over(model.model_id, model.version, unit.epoch, unit.shard)
+                model.version = member.version + unit.hops
+                self.durability.handed_over(
+                    model.model_id, model.version, unit.epoch, unit.shards[-1]
+                )
             if self._must_wait(model):
                 model.waiting = unit.worker_id  # busy until its state file catches up
                 waiting.append(model)
@@ -454,7 +486,7 @@ class Driver:
             exitcode=event.exitcode,
             reason=event.reason,
             units=[
-                {"model": m, "kind": u.kind.value, "epoch": u.epoch, "shard": u.shard}
+                {"model": m, "kind": u.kind.value, "epoch": u.epoch, "shards": list(u.shards)}
                 for u in lost
                 for m in u.model_ids
             ],
@@ -479,11 +511,11 @@ class Driver:
         if model.failures >= self.config.max_unit_failures:
             self.lifecycle.fail(
                 model,
-                f"{unit.kind} unit on shard {unit.shard} lost its worker "
+                f"{unit.kind} unit on shard(s) {', '.join(map(str, unit.shards))} lost its worker "
                 f"{model.failures} times in a row (last exit code {exitcode})",
             )
         else:
-            model.remaining.insert(0, unit.shard)  # it is the model's next shard again
+            model.remaining[:0] = unit.shards  # they are the model's next shards again
         self.requests.unit_over(model)
 
     def _roll_back(self, model: ModelRun) -> None:

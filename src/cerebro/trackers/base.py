@@ -83,8 +83,9 @@ class Tracker:
     def plan(self, units_total: int) -> None:
         """The units the run will have done in all (it changes as models start and end)."""
 
-    def unit_done(self, model_ids: tuple[int, ...]) -> None:
-        """A worker finished a unit of these models (a hop or a validation pass)."""
+    def unit_done(self, model_ids: tuple[int, ...], hops: int = 1) -> None:
+        """A worker finished a unit of these models: ``hops`` hops (or validation passes) of
+        each, one per shard of the unit."""
 
     def epoch_ended(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
         """A model finished ``epoch`` (0-based) with these metrics (``train_loss``, ...)."""
@@ -125,9 +126,9 @@ class Trackers(Tracker):
         for tracker in self.trackers:
             tracker.plan(units_total)
 
-    def unit_done(self, model_ids: tuple[int, ...]) -> None:
+    def unit_done(self, model_ids: tuple[int, ...], hops: int = 1) -> None:
         for tracker in self.trackers:
-            tracker.unit_done(model_ids)
+            tracker.unit_done(model_ids, hops)
 
     def epoch_ended(self, model_id: int, epoch: int, metrics: dict[str, float]) -> None:
         for tracker in self.trackers:

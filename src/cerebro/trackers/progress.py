@@ -88,10 +88,10 @@ class RunProgress(Tracker):
         self._total = units_total
         self._show()
 
-    def unit_done(self, model_ids: tuple[int, ...] = ()) -> None:
-        """A unit done: one hop (or validation pass) of each of its models, as the plan counts
-        them; a unit of several models is a fused one."""
-        self._done += max(len(model_ids), 1)
+    def unit_done(self, model_ids: tuple[int, ...] = (), hops: int = 1) -> None:
+        """A unit done: ``hops`` hops (or validation passes) of each of its models, as the
+        plan counts them; a unit of several models is a fused one."""
+        self._done += max(len(model_ids), 1) * hops
         if len(model_ids) > 1:
             self._fused.update(model_ids)
         self._show()

@@ -1,0 +1,77 @@
+"""Units of several shards: a model's visits to one worker that would run back to back anyway
+(an evaluation pass over the worker's validation shards, training hops within the lag bound)
+run as one unit, without a round trip to the driver between them, and are recorded hop by hop.
+"""
+
+from __future__ import annotations
+
+import builders
+import pandas as pd
+from conftest import assert_same_results, small_experiment
+
+import cerebro
+
+
+def _units(hops: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, unit): its kind, worker and shards in the order they ran."""
+    ordered = hops.sort_values("start")
+    return (
+        ordered.groupby(["model_id", "unit"])
+        .agg(kind=("kind", "first"), workers=("worker", "nunique"), shards=("shard", list))
+        .reset_index()
+    )
+
+
+def test_visits_to_one_worker_run_as_one_unit_and_each_hop_is_recorded(digits, tmp_path):
+    lag = 4
+    result = small_experiment(digits, tmp_path / "run", epochs=2, durable_lag=lag).run()
+    hops = result.hops
+    # Every model visits every shard once an epoch, for training and for validation.
+    key = ["model_id", "epoch", "kind", "shard"]
+    assert not hops.duplicated(key).any()
+    assert (hops.groupby(["model_id", "epoch", "kind"]).shard.nunique() == 4).all()
+    units = _units(hops)
+    assert (units.workers == 1).all()  # a unit runs on the worker that holds its shards
+    # Each validation pass runs as one unit per worker: both of its validation shards.
+    evaluations = units[units.kind == "eval"]
+    assert (evaluations.shards.map(len) == 2).all()
+    # Training units stay within the lag bound with a hop to spare, and some hold two hops.
+    sizes = units[units.kind == "train"].shards.map(len)
+    assert sizes.max() == 2 and sizes.max() <= lag - 1
+    # The hops of one unit ran one after another, each with its own time span.
+    for _, unit in hops.groupby(["model_id", "unit"]):
+        unit = unit.sort_values("start")
+        assert (unit.start.to_numpy()[1:] >= unit.end.to_numpy()[:-1]).all()
+        assert (unit.end > unit.start).all()
+
+
+def test_a_unit_of_many_hops_trains_bit_for_bit_as_one_hop_per_unit(digits, tmp_path):
+    # One worker holds every shard: with room in the lag bound its units take the whole
+    # epoch's training (4 hops); with a bound of 0 each hop is a unit of its own.
+    common = dict(
+        epochs=2,
+        deterministic=True,
+        seed=3,
+        search=cerebro.GridSearch(
+            {"lr": cerebro.choice([0.01, 0.03]), "dropout": cerebro.choice([0.0, 0.3])}
+        ),
+        build=builders.mlp,
+    )
+    long_units = small_experiment(
+        digits,
+        tmp_path / "long",
+        backend=cerebro.LocalBackend(workers=1),
+        durable_lag=8,
+        **common,
+    ).run()
+    single = small_experiment(
+        digits,
+        tmp_path / "single",
+        backend=cerebro.LocalBackend(workers=2),
+        durable_lag=0,
+        **common,
+    ).run()
+    long_sizes = _units(long_units.hops).groupby("kind").shards.apply(lambda s: s.map(len).max())
+    single_sizes = _units(single.hops).groupby("kind").shards.apply(lambda s: s.map(len).max())
+    assert long_sizes["train"] == 4 and single_sizes["train"] == 1
+    assert_same_results(long_units, single)
