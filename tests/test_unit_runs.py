@@ -23,8 +23,7 @@ def _units(hops: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_visits_to_one_worker_run_as_one_unit_and_each_hop_is_recorded(digits, tmp_path):
-    lag = 4
-    result = small_experiment(digits, tmp_path / "run", epochs=2, durable_lag=lag).run()
+    result = small_experiment(digits, tmp_path / "run", epochs=2, durable_lag=2).run()
     hops = result.hops
     # Every model visits every shard once an epoch, for training and for validation.
     key = ["model_id", "epoch", "kind", "shard"]
@@ -35,9 +34,9 @@ def test_visits_to_one_worker_run_as_one_unit_and_each_hop_is_recorded(digits, t
     # Each validation pass runs as one unit per worker: both of its validation shards.
     evaluations = units[units.kind == "eval"]
     assert (evaluations.shards.map(len) == 2).all()
-    # Training units stay within the lag bound with a hop to spare, and some hold two hops.
+    # Training units take both of a worker's shards where the lag bound allows.
     sizes = units[units.kind == "train"].shards.map(len)
-    assert sizes.max() == 2 and sizes.max() <= lag - 1
+    assert sizes.max() == 2
     # The hops of one unit ran one after another, each with its own time span.
     for _, unit in hops.groupby(["model_id", "unit"]):
         unit = unit.sort_values("start")
@@ -75,3 +74,16 @@ def test_a_unit_of_many_hops_trains_bit_for_bit_as_one_hop_per_unit(digits, tmp_
     single_sizes = _units(single.hops).groupby("kind").shards.apply(lambda s: s.map(len).max())
     assert long_sizes["train"] == 4 and single_sizes["train"] == 1
     assert_same_results(long_units, single)
+
+
+def test_a_training_unit_takes_no_more_hops_than_the_lag_bound_allows(digits, tmp_path):
+    # One worker, four shards: a bound of 2 cuts each epoch's training into units of at most
+    # 2 hops (1 where the last state file is still being written), a bound of 1 into single hops.
+    for lag, most in ((2, 2), (1, 1)):
+        result = small_experiment(
+            digits, tmp_path / f"lag{lag}", backend=cerebro.LocalBackend(workers=1), durable_lag=lag
+        ).run()
+        units = _units(result.hops)
+        sizes = units[units.kind == "train"].shards.map(len)
+        assert sizes.max() == most, (lag, sizes.tolist())
+        assert (units[units.kind == "eval"].shards.map(len) == 4).all()

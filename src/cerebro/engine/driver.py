@@ -328,8 +328,9 @@ class Driver:
         evaluations) the models would run here one after another, in one unit, without a
         round trip to the driver between them. In deterministic mode only those next in the
         models' fixed order; free mode takes them all. A training unit stays within the lag
-        bound with a hop to spare (its intermediate states are never written: a unit that
-        ended at the bound would wait for its state file before the next one)."""
+        bound: its intermediate states are never written, so a crash loses at most
+        ``durable_lag`` hops still (a unit that ends at the bound waits for its state file
+        before the next one, while other models keep the workers busy)."""
         held = next(w.shards for w in self.workers if w.worker_id == worker_id)
         remaining = models[0].remaining
         if self.config.deterministic:
@@ -344,7 +345,7 @@ class Driver:
         after = [s for s in after if all(s in m.remaining for m in models)]
         if models[0].phase is UnitKind.TRAIN:
             behind = max(m.version - m.durable_version for m in models)
-            after = after[: max(self.durability.lag - behind - 1, 1) - 1]
+            after = after[: max(self.durability.lag - behind, 1) - 1]
         return (shard, *after)
 
     def _technique(self, model: ModelRun) -> tuple[Technique, FeaturePlan | None]:
