@@ -145,6 +145,7 @@ class Driver:
         self.durability = Durability(config.durable_lag)
         self.units_held: dict[int, int] = {}  # by worker: units sent and not yet done
         self.workers: list[WorkerInfo] = []
+        self._epoch_ends: list[tuple[ModelRun, int]] = []  # units over, epochs to finish
         self._next_unit = 0
         self._standings_shown = -_STANDINGS_S
 
@@ -237,14 +238,7 @@ class Driver:
                 trials = self.roster.trials()
                 if not self.config.search.is_finished(trials):
                     self.lifecycle.add(self.lifecycle.propose(strict=False, trials=trials))
-            # Idle workers first; then each gets a next unit to start the moment it is done.
-            for depth in range(1, self.backend.queue_depth + 1):
-                workers = self._worker_slots(depth)
-                idle = sum(not w.busy for w in workers)
-                if not idle:
-                    continue  # every worker holds this many units: nothing to match
-                for assignment in schedule(self.roster.slots(idle), workers):
-                    self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
+            self._fill_workers()
             if not self.in_flight and not self._awaiting_files():
                 if self.roster.changed or self.roster.schedulable():
                     continue
@@ -258,8 +252,24 @@ class Driver:
             with self.store.batch():  # one commit for the records of every event
                 for event in events:
                     self._handle(event)
+                if self._epoch_ends:
+                    # The workers get their next units before the epochs' records, decisions
+                    # and trackers (~2 ms each): when many models end an epoch at once, the
+                    # units left are short validation passes that would run out meanwhile.
+                    self._fill_workers()
+                    self._finish_epochs()
                 self.keeper.record_ready()
             self._show_standings()
+
+    def _fill_workers(self) -> None:
+        """Idle workers first; then each gets a next unit to start the moment it is done."""
+        for depth in range(1, self.backend.queue_depth + 1):
+            workers = self._worker_slots(depth)
+            idle = sum(not w.busy for w in workers)
+            if not idle:
+                continue  # every worker holds this many units: nothing to match
+            for assignment in schedule(self.roster.slots(idle), workers):
+                self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
 
     def _awaiting_files(self) -> bool:
         """Whether a state file write is still to be reported for a model that goes on. A
@@ -468,8 +478,23 @@ class Driver:
         return self.durability.must_wait(model, epoch_over, next_trains=not next_evaluates)
 
     def _unit_over(self, model: ModelRun, worker_id: int) -> None:
+        """The model's unit is over (its state durable where it had to wait). A unit that ends
+        its epoch is finished after the next scheduling pass (:meth:`_finish_epochs`); the
+        model stays busy meanwhile."""
+        if model.status is RUNNING and not model.remaining and (
+            model.phase is UnitKind.EVAL or not self.roster.val_shards_of(model)
+        ):
+            self._epoch_ends.append((model, worker_id))
+            return
         self.lifecycle.unit_finished(model, worker_id)
         self.requests.unit_over(model)
+
+    def _finish_epochs(self) -> None:
+        """End the epochs whose last units are over, in the order they ended."""
+        ends, self._epoch_ends = self._epoch_ends, []
+        for model, worker_id in ends:
+            self.lifecycle.unit_finished(model, worker_id)
+            self.requests.unit_over(model)
 
     def _members(self, unit: Unit) -> list[ModelRun]:
         return [self.roster[i] for i in unit.model_ids]
