@@ -256,11 +256,11 @@ class Roster:
             if m.status is ModelStatus.RUNNING and not m.busy and m.remaining
         ]
         self._bundles = {}
-        slots = [ModelSlot(m.model_id, self._eligible(m), True, self._work_left(m)) for m in busy]
+        slots = [ModelSlot(m.model_id, self._eligible(m), True, self._priority(m)) for m in busy]
         for bundle in self.grouping.bundles(ready, idle_workers):
             first = bundle[0]
             self._bundles[first.model_id] = [m.model_id for m in bundle]
-            work = max(self._work_left(m) for m in bundle)
+            work = max(self._priority(m) for m in bundle)
             slots.append(
                 ModelSlot(first.model_id, self._eligible(first), False, work, first.last_worker)
             )
@@ -269,6 +269,13 @@ class Roster:
     def bundle(self, slot_id: int) -> list[ModelRun]:
         """The models of the unit that :meth:`slots` offered as ``slot_id``."""
         return [self.models[i] for i in self._bundles.get(slot_id, [slot_id])]
+
+    def _priority(self, m: ModelRun) -> int:
+        """Units left, plus a share of an epoch that spreads models over it: the scheduler
+        evens out what it is given, so models keep that far apart and end their epochs at
+        different times (many ending at once leaves only short validation units to run while
+        the driver records their epochs)."""
+        return self._work_left(m) + m.model_id % self.units_per_epoch_of(m)
 
     def _work_left(self, m: ModelRun) -> int:
         later = max(self.budget(m) - m.epoch - 1, 0) * self.units_per_epoch_of(m)
