@@ -353,7 +353,7 @@ class LocalBackend(Backend):
 
     @property
     def queue_depth(self) -> int:
-        return 2  # a worker's pipe keeps the order: one unit running, the next one waiting
+        return 3  # a worker's pipe keeps the order: one unit running, two waiting
 
     @property
     def states_outlive_workers(self) -> bool:

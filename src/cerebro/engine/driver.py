@@ -528,10 +528,12 @@ class Driver:
         )
         if not event.while_starting:
             self.units_held[event.worker_id] = 0
-            for unit in lost:
+            for i, unit in enumerate(lost):
                 self.in_flight.pop(unit.unit_id)
                 for model in self._members(unit):
-                    self._member_lost(model, unit, event.exitcode)
+                    # Only the unit it was running may have killed it: those queued behind
+                    # run again without a failure counted against their models.
+                    self._member_lost(model, unit, event.exitcode, running=i == 0)
         for model_id in event.states_lost:
             model = self.roster[model_id]
             # One in a unit elsewhere either read its state already or fails to and is rolled
@@ -539,9 +541,11 @@ class Driver:
             if model.status.is_live and not (model.busy and model.waiting is None):
                 self._roll_back(model)
 
-    def _member_lost(self, model: ModelRun, unit: Unit, exitcode: int | None) -> None:
+    def _member_lost(
+        self, model: ModelRun, unit: Unit, exitcode: int | None, running: bool
+    ) -> None:
         model.busy = False
-        model.failures += 1
+        model.failures += int(running)
         if model.failures >= self.config.max_unit_failures:
             self.lifecycle.fail(
                 model,
