@@ -489,8 +489,10 @@ class Driver:
         """The model's unit is over (its state durable where it had to wait). A unit that ends
         its epoch is finished after the next scheduling pass (:meth:`_finish_epochs`); the
         model stays busy meanwhile."""
-        if model.status is RUNNING and not model.remaining and (
-            model.phase is UnitKind.EVAL or not self.roster.val_shards_of(model)
+        if (
+            model.status is RUNNING
+            and not model.remaining
+            and (model.phase is UnitKind.EVAL or not self.roster.val_shards_of(model))
         ):
             self._epoch_ends.append((model, worker_id))
             return
