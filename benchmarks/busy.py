@@ -16,7 +16,7 @@ The baseline is ``durable_lag=0``: every new state written to its state file bef
 hops on (what every hop cost before states were handed over in memory). Reported per run:
 
 - busy: time workers spent computing units / (workers x span, first unit start to last end);
-- gap_ms: mean (and median) time a worker waits between two units;
+- gap_ms: mean (and median) time a worker waits between two hops;
 - load_ms: mean time a training unit spent bringing its model's state in;
 - durable_ms: mean time a state file took to write (off the critical path unless lag 0);
 
@@ -159,11 +159,12 @@ def measure(name: str, root: str, lag: int, quick: bool) -> dict[str, Any]:
         "workload": name,
         "workers": w.workers,
         "durable_lag": lag,
-        "units": len(hops),
+        "hops": len(hops),
+        "units": int(hops.unit.nunique()),
         "unit_ms": round(1000 * float((hops.end - hops.start).mean()), 2),
         "gap_ms": round(1000 * float(np.mean(gaps)), 2),
         "median_gap_ms": round(1000 * float(np.median(gaps)), 2),
-        "load_ms": round(1000 * float(train.load_s.mean()), 2),
+        "load_ms": round(1000 * float(train.groupby("unit").load_s.sum().mean()), 2),
         "durable_ms": round(1000 * float(train.save_s.dropna().mean()), 2),
         "moved_hop_ms": round(1000 * float(np.mean(moved)), 2) if moved else None,
         "stayed_hop_ms": round(1000 * float(np.mean(stayed)), 2) if stayed else None,
@@ -188,8 +189,10 @@ def table(rows: list[dict[str, Any]], quick: bool) -> str:
         *(f"- **{w.name}** ({w.workers} workers): {w.describe}" for w in WORKLOADS.values()),
         "",
         "`durable_lag=0` is the baseline: each state is written to its file before its model "
-        "hops on. `busy` = unit time / (workers x span); `gap_ms` = mean wait of a worker "
-        "between two units; `load_ms` = a training unit's time bringing its state in; "
+        "hops on. `hops`: training hops and validation passes, one per model and shard; "
+        "`units`: what the driver sent (a unit runs a model's next hops on one worker back to "
+        "back). `busy` = hop time / (workers x span); `gap_ms` = mean wait of a worker "
+        "between two hops; `load_ms` = a training unit's time bringing its state in; "
         "`durable_ms` = a state file's write (behind the model, unless lag 0); `moved_hop_ms` / "
         "`stayed_hop_ms` = what a training hop adds to the critical path, from when both its "
         "model and its worker were free to the start of its computation, for hops that change "

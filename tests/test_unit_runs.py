@@ -23,7 +23,7 @@ def _units(hops: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_visits_to_one_worker_run_as_one_unit_and_each_hop_is_recorded(digits, tmp_path):
-    result = small_experiment(digits, tmp_path / "run", epochs=2, durable_lag=2).run()
+    result = small_experiment(digits, tmp_path / "run", epochs=2, durable_lag=3).run()
     hops = result.hops
     # Every model visits every shard once an epoch, for training and for validation.
     key = ["model_id", "epoch", "kind", "shard"]
@@ -77,13 +77,18 @@ def test_a_unit_of_many_hops_trains_bit_for_bit_as_one_hop_per_unit(digits, tmp_
 
 
 def test_a_training_unit_takes_no_more_hops_than_the_lag_bound_allows(digits, tmp_path):
-    # One worker, four shards: a bound of 2 cuts each epoch's training into units of at most
-    # 2 hops (1 where the last state file is still being written), a bound of 1 into single hops.
-    for lag, most in ((2, 2), (1, 1)):
+    # Four shards. Two models on one worker: a bound of 2 cuts each epoch's training into
+    # units of at most 2 hops (1 where the last state file is still being written), a bound of
+    # 1 into single hops. The same two models on two workers are too few to keep both busy
+    # while one waits for its state file at the bound: their units stop a hop short of it.
+    for workers, lag, most in ((1, 2, 2), (1, 1, 1), (2, 2, 1), (2, 3, 2)):
         result = small_experiment(
-            digits, tmp_path / f"lag{lag}", backend=cerebro.LocalBackend(workers=1), durable_lag=lag
+            digits,
+            tmp_path / f"w{workers}-lag{lag}",
+            backend=cerebro.LocalBackend(workers=workers),
+            durable_lag=lag,
         ).run()
         units = _units(result.hops)
         sizes = units[units.kind == "train"].shards.map(len)
-        assert sizes.max() == most, (lag, sizes.tolist())
-        assert (units[units.kind == "eval"].shards.map(len) == 4).all()
+        assert sizes.max() == most, (workers, lag, sizes.tolist())
+        assert (units[units.kind == "eval"].shards.map(len) == 4 // workers).all()

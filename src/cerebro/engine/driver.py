@@ -347,8 +347,9 @@ class Driver:
         round trip to the driver between them. In deterministic mode only those next in the
         models' fixed order; free mode takes them all. A training unit stays within the lag
         bound: its intermediate states are never written, so a crash loses at most
-        ``durable_lag`` hops still (a unit that ends at the bound waits for its state file
-        before the next one, while other models keep the workers busy)."""
+        ``durable_lag`` hops still. A unit that ends at the bound waits for its state file
+        before the next one; with fewer than two running models per worker it stops a hop
+        short of the bound instead (no other model would keep its worker busy)."""
         held = next(w.shards for w in self.workers if w.worker_id == worker_id)
         remaining = models[0].remaining
         if self.config.deterministic:
@@ -363,7 +364,10 @@ class Driver:
         after = [s for s in after if all(s in m.remaining for m in models)]
         if models[0].phase is UnitKind.TRAIN:
             behind = max(m.version - m.durable_version for m in models)
-            after = after[: max(self.durability.lag - behind, 1) - 1]
+            # A unit that ends at the bound waits for its state file: where few models share
+            # the workers, nothing else would keep its worker busy meanwhile, so one is spared.
+            few = len(self.roster.with_status(RUNNING)) < 2 * len(self.workers)
+            after = after[: max(self.durability.lag - behind - int(few), 1) - 1]
         return (shard, *after)
 
     def _technique(self, model: ModelRun) -> tuple[Technique, FeaturePlan | None]:
