@@ -396,9 +396,6 @@ class Driver:
         model hops on (or waits for its state file, at the lag bound or an epoch's end)."""
         self.units_held[unit.worker_id] -= 1
         self.tracker.unit_done(unit.model_ids, unit.hops)
-        where = f"{unit.kind} unit on shard{'s' if unit.hops > 1 else ''} " + ", ".join(
-            map(str, unit.shards)
-        )
         if not event.ok:
             for model in self._members(unit):
                 model.units_done += unit.hops
@@ -409,7 +406,7 @@ class Driver:
                     model.remaining[:0] = unit.shards
                     self.requests.unit_over(model)
                 else:
-                    self.lifecycle.fail(model, f"{where} failed:\n{event.error}")
+                    self.lifecycle.fail(model, f"{_described(unit)} failed:\n{event.error}")
                     self.requests.unit_over(model)
             return
         went_on = []
@@ -417,7 +414,7 @@ class Driver:
             model.units_done += unit.hops
             error = event.failure(model.model_id)
             if error is not None:  # it failed alone: the unit's other models go on
-                self.lifecycle.fail(model, f"{where} failed:\n{error}")
+                self.lifecycle.fail(model, f"{_described(unit)} failed:\n{error}")
                 self.requests.unit_over(model)
                 continue
             split = model.train if unit.kind is UnitKind.TRAIN else model.val
@@ -555,7 +552,7 @@ class Driver:
         if model.failures >= self.config.max_unit_failures:
             self.lifecycle.fail(
                 model,
-                f"{unit.kind} unit on shard(s) {', '.join(map(str, unit.shards))} lost its worker "
+                f"{_described(unit)} lost its worker "
                 f"{model.failures} times in a row (last exit code {exitcode})",
             )
         else:
@@ -622,3 +619,9 @@ class Driver:
         )
         epochs = max((budget(m) for m in self.roster), default=self.config.epochs)
         self.tracker.standings(standings, epoch, epochs)
+
+
+def _described(unit: Unit) -> str:
+    """How a failure message names a unit: its kind and shards."""
+    shards = ", ".join(map(str, unit.shards))
+    return f"{unit.kind} unit on shard{'s' if unit.hops > 1 else ''} {shards}"
