@@ -96,6 +96,11 @@ def test_workers_are_spread_over_nodes(cluster, digits, tmp_path):
         assert len(set(backend.nodes())) == 3
         assert [i.shards for i in infos] == [frozenset({0, 1}), frozenset({2}), frozenset({3})]
         assert sum(i.bytes_loaded for i in infos) > 0
+        # Each worker's model cache is a share of its node (one worker on each node here).
+        memory = {n["NodeID"]: n["Resources"]["memory"] for n in ray.nodes() if n["Alive"]}
+        expected = [ray_backend.default_cache_mb(memory[node], 1) for node in backend.nodes()]
+        assert [c.model_cache_mb for c in backend._configs] == expected
+        assert min(expected) >= 1024
     finally:
         backend.shutdown()
 
@@ -170,7 +175,14 @@ def test_cerebro_imports_without_ray_and_names_the_extra():
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("workers", 0), ("cpus_per_worker", -1), ("gpus_per_worker", "one"), ("address", "")],
+    [
+        ("workers", 0),
+        ("cpus_per_worker", -1),
+        ("gpus_per_worker", "one"),
+        ("address", ""),
+        ("model_cache_mb", -1),
+        ("model_cache_mb", 1.5),
+    ],
 )
 def test_bad_options_are_named(option, value):
     with pytest.raises(cerebro.ConfigError, match=option):
@@ -229,3 +241,15 @@ def test_states_round_trip_through_the_object_store_format_exactly():
     assert state_equal(back, state)
     back["model"]["1.weight"].add_(1)  # writable, and not shared with the original
     assert not state_equal(back["model"], state["model"])
+
+
+def test_states_come_out_of_the_object_store_as_views_where_asked():
+    import numpy as np
+    import torch
+
+    stored = ray_backend.to_object_store({"w": torch.arange(4.0), "step": 2})
+    view = ray_backend.from_object_store(stored, copy=False)
+    assert view["step"] == 2
+    assert np.shares_memory(view["w"].numpy(), stored["w"].array)  # no copy on the hop's path
+    copied = ray_backend.from_object_store(stored)
+    assert not np.shares_memory(copied["w"].numpy(), stored["w"].array)

@@ -314,10 +314,16 @@ class Backend(ABC):
         workers are stopped at once (states on disk stay at their last completed hop)."""
 
 
-def check_worker_options(threads_per_worker: Any, model_cache_mb: Any) -> None:
-    """The options every backend's workers take: refuse bad values before anything starts."""
+def check_worker_options(
+    threads_per_worker: Any, model_cache_mb: Any, cache_default: str | None = None
+) -> None:
+    """The options every backend's workers take: refuse bad values before anything starts.
+    ``cache_default``: what ``model_cache_mb=None`` means, where the backend allows it."""
     check_int("threads_per_worker", threads_per_worker, minimum=1, allow_none=True)
-    check_int("model_cache_mb", model_cache_mb, minimum=0, unit="MiB")
+    check_int(
+        "model_cache_mb", model_cache_mb, minimum=0, unit="MiB",
+        allow_none=cache_default is not None, hint=cache_default or "",
+    )  # fmt: skip
 
 
 def check_workers_fit_shards(workers: int, num_shards: int) -> None:

@@ -33,6 +33,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,7 +83,10 @@ class RayBackend(Backend):
             ``threads_per_worker`` is given (deterministic experiments use 1 thread by default,
             so that results do not depend on the cluster).
         threads_per_worker: torch intra-op threads in each actor.
-        model_cache_mb: memory each actor may use to keep models built between their hops (MiB).
+        model_cache_mb: memory each actor may use to keep models built between their hops
+            (MiB). Default: a third of the memory its node gives Ray's tasks, split among the
+            workers placed there, and at least 1024. A model that does not fit is built again
+            at each hop that brings it in (a 100M-parameter model with Adam takes 1.6 GB).
         runtime_env: Ray runtime environment for the actors (e.g. ``{"working_dir": "."}`` to ship
             the module that defines ``build``). When this backend starts Ray itself, actors get
             this process's ``sys.path`` so they import what the driver imports.
@@ -107,7 +111,7 @@ class RayBackend(Backend):
         gpus_per_worker: float = 0,
         cpus_per_worker: float = 1,
         threads_per_worker: int | None = None,
-        model_cache_mb: int = 1024,
+        model_cache_mb: int | None = None,
         runtime_env: Mapping[str, Any] | None = None,
         worker_timeout: float | None = None,
     ) -> None:
@@ -126,7 +130,7 @@ class RayBackend(Backend):
             raise ConfigError(
                 "cpus_per_worker", cpus_per_worker, "a number > 0 when gpus_per_worker is 0"
             )
-        check_worker_options(threads_per_worker, model_cache_mb)
+        check_worker_options(threads_per_worker, model_cache_mb, _CACHE_DEFAULT)
         self.address = address
         self.workers = workers
         self.gpus_per_worker = gpus_per_worker
@@ -274,6 +278,7 @@ class RayBackend(Backend):
         threads = self.threads_per_worker or (
             1 if deterministic else max(1, int(self.cpus_per_worker))
         )
+        cache_mb = self._cache_mb(nodes_for)
         self._configs = [
             WorkerConfig(
                 worker_id=w,
@@ -282,7 +287,7 @@ class RayBackend(Backend):
                 device="cuda" if self.gpus_per_worker else "cpu",
                 build=payload,
                 threads=threads,
-                model_cache_mb=self.model_cache_mb,
+                model_cache_mb=cache_mb[w],
                 deterministic=deterministic,
             )
             for w in range(workers)
@@ -291,6 +296,15 @@ class RayBackend(Backend):
         self._workers = [self._launch(w, nodes_for[w], generation=0) for w in range(workers)]
         self._lost_while_starting = []
         return [self._ready_or_retried(w) for w in range(workers)]
+
+    def _cache_mb(self, nodes_for: list[str]) -> list[int]:
+        """Each worker's model cache (MiB): the one asked for, else its node's share."""
+        if self.model_cache_mb is not None:
+            return [self.model_cache_mb] * len(nodes_for)
+        import ray
+
+        memory = {n["NodeID"]: n.get("Resources", {}).get("memory", 0) for n in ray.nodes()}
+        return [default_cache_mb(memory.get(node, 0), nodes_for.count(node)) for node in nodes_for]
 
     def _ready_or_retried(self, worker_id: int) -> WorkerInfo:
         """Wait for a new actor; one that dies while it starts (killed, out of memory: not an
@@ -543,6 +557,25 @@ class _Placed:
     pid: int = 0
 
 
+_CACHE_DEFAULT = "None: a third of the node's memory for tasks, split among its workers"
+
+
+def default_cache_mb(node_memory: float, workers_on_node: int) -> int:
+    """A worker's share of its node for keeping models built between hops (MiB): a third of
+    the memory the node gives Ray's tasks (``node_memory`` bytes), split among the workers
+    placed on it, and at least 1024. Rebuilding a model that does not fit costs its
+    initialization and fresh pages for all its tensors at each hop (a 100M-parameter model's
+    hop: 2.6 s against 0.58 s cached, measured in benchmarks/mop_scaling.py on one node).
+
+    Example:
+        >>> default_cache_mb(48 * 2**30, workers_on_node=4)
+        4096
+        >>> default_cache_mb(0, workers_on_node=1)
+        1024
+    """
+    return max(1024, int(node_memory / 3 / max(1, workers_on_node) / 2**20))
+
+
 # The actor ---------------------------------------------------------------------------------------
 
 
@@ -553,6 +586,9 @@ class _WorkerActor:
 
     def __init__(self, config: WorkerConfig) -> None:
         tune_malloc_for_training()
+        # States come in as read-only views of the object store, which torch warns about on
+        # every tensor; nothing here writes to them (see from_object_store).
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         self.runtime = WorkerRuntime(config)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cerebro-save")
         self._saves: dict[int, Future[list[StateSaved]]] = {}
@@ -574,8 +610,10 @@ class _WorkerActor:
             if member.model_id in published and self.runtime.needs_state(member):
                 try:
                     ref = published[member.model_id]
+                    # Views, not copies: bringing the state in copies it into the model's
+                    # own tensors (one copy less on the hop's path, 1x a memcpy of the state).
                     states[member.model_id] = from_object_store(
-                        ray.get(ref, timeout=_FETCH_TIMEOUT_S)
+                        ray.get(ref, timeout=_FETCH_TIMEOUT_S), copy=False
                     )
                 except ray.exceptions.RayError:
                     unfetched.append(member.model_id)  # lost with its actor: try the file
@@ -614,7 +652,8 @@ def _write_published(unit: Unit, refs: dict[int, Any]) -> list[StateSaved]:
         version, path = member.version + unit.hops, member.state_path
         began = time.perf_counter()
         try:
-            training.save_state(from_object_store(ray.get(refs[member.model_id])), path)
+            state = from_object_store(ray.get(refs[member.model_id]), copy=False)
+            training.save_state(state, path)
         except Exception:
             error = traceback.format_exc()
             saved.append(StateSaved(member.model_id, version, False, error=error, path=path))
@@ -793,14 +832,17 @@ def to_object_store(state: Any) -> Any:
     return state
 
 
-def from_object_store(state: Any) -> Any:
-    """The state back with tensors (copied: object-store memory is read-only and shared)."""
+def from_object_store(state: Any, copy: bool = True) -> Any:
+    """The state back with tensors: copies by default (object-store memory is read-only and
+    shared), else read-only views of the store's memory, for a reader that copies what it keeps
+    (:func:`~cerebro.training.restore_state`, a write to a file). Writing to a view is undefined
+    behaviour: it would change the state for every reader of the object."""
     if isinstance(state, _Array):
-        return torch.from_numpy(np.array(state.array, copy=True))
+        return torch.from_numpy(np.array(state.array, copy=True) if copy else state.array)
     if isinstance(state, dict):
-        return {k: from_object_store(v) for k, v in state.items()}
+        return {k: from_object_store(v, copy) for k, v in state.items()}
     if isinstance(state, list | tuple):
-        return type(state)(from_object_store(v) for v in state)
+        return type(state)(from_object_store(v, copy) for v in state)
     return state
 
 
