@@ -18,12 +18,15 @@ parameters on 2 workers, with LocalBackend (states handed over through shared me
 RayBackend (states through Ray's object store) in the same run, against the time to memcpy the
 state once (measured in the same run). Ray runs on a simulated 2-node cluster
 (``ray.cluster_utils.Cluster``, one worker per node, the driver on a head node with no CPUs), so
-every state that changes worker crosses from one node's object store to the other's.
+every state that changes worker crosses from one node's object store to the other's; and
+"ray-1node" puts both workers on one node, where a state changes worker through its shared object
+store. For Ray the floor of a hop on that cluster (a put on one worker's node, a get on the
+other's, without cerebro) is measured in the same run.
 
 Usage:
     python benchmarks/mop_scaling.py                 # both parts, 1 and 2 workers
     python benchmarks/mop_scaling.py --workers 1 2 4 8 --part scaling
-    python benchmarks/mop_scaling.py --part hops     # local vs Ray per-hop overhead only
+    python benchmarks/mop_scaling.py --part hops     # local vs Ray (2 nodes, 1 node) per hop
     python benchmarks/mop_scaling.py --quick         # a smoke run (seconds), not for the table
 """
 
@@ -36,7 +39,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +82,7 @@ HOP_WORKLOADS = {
     "100M": Workload("hops-100M", 1024, (8192, 8192, 3072), 128, 4, 2, 2, 64),
 }
 QUICK_HOPS = {"0.1M": Workload("hops-0.1M", 64, (256, 128), 128, 2, 2, 1, 64)}
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "ray", "ray-1node")
 
 
 def build(params: dict[str, Any]) -> cerebro.ModelSpec:
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--workers {too_many}: each must be between 1 and this machine's {cores} cores"
         )
-    if "ray" in args.backends and args.part != "scaling":
+    if {"ray", "ray-1node"} & set(args.backends) and args.part != "scaling":
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -323,8 +326,9 @@ def run_hops(args: argparse.Namespace) -> None:
                 # The memcpy just before and just after the run: on a shared machine memory
                 # bandwidth drifts over minutes (the faster one is kept: the ratios err high).
                 before = memcpy_s(count * 3)  # weights + Adam's 2 moments, float32
-                with _hop_backend(kind) as backend:
-                    r = run_mop(w, dataset, 2, root, backend=backend, label=f"-{kind}")
+                with _hop_backend(kind) as setup:
+                    r = run_mop(w, dataset, 2, root, backend=setup.backend, label=f"-{kind}")
+                    transfer = setup.transfer_s(count * 12) if setup.transfer_s else float("nan")
                 memcpy = min(before, memcpy_s(count * 3))
                 rows.append(
                     {
@@ -340,6 +344,8 @@ def run_hops(args: argparse.Namespace) -> None:
                         "moved_vs_memcpy": round(r["moved_s"] / memcpy, 2),
                         "moved_later_s": round(r["moved_later_s"], 4),
                         "later_vs_memcpy": round(r["moved_later_s"] / memcpy, 2),
+                        "transfer_s": round(transfer, 4),
+                        "later_vs_transfer": round(r["moved_later_s"] / transfer, 2),
                         "span_s": round(r["span_s"], 2),
                         "busy": round(r["busy"], 3),
                     }
@@ -369,36 +375,95 @@ def memcpy_s(floats: int, repeats: int = 5) -> float:
     return min(times)
 
 
+@dataclass
+class HopSetup:
+    """A backend for the hops part and, for Ray, the floor of handing a state over on its
+    cluster: seconds to put ``nbytes`` in one worker node's object store and get them on the
+    node of the other worker (the same node for ``ray-1node``), without cerebro."""
+
+    backend: cerebro.Backend
+    transfer_s: Callable[[int], float] | None = None
+
+
 @contextlib.contextmanager
-def _hop_backend(kind: str) -> Iterator[cerebro.Backend]:
+def _hop_backend(kind: str) -> Iterator[HopSetup]:
     if kind == "local":
-        yield cerebro.LocalBackend(workers=2, threads_per_worker=1)
+        yield HopSetup(cerebro.LocalBackend(workers=2, threads_per_worker=1))
         return
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    # The driver's head node has no CPUs: each worker gets a node, and states cross between
-    # the two nodes' object stores (loopback TCP on this machine, the network on a cluster).
-    # Each node's object store gets 4 GiB, room for a few 100M-parameter states (the simulated
-    # nodes' default, about 150 MB, would spill every state to disk; a real node's is 30% of RAM).
+    # The driver's head node has no CPUs: each worker gets a node ("ray": states cross between
+    # the two nodes' object stores, over loopback TCP here, the network on a cluster), or both
+    # share one ("ray-1node": a state changes worker through shared memory, as on a node with
+    # several GPUs). Each node's object store gets 4 GiB, room for a few 100M-parameter states
+    # (the simulated nodes' default, about 150 MB, would spill every state to disk; a real
+    # node's is 30% of RAM).
     store = 4 * 2**30
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": store}
     )
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, object_store_memory=store)
+    for _ in range(2 if kind == "ray" else 1):
+        cluster.add_node(  # one node holds both workers' states: twice the room
+            num_cpus=2 if kind == "ray-1node" else 1,
+            object_store_memory=store * (2 if kind == "ray-1node" else 1),
+        )
     cluster.wait_for_nodes()
     try:
-        yield cerebro.RayBackend(
+        backend = cerebro.RayBackend(
             address=cluster.address,
             workers=2,
             threads_per_worker=1,
             runtime_env={"env_vars": {"PYTHONPATH": HERE}},  # actors import this script's build
         )
+        yield HopSetup(backend, lambda nbytes: ray_transfer_s(cluster.address, nbytes))
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def ray_transfer_s(address: str, nbytes: int, repeats: int = 3) -> float:
+    """The floor of a Ray hop on the cluster at ``address``: put ``nbytes`` in the object store
+    on the first worker node and get them on the last one (best of ``repeats``). Run after the
+    experiment, with its workers gone."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        ray.init(address=address, logging_level="ERROR")
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
+    probe = ray.remote(num_cpus=0)(_Probe)
+    ends = [
+        probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        for node in (nodes[0], nodes[-1])
+    ]
+    times = []
+    for _ in range(repeats):
+        stored, put_s = ray.get(ends[0].put.remote(nbytes))
+        times.append(put_s + ray.get(ends[1].get.remote(stored)))
+    for end in ends:
+        ray.kill(end)
+    return min(times)
+
+
+class _Probe:
+    """One end of :func:`ray_transfer_s`: an actor on a given node."""
+
+    def put(self, nbytes: int) -> tuple[list[Any], float]:
+        import ray
+
+        array = np.ones(nbytes, dtype=np.uint8)
+        began = time.perf_counter()
+        ref = ray.put(array)
+        return [ref], time.perf_counter() - began  # in a list: returned as a ref, not fetched
+
+    def get(self, refs: list[Any]) -> float:
+        import ray
+
+        began = time.perf_counter()
+        ray.get(refs[0])
+        return time.perf_counter() - began
 
 
 def _row(
@@ -456,9 +521,10 @@ def _write_hops(
     backends = " ".join(args.backends)
     lines = [
         *_header("Per-hop overhead by backend", f"--part hops --backends {backends}"),
-        "2 workers, 1 torch thread each, free mode. Ray: a simulated 2-node cluster on this "
-        "machine (one worker per node), so states cross between object stores. Models "
-        "(synthetic 10-class data, Adam):",
+        "2 workers, 1 torch thread each, free mode. `ray`: a simulated 2-node cluster on this "
+        "machine (one worker per node), so states cross between object stores (over loopback "
+        "TCP); `ray-1node`: both workers on one node, sharing its object store (as on a node "
+        "with several GPUs). Models (synthetic 10-class data, Adam):",
         "",
         *(_describe(size, w) for size, w in workloads.items()),
         "",
@@ -483,6 +549,13 @@ def _write_hops(
         "same for the hops after each model's first epoch, once its shared-memory slot files "
         "exist (a model's first hops create them: the kernel allocates and zeroes their "
         "pages, about 9x a memcpy).",
+        "",
+        "`transfer_s` (Ray): the floor of a hop on that cluster without cerebro, measured in "
+        "the same run: `ray.put` of the state's bytes on one worker's node and `ray.get` of "
+        "them on the other's (the same node for `ray-1node`); `later_vs_transfer` divides "
+        "`moved_later_s` by it. Between two nodes the object store's transfer alone costs "
+        "15-45x a memcpy here, so the Ray goal (3x a memcpy) is out of reach across nodes on "
+        "this machine; the table shows how far the hop is from that floor.",
         "",
     ]
     if {"local", "ray"} <= set(wide.columns):
