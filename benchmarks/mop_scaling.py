@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import platform
 import sys
@@ -215,7 +216,8 @@ def hop_delays(hops: pd.DataFrame, from_epoch: int = 0) -> tuple[list[float], li
     are made and shared-memory files created)."""
     model_free: dict[int, tuple[float, int]] = {}
     worker_free: dict[int, float] = {}
-    moved, stayed = [], []
+    moved: list[float] = []
+    stayed: list[float] = []
     for hop in hops.sort_values("start").itertuples():
         last = model_free.get(hop.model_id)
         counted = hop.kind == "train" and hop.epoch >= from_epoch
@@ -431,10 +433,10 @@ def ray_transfer_s(address: str, nbytes: int, repeats: int = 3) -> float:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
-        ray.init(address=address, logging_level="ERROR")
+        ray.init(address=address, logging_level=logging.ERROR)
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU"))
-    probe = ray.remote(num_cpus=0)(_Probe)
-    ends = [
+    probe: Any = ray.remote(num_cpus=0)(_Probe)  # Ray's actor classes have no stubs
+    ends: list[Any] = [
         probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
         for node in (nodes[0], nodes[-1])
     ]
