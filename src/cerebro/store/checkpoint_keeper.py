@@ -83,8 +83,10 @@ class CheckpointKeeper:
     def close(self) -> None:
         """Finish every checksum and mirror copy, and record them (also after an error: a
         checkpoint written is not lost)."""
-        self._hasher.shutdown(wait=True)
+        # Recorded first: pruning them may queue removals of mirror copies on the same thread,
+        # which the shutdown then waits for (a shut-down pool would refuse them).
         self.record_ready(wait=True)
+        self._hasher.shutdown(wait=True)
 
     def record_missing(
         self, model_id: int, folder: str, epochs_done: int, recorded: set[int]
