@@ -333,8 +333,10 @@ def test_an_evaluation_uses_the_model_in_place_while_its_slot_holds_what_was_han
     digits, driver, monkeypatch
 ):
     reads: list[str] = []
-    load = training.load_state
+    load, mapped = training.load_state, statefile.read_mapped
     monkeypatch.setattr(training, "load_state", lambda path: reads.append(path) or load(path))
+    # A slot is read mapped copy-on-write (SlotMaps.read).
+    monkeypatch.setattr(statefile, "read_mapped", lambda path: reads.append(path) or mapped(path))
     for unit_id, shard in enumerate((0, 2)):  # the second hand-over rewrites its slot in place
         member = driver.member(0, 0, shard)
         driver.train(0, Unit(unit_id, UnitKind.TRAIN, 0, (shard,), 0, (member,), shard == 2))

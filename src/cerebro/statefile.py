@@ -3,9 +3,9 @@
 ``torch.save``/``torch.load`` cost about 1 and 2 ms for even a tiny state (a zip archive and a
 pickle of every tensor), more than a small model's hop computes. A state here is written as a
 header (a magic line, then a pickle of the state with each tensor replaced by a reference to
-its bytes) and the tensors' bytes, each 64-byte aligned. Reading maps the file and makes each
-tensor a view of the mapped bytes (copy-on-write): nothing is copied until the caller loads
-the views into its own tensors, and a file can be deleted while its views are in use.
+its bytes) and the tensors' bytes, each 64-byte aligned. Reading copies the file's bytes once,
+into private memory, and makes each tensor a view of them (loading the views into a model's
+tensors or binding them costs no second copy).
 
 The header's pickle is read by an unpickler that accepts nothing but containers, numbers,
 strings and tensor references, so a state file cannot run code, like ``torch.load`` with
@@ -34,6 +34,8 @@ from typing import Any, BinaryIO, TypeVar
 
 import torch
 
+from . import turns
+
 MAGIC = b"CEREBRO-STATE-1\n"
 _Leaf = TypeVar("_Leaf")
 _ALIGN = 64
@@ -54,7 +56,7 @@ class Unsupported(ValueError):
     """The state holds something this format does not (an object of a class, say)."""
 
 
-def is_statefile(head: bytes) -> bool:
+def is_statefile(head: bytes | bytearray) -> bool:
     """Whether a file that begins with ``head`` is in this format (else: ``torch.save``'s)."""
     return head.startswith(MAGIC)
 
@@ -180,11 +182,50 @@ def write(state: Any, path: str) -> None:
 
 
 def read(path: str) -> Any:
-    """A state written by :func:`write`, its tensors views of the file mapped in memory."""
+    """A state written by :func:`write`, its tensors views of a private copy of the file's bytes
+    (a state file may be written over in place later: see :mod:`cerebro.turns`)."""
+    return read_from(read_bytes(path))
+
+
+def read_mapped(path: str) -> Any:
+    """A state written by :func:`write`, its tensors views of the file mapped copy-on-write
+    (its pages read when used): for files that are never written over in turns (a handover
+    slot, whose users track its writes; see :mod:`cerebro.backends.slots`)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         buffer = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
     return read_from(buffer)
+
+
+def read_bytes(path: str) -> bytearray:
+    """The bytes of the file ``path`` (a state file of either format), read as
+    :func:`cerebro.turns.open_current` makes sure they are whole."""
+    with turns.open_current(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = bytearray(size)
+        if f.readinto(memoryview(buffer)) != size:
+            raise EOFError(f"state file {path} changed while it was read")
+    return buffer
+
+
+def read_header(path: str) -> Any:
+    """The state in the file ``path`` without its tensors' bytes (each tensor a reference to
+    them): what a caller that wants the counters alone reads of it. A file too short for its
+    tensors raises EOFError, as :func:`read` does."""
+    with turns.open_current(path) as f:
+        start = len(MAGIC) + _LENGTH.size
+        head = f.read(start)
+        if not is_statefile(head):
+            raise pickle.UnpicklingError(f"{path} is not a cerebro state file (no magic line)")
+        if len(head) < start:
+            raise EOFError(f"state file {path} is truncated")
+        (length,) = _LENGTH.unpack(head[len(MAGIC) :])
+        skeleton = _Unpickler(io.BytesIO(f.read(length))).load()
+        size = os.fstat(f.fileno()).st_size
+    data = _aligned(start + length)
+    if any(data + ref.offset + ref.nbytes > size for ref in _leaves(skeleton, _TensorRef)):
+        raise EOFError(f"state file {path} is truncated")
+    return skeleton
 
 
 def read_from(buffer: Any) -> Any:

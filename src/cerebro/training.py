@@ -276,19 +276,28 @@ def state_nbytes(state: Any) -> int:
 
 
 def load_state(path: str) -> dict[str, Any]:
-    """Read a state file (memory-mapped: only the bytes used are read), or one at an fsspec URL;
-    in cerebro's format (:mod:`cerebro.statefile`) or ``torch.save``'s."""
+    """Read a state file, or one at an fsspec URL; in cerebro's format (:mod:`cerebro.statefile`)
+    or ``torch.save``'s. Its bytes are copied once, into memory of the caller's own: a local
+    state file may be written over in place later (see :mod:`cerebro.turns`)."""
     if files.is_url(path):
         with files.open_for_reading(path) as f:
-            payload = f.read()
-        if statefile.is_statefile(payload):
-            return cast(dict[str, Any], statefile.read_from(bytearray(payload)))
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    with open(path, "rb") as f:
-        head = f.read(len(statefile.MAGIC))
-    if statefile.is_statefile(head):
-        return cast(dict[str, Any], statefile.read(path))
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            payload = bytearray(f.read())
+    else:
+        payload = statefile.read_bytes(path)
+    if statefile.is_statefile(payload[: len(statefile.MAGIC)]):
+        return cast(dict[str, Any], statefile.read_from(payload))
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def load_counters(path: str) -> dict[str, Any]:
+    """The ``counters`` of the state in a state file: its header alone where the file is in
+    cerebro's format (a state of gigabytes is not read for them)."""
+    if not files.is_url(path):
+        with open(path, "rb") as f:
+            head = f.read(len(statefile.MAGIC))
+        if statefile.is_statefile(head):
+            return cast(dict[str, Any], statefile.read_header(path)["counters"])
+    return cast(dict[str, Any], load_state(path)["counters"])
 
 
 def run_train_hop(

@@ -23,11 +23,11 @@ import mmap
 import os
 import shutil
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from .. import files, statefile, training
+from .. import files, statefile, training, turns
 from ..files import replace_atomically
 
 # Room left in a slot's header for hops recorded later in the epoch (about 300 bytes each).
@@ -89,7 +89,7 @@ class SlotMaps:
             if slot is not mapped:  # else the unit trains in the slot its state is in
                 _copy(mapped, slot, size)
         else:  # a state file: copied into a slot of its size if the target is one already
-            with open(source, "rb", buffering=0) as f:
+            with turns.open_current(source) as f:  # whole, though written over in turns
                 size = os.fstat(f.fileno()).st_size
                 if not statefile.is_statefile(f.read(len(statefile.MAGIC))):
                     return None
@@ -103,6 +103,16 @@ class SlotMaps:
                     raise EOFError(f"state file {source} changed while it was read")
         state, self._refs[target] = statefile.read_with_refs(slot)
         return state
+
+    def read(self, path: str) -> dict[str, Any] | None:
+        """The state in the slot file ``path``, its tensors views of a copy-on-write mapping of
+        it (nothing is copied until used), or None where ``path`` is no slot file here."""
+        if not _inside(path, self.folder):
+            return None
+        with open(path, "rb") as f:
+            if not statefile.is_statefile(f.read(len(statefile.MAGIC))):
+                return None
+        return cast(dict[str, Any], statefile.read_mapped(path))
 
     def hand_over(self, target: str, state: dict[str, Any]) -> bool:
         """Write ``state`` over the slot ``target`` in place (see :func:`statefile.rewrite`);

@@ -264,7 +264,8 @@ class WorkerRuntime:
         source = member.source or member.state_path
         # States this worker reads itself are bound, not copied, where they can be: a
         # training unit's into its target slot (trained in place there), an evaluation's
-        # mapped copy-on-write. States a backend hands over (Ray's) are copied.
+        # slot mapped copy-on-write (a state file's bytes are copied: it may be written over
+        # in turns). States a backend hands over (Ray's) are copied.
         ours = state is None
         in_target = False
         if ours and self.slots is not None and member.target is not None:
@@ -272,6 +273,8 @@ class WorkerRuntime:
             in_target = state is not None
         elif ours and kind is not UnitKind.EVAL:
             ours = False  # no slot to train in: the file's mapping is copied (as before)
+        if state is None and self.slots is not None:
+            state = self.slots.read(source)  # a slot is mapped: its pages are read when used
         if state is None:
             state = training.load_state(source)
         counters = Counters.from_dict(state["counters"])

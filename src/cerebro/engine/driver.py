@@ -563,7 +563,7 @@ class Driver:
         """The model's newest state is gone: it goes on from its state file, and the hops of
         its epoch after that state are trained again (their records deleted); a file that
         holds all its epoch's training goes on to the validation pass (as on resume)."""
-        counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
+        counters = Counters.from_dict(training.load_counters(model.state_path))
         self.store.add_event(
             EventKind.STATE_ROLLED_BACK.value,
             model=model.model_id,

@@ -410,7 +410,7 @@ class Lifecycle:
         source_epoch = int(source.history[-1]["epoch"])
         path = checkpoints.epoch_path(source.folder, source_epoch)
         try:
-            own = Counters.from_dict(training.load_state(model.state_path)["counters"])
+            own = Counters.from_dict(training.load_counters(model.state_path))
             counters = Counters(
                 version=model.version + 1,
                 epoch=own.epoch,

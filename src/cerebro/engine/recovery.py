@@ -148,7 +148,7 @@ class Recovery:
     ) -> None:
         hops: pd.DataFrame = records.hops
         try:
-            counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
+            counters = Counters.from_dict(training.load_counters(model.state_path))
         except UNUSABLE_STATE as e:
             try:
                 recovered = self._recover_state(model, saved, first_line(e))
@@ -235,4 +235,4 @@ class Recovery:
                 self.lifecycle.fail(model, f"it could not be rebuilt: {initial.error}")
                 return None
             training.save_state(initial.state, model.state_path)
-        return Counters.from_dict(training.load_state(model.state_path)["counters"])
+        return Counters.from_dict(training.load_counters(model.state_path))

@@ -219,7 +219,7 @@ class RequestApplier:
         self.store.update_model(model.model_id, max_epochs=epochs)
         if model.status is ModelStatus.COMPLETED and epochs > done:
             # Reopened: it trains on from its last epoch.
-            counters = Counters.from_dict(training.load_state(model.state_path)["counters"])
+            counters = Counters.from_dict(training.load_counters(model.state_path))
             model.version, model.epoch = counters.version, done
             model.durable_version = counters.version
             model.start_epoch(self.roster.train_order(model))

@@ -1,0 +1,138 @@
+"""State files written in turns over two inodes (cerebro.turns): the bytes written over are
+never ones a reader, a checkpoint or an older state still needs."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import torch
+
+from cerebro import files, statefile, training, turns
+from cerebro.backends.base import StateSaved
+from cerebro.backends.handover import DurableWriter
+
+
+def _write(path: str, payload: bytes) -> bool:
+    return turns.write_in_turns(path, len(payload), lambda f: f.write(payload))
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_version_is_written_over_the_one_before_the_last(tmp_path):
+    path = str(tmp_path / "state.pt")
+    assert not _write(path, b"v1")  # no spare yet: new files
+    first = os.stat(path).st_ino
+    assert not _write(path, b"v2")
+    assert _write(path, b"v3")  # over v1's bytes, then renamed over the file
+    assert os.stat(path).st_ino == first
+    assert _read(path) == b"v3" and _read(turns.spare_of(path)) == b"v2"
+    assert _write(path, b"v4") and _read(path) == b"v4"
+
+
+def test_a_reader_keeps_its_version_whole_while_newer_ones_are_written(tmp_path):
+    path = str(tmp_path / "state.pt")
+    _write(path, b"v1")
+    with turns.open_current(path) as reading:  # holds v1's inode for the whole read
+        assert not _write(path, b"v2")
+        assert not _write(path, b"v3")  # v1's bytes are being read: a new file instead
+        assert _write(path, b"v4")  # over v2's, which no one reads
+        assert reading.read() == b"v1"
+    assert _read(path) == b"v4"
+
+
+def test_an_epoch_checkpoint_linked_to_the_file_is_never_written_over(tmp_path):
+    path = str(tmp_path / "state.pt")
+    checkpoint = str(tmp_path / "epoch-0.pt")
+    _write(path, b"e0")
+    os.link(path, checkpoint)  # as CheckpointKeeper.take makes it
+    for version in (b"v1", b"v2", b"v3", b"v4"):
+        _write(path, version)
+    assert _read(checkpoint) == b"e0" and _read(path) == b"v4"
+
+
+def test_a_version_of_another_size_goes_to_a_new_file(tmp_path):
+    path = str(tmp_path / "state.pt")
+    _write(path, b"v1")
+    _write(path, b"v2")
+    assert not _write(path, b"longer v3")
+    assert _read(path) == b"longer v3"
+
+
+def test_states_read_earlier_keep_their_values_when_their_bytes_are_written_over(tmp_path):
+    """Readers copy what they keep: a state read, then two versions written in turns over its
+    file's bytes, is the state read (a mapping of the file would show the newest)."""
+    path = str(tmp_path / "state.pt")
+    source = str(tmp_path / "source.pt")
+
+    def version(value: float) -> None:
+        statefile.write({"w": torch.full((1000,), value), "counters": {"version": 0}}, source)
+        with open(source, "rb") as f:
+            payload = f.read()
+        _write(path, payload)
+
+    version(1.0)
+    early = training.load_state(path)
+    first = os.stat(path).st_ino
+    version(2.0)
+    version(3.0)
+    assert os.stat(path).st_ino == first  # version 3 was written over version 1's bytes
+    assert torch.equal(early["w"], torch.full((1000,), 1.0))
+    assert torch.equal(training.load_state(path)["w"], torch.full((1000,), 3.0))
+    assert training.load_counters(path) == {"version": 0}
+
+
+def test_a_reader_opens_the_newer_version_renamed_in_while_it_opened(tmp_path, monkeypatch):
+    path = str(tmp_path / "state.pt")
+    _write(path, b"v1")
+    _write(path, b"v2")
+    real = fcntl.flock
+    raced = []
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_SH and not raced:  # the reader opened v2's inode just now
+            raced.append(True)
+            assert _write(path, b"v3")  # a newer version renamed in before its lock
+        real(fd, operation)
+
+    monkeypatch.setattr(turns.fcntl, "flock", flock)
+    with turns.open_current(path) as f:
+        assert f.read() == b"v3"
+    assert raced
+
+
+def test_spares_are_partial_writes_that_recovery_clears(tmp_path):
+    path = str(tmp_path / "state.pt")
+    _write(path, b"v1")
+    _write(path, b"v2")
+    kept = f"{path}{files.PARTIAL_MARK}kept"
+    os.link(path, kept)  # a crash between the renames of a write leaves this name
+    assert _write(path, b"v3") and _read(path) == b"v3"
+    assert os.path.exists(turns.spare_of(path)) and not os.path.exists(kept)
+    files.remove_partial_writes(str(tmp_path))
+    assert os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_the_durable_writer_writes_in_turns_and_drops_the_spare_of_a_released_model(tmp_path):
+    saved: list[StateSaved] = []
+    writer = DurableWriter(saved.append)
+    target = str(tmp_path / "state.pt")
+    inodes = []
+    try:
+        for version in (1, 2, 3):
+            slot = writer.target_for(5, str(tmp_path))
+            with open(slot, "wb") as f:
+                f.write(b"state %d" % version)
+            writer.handed_over(5, version, slot, target)
+            assert writer.drain(10)
+            inodes.append(os.stat(target).st_ino)
+        assert inodes[2] == inodes[0] and _read(target) == b"state 3"
+        assert os.path.exists(turns.spare_of(target))
+        writer.release(5)
+        assert not os.path.exists(turns.spare_of(target)) and _read(target) == b"state 3"
+    finally:
+        writer.close()
+    assert [s.version for s in saved] == [1, 2, 3] and all(s.ok for s in saved)
