@@ -187,13 +187,16 @@ def read(path: str) -> Any:
     return read_from(read_bytes(path))
 
 
-def read_mapped(path: str) -> Any:
+def read_mapped(path: str) -> Any | None:
     """A state written by :func:`write`, its tensors views of the file mapped copy-on-write
-    (its pages read when used): for files that are never written over in turns (a handover
-    slot, whose users track its writes; see :mod:`cerebro.backends.slots`)."""
+    (its pages read when used), or None where the file is not in this format: for files that
+    are never written over in turns (a handover slot, whose users track its writes; see
+    :mod:`cerebro.backends.slots`)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         buffer = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    if not is_statefile(buffer[: len(MAGIC)]):
+        return None
     return read_from(buffer)
 
 
@@ -208,15 +211,15 @@ def read_bytes(path: str) -> bytearray:
     return buffer
 
 
-def read_header(path: str) -> Any:
+def read_header(path: str) -> Any | None:
     """The state in the file ``path`` without its tensors' bytes (each tensor a reference to
-    them): what a caller that wants the counters alone reads of it. A file too short for its
-    tensors raises EOFError, as :func:`read` does."""
+    them), or None where the file is not in this format: what a caller that wants the counters
+    alone reads of it. A file too short for its tensors raises EOFError, as :func:`read` does."""
     with turns.open_current(path) as f:
         start = len(MAGIC) + _LENGTH.size
         head = f.read(start)
         if not is_statefile(head):
-            raise pickle.UnpicklingError(f"{path} is not a cerebro state file (no magic line)")
+            return None
         if len(head) < start:
             raise EOFError(f"state file {path} is truncated")
         (length,) = _LENGTH.unpack(head[len(MAGIC) :])

@@ -292,12 +292,9 @@ def load_state(path: str) -> dict[str, Any]:
 def load_counters(path: str) -> dict[str, Any]:
     """The ``counters`` of the state in a state file: its header alone where the file is in
     cerebro's format (a state of gigabytes is not read for them)."""
-    if not files.is_url(path):
-        with open(path, "rb") as f:
-            head = f.read(len(statefile.MAGIC))
-        if statefile.is_statefile(head):
-            return cast(dict[str, Any], statefile.read_header(path)["counters"])
-    return cast(dict[str, Any], load_state(path)["counters"])
+    header = None if files.is_url(path) else statefile.read_header(path)
+    state = header if header is not None else load_state(path)
+    return cast(dict[str, Any], state["counters"])
 
 
 def run_train_hop(

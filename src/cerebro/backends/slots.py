@@ -109,10 +109,7 @@ class SlotMaps:
         it (nothing is copied until used), or None where ``path`` is no slot file here."""
         if not _inside(path, self.folder):
             return None
-        with open(path, "rb") as f:
-            if not statefile.is_statefile(f.read(len(statefile.MAGIC))):
-                return None
-        return cast(dict[str, Any], statefile.read_mapped(path))
+        return cast(dict[str, Any] | None, statefile.read_mapped(path))
 
     def hand_over(self, target: str, state: dict[str, Any]) -> bool:
         """Write ``state`` over the slot ``target`` in place (see :func:`statefile.rewrite`);
