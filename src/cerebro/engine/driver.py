@@ -260,11 +260,12 @@ class Driver:
             with self.store.batch():  # one commit for the records of every event
                 for event in events:
                     self._handle(event)
+                # The workers get their next units before the records are written and the
+                # epochs finished (records, decisions, trackers: ~2 ms each) and checkpoints
+                # pruned (deleting a 12 MB file took 2-5 ms): a model's next hop waited for
+                # all of it, and with many epoch ends at once short units ran out meanwhile.
+                self._fill_workers()
                 if self._epoch_ends:
-                    # The workers get their next units before the epochs' records, decisions
-                    # and trackers (~2 ms each): when many models end an epoch at once, the
-                    # units left are short validation passes that would run out meanwhile.
-                    self._fill_workers()
                     self._finish_epochs()
                 self.keeper.record_ready()
             self._show_standings()
