@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import builders
 import numpy as np
 import pandas as pd
@@ -66,6 +69,15 @@ def test_hops_satisfy_mop_invariants_on_a_multi_worker_run(run, digits):
     ]
     _check_hop_invariants(result.hops, digits.num_shards, digits.num_shards)
     assert len(result.hops) == 6 * 3 * (4 + 4)
+
+
+def test_a_finished_run_leaves_no_spare_state_files(run):
+    """State files are written in turns (cerebro.turns): each model's spare goes once it is
+    done, by the driver's writer (local) or the backend (Ray, whose workers write them)."""
+    exp, result = run
+    states = glob.glob(os.path.join(exp.path, "**", "state.pt*"), recursive=True)
+    assert len(states) == len(result.models)
+    assert all(path.endswith("state.pt") for path in states)
 
 
 def test_history_has_one_row_per_model_and_epoch(run):

@@ -3,8 +3,10 @@ never ones a reader, a checkpoint or an older state still needs."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import threading
 
 import torch
 
@@ -108,12 +110,47 @@ def test_spares_are_partial_writes_that_recovery_clears(tmp_path):
     path = str(tmp_path / "state.pt")
     _write(path, b"v1")
     _write(path, b"v2")
-    kept = f"{path}{files.PARTIAL_MARK}kept"
-    os.link(path, kept)  # a crash between the renames of a write leaves this name
+    # A crash between the renames of a write leaves its writer's name for the file it kept:
+    # this writer's own is taken over, another process's left for recovery.
+    ours = f"{path}{files.PARTIAL_MARK}kept-{os.getpid()}-{threading.get_ident()}"
+    theirs = f"{path}{files.PARTIAL_MARK}kept-1-1"
+    os.link(path, ours)
+    os.link(path, theirs)
     assert _write(path, b"v3") and _read(path) == b"v3"
-    assert os.path.exists(turns.spare_of(path)) and not os.path.exists(kept)
+    assert os.path.exists(turns.spare_of(path)) and not os.path.exists(ours)
     files.remove_partial_writes(str(tmp_path))
     assert os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_two_writers_of_one_file_at_once_never_leave_it_torn(tmp_path):
+    """Two Ray workers may save versions of one model at once (the one that trained it before
+    is still writing when the next one is done): each write is whole, none fails, and readers
+    only ever see whole versions."""
+    path = str(tmp_path / "state.pt")
+    size = 1 << 16
+    errors: list[BaseException] = []
+
+    def writer(tag: int) -> None:
+        try:
+            for i in range(200):
+                payload = bytes([tag * 16 + i % 16]) * size
+                turns.write_in_turns(path, size, lambda f, p=payload: f.write(p))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in (1, 2)]
+    for thread in threads:
+        thread.start()
+    seen = 0
+    while any(t.is_alive() for t in threads):
+        with contextlib.suppress(FileNotFoundError), turns.open_current(path) as f:
+            data = f.read()
+            assert len(data) == size and data == data[:1] * size  # one version, whole
+            seen += 1
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert seen and _read(path) == _read(path)[:1] * size
 
 
 def test_the_durable_writer_writes_in_turns_and_drops_the_spare_of_a_released_model(tmp_path):
@@ -136,3 +173,20 @@ def test_the_durable_writer_writes_in_turns_and_drops_the_spare_of_a_released_mo
     finally:
         writer.close()
     assert [s.version for s in saved] == [1, 2, 3] and all(s.ok for s in saved)
+
+
+def test_save_state_writes_in_turns_and_makes_a_first_states_folder(tmp_path):
+    """training.save_state (the first state of a model, a Ray worker's writes, a state no
+    handover slot had room for) takes turns like the durable writer, in cerebro's format."""
+    path = str(tmp_path / "model-00007" / "state.pt")  # no folder yet
+    inodes, sizes = [], set()
+    for version in range(3):
+        hops = [{"shard": s, "epoch": 0} for s in range(version)]  # a longer header each time
+        state = {"model": {"w": torch.full((1000,), float(version))}, "counters": {"hops": hops}}
+        training.save_state(state, path)
+        inodes.append(os.stat(path).st_ino)
+        sizes.add(os.path.getsize(path))
+    assert len(sizes) == 1  # the header has room for the hops to come
+    assert inodes[2] == inodes[0] and inodes[1] != inodes[0]  # two inodes, in turns
+    assert training.load_state(path)["model"]["w"][0].item() == 2.0
+    assert os.path.exists(turns.spare_of(path))

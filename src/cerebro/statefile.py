@@ -30,7 +30,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 import torch
 
@@ -122,21 +122,64 @@ def _layout(state: Any) -> _Layout:
     return _Layout(header, tuple(tensors), tuple(refs))
 
 
-def write_to(state: Any, f: BinaryIO, header_room: int = 0) -> None:
-    """Write ``state`` (dicts, lists and tuples of tensors and plain values) to ``f``.
+@dataclass(frozen=True)
+class Encoded:
+    """A state laid out for a file, whose size is known before a byte of it is written (what
+    writing over a file of that size in place needs, see :mod:`cerebro.turns`).
 
-    ``header_room``: bytes left free after the header, so that :func:`rewrite` can later put a
-    longer header (more hops recorded, say) in the same file without moving its tensors.
+    Example:
+        >>> encoded = encode({"w": torch.zeros(3), "step": 1})
+        >>> data = io.BytesIO()
+        >>> encoded.write_to(data)
+        >>> encoded.size == len(data.getvalue())
+        True
+    """
+
+    layout: _Layout
+    header_room: int = 0
+
+    @property
+    def size(self) -> int:
+        header_end = len(MAGIC) + _LENGTH.size + len(self.layout.header) + self.header_room
+        return _aligned(header_end) + sum(_aligned(t.nbytes) for t in self.layout.tensors)
+
+    def write_to(self, f: IO[bytes]) -> None:
+        """Write the state to ``f``, from its position."""
+        layout, start = self.layout, f.tell()
+        f.write(MAGIC)
+        f.write(_LENGTH.pack(len(layout.header) + self.header_room))
+        f.write(layout.header)
+        at = f.tell() - start
+        f.write(b"\0" * (_aligned(at + self.header_room) - at))
+        for tensor in layout.tensors:
+            if tensor.nbytes:
+                f.write(memoryview(_bytes_of(tensor.contiguous())))
+            f.write(b"\0" * (_aligned(tensor.nbytes) - tensor.nbytes))
+
+
+def encode(state: Any, header_room: int = 0, header_block: int = 1) -> Encoded:
+    """``state`` (dicts, lists and tuples of tensors and plain values) laid out for a file;
+    raises :class:`Unsupported` for what :func:`read` would refuse. ``header_room``: bytes
+    left free after the header, so that :func:`rewrite` can later put a longer header (more
+    hops recorded, say) in the same file without moving its tensors. ``header_block``: more
+    room, up to a multiple of this many bytes, so that a model's next versions (each header
+    a hop longer) keep the file's size (what writing one over another in place needs).
+
+    >>> small = {"w": torch.zeros(3), "hops": [1]}
+    >>> large = {"w": torch.ones(3), "hops": list(range(100))}
+    >>> encode(small).size == encode(large).size
+    False
+    >>> encode(small, header_block=4096).size == encode(large, header_block=4096).size
+    True
     """
     layout = _layout(state)
-    f.write(MAGIC)
-    f.write(_LENGTH.pack(len(layout.header) + header_room))
-    f.write(layout.header)
-    f.write(b"\0" * (_aligned(f.tell() + header_room) - f.tell()))
-    for tensor in layout.tensors:
-        if tensor.nbytes:
-            f.write(memoryview(_bytes_of(tensor.contiguous())))
-        f.write(b"\0" * (_aligned(tensor.nbytes) - tensor.nbytes))
+    header_end = len(MAGIC) + _LENGTH.size + len(layout.header) + header_room
+    return Encoded(layout, header_room + (-header_end) % header_block)
+
+
+def write_to(state: Any, f: BinaryIO, header_room: int = 0) -> None:
+    """Write ``state`` to ``f`` (see :func:`encode`)."""
+    encode(state, header_room).write_to(f)
 
 
 def rewrite(buffer: Any, state: Any, refs: tuple[Any, ...] | None = None) -> bool:

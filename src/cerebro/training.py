@@ -18,10 +18,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from . import files, statefile
+from . import files, statefile, turns
 from .data import Shard
 from .errors import ConfigError, ModelFailed
-from .files import replace_atomically
+from .files import is_url, replace_atomically
 from .seeding import derive_seed
 from .spec import ModelSpec
 from .techniques.prefix import run_frozen
@@ -235,21 +235,34 @@ def set_rng(state: dict[str, Any], device: torch.device) -> None:
             torch.cuda.manual_seed(state["counters"]["init_seed"])
 
 
+# A state file's header takes a multiple of this: its next versions (each recording one more
+# hop, about 300 bytes) keep its size, so each is written over the version before the last.
+_HEADER_BLOCK = 16384
+
+
 def save_state(state: dict[str, Any], path: str) -> None:
     """Write atomically: a crash mid-write leaves the previous state intact.
 
-    The zip CRC32 that ``torch.save`` computes by default costs about 6x the write itself on
-    CPU (measured: 0.21-0.35 s vs 0.04 s for 113 MB), CPU time a worker's background save takes
-    from training. States are written without it.
+    A state file on a local filesystem is written in turns with the version before the last
+    (:mod:`cerebro.turns`): over its bytes, then renamed over ``path``, which costs the kernel
+    about a fifth of a new file. The zip CRC32 that ``torch.save`` computes by default costs
+    about 6x the write itself on CPU (measured: 0.21-0.35 s vs 0.04 s for 113 MB), CPU time a
+    worker's background save takes from training: what needs torch's format is written
+    without it.
     """
+    encoded = None
+    if statefile.writable(state):
+        with contextlib.suppress(statefile.Unsupported):  # torch's format holds what it holds
+            encoded = statefile.encode(state, header_block=_HEADER_BLOCK)
+    if encoded is not None and not is_url(path):
+        turns.write_in_turns(path, encoded.size, encoded.write_to)
+        return
 
     def write(tmp: str) -> None:
-        if statefile.writable(state):
-            try:
-                statefile.write(state, tmp)
-                return
-            except statefile.Unsupported:
-                pass  # torch's format holds what cerebro's does not
+        if encoded is not None:
+            with open(tmp, "wb") as f:
+                encoded.write_to(f)
+            return
         with _without_zip_crc():
             torch.save(state, tmp)
 

@@ -63,31 +63,62 @@ def write_in_turns(path: str, size: int, fill: Callable[[IO[bytes]], object]) ->
     """Make ``path`` hold what ``fill`` writes (``size`` bytes, to the file it is given,
     positioned at 0): over the spare's bytes where it may be (see the module), else in a new
     file; either way renamed over ``path``, whose inode becomes the spare. Returns whether the
-    spare was written over."""
+    spare was written over. Writers of one file take turns too (see :func:`_one_writer`)."""
     spare = spare_of(path)
-    handle = _claim(spare, size)
-    if handle is None:
-        tmp = f"{path}{PARTIAL_MARK}{os.getpid()}-{threading.get_ident()}"
+    with _one_writer(path):
+        handle = _claim(spare, size)
+        if handle is None:
+            tmp = f"{path}{PARTIAL_MARK}{os.getpid()}-{threading.get_ident()}"
+            try:
+                with open(tmp, "wb") as f:
+                    fill(f)
+                _swap(tmp, path, spare)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+            return False
+        with handle:  # closing it releases the lock, after the rename
+            fill(handle)
+            handle.flush()
+            _swap(spare, path, spare)
+        return True
+
+
+@contextlib.contextmanager
+def _one_writer(path: str) -> Iterator[None]:
+    """Hold the lock that writers of ``path`` take in turn (``<file>.tmp-lock``). Two Ray
+    workers may save versions of one model at once (the one that trained it last is still
+    writing when the next is done): a writer that had claimed the spare would otherwise rename
+    whatever the spare's name meant by then over the file, another's half-written bytes
+    among them. Where the filesystem has no locks, no one writes over a spare (new files)."""
+    lock = lock_of(path)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # a model's first state: its folder is made now
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
         try:
-            with open(tmp, "wb") as f:
-                fill(f)
-            _swap(tmp, path, spare)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        return False
-    with handle:  # closing it releases the lock, after the rename
-        fill(handle)
-        handle.flush()
-        _swap(spare, path, spare)
-    return True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_of(path: str) -> str:
+    """The file whose lock the writers of ``path`` take in turn."""
+    return f"{path}{PARTIAL_MARK}lock"
 
 
 def drop_spare(path: str) -> None:
-    """Delete ``path``'s spare (its model writes no more versions)."""
-    with contextlib.suppress(OSError):
-        os.remove(spare_of(path))
+    """Delete ``path``'s spare and its writers' lock (its model writes no more versions)."""
+    for name in (spare_of(path), lock_of(path)):
+        with contextlib.suppress(OSError):
+            os.remove(name)
 
 
 @contextlib.contextmanager
@@ -130,19 +161,26 @@ def _claim(spare: str, size: int) -> IO[bytes] | None:
     try:
         stat = os.fstat(f.fileno())
         if stat.st_nlink == 1 and stat.st_size == size:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return f
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return f
+            except OSError:
+                # A reader holds it, another writer writes over it (two workers saving one
+                # model's versions at once), or this filesystem has no locks: left as it is.
+                f.close()
+                return None
     except OSError:
-        pass  # a reader holds it, or this filesystem has no locks
+        pass
     f.close()
     with contextlib.suppress(OSError):
-        os.remove(spare)  # its other names (a checkpoint) or a reader keep the bytes
+        os.remove(spare)  # its other names (a checkpoint) keep the bytes; its disk is free now
     return None
 
 
 def _swap(new: str, path: str, spare: str) -> None:
     """Rename ``new`` over ``path``, keeping the inode it replaces as ``spare``."""
-    kept = f"{path}{PARTIAL_MARK}kept"
+    # Named for this writer: two writing the same file at once each keep their own.
+    kept = f"{path}{PARTIAL_MARK}kept-{os.getpid()}-{threading.get_ident()}"
     try:
         os.link(path, kept)
     except FileExistsError:

@@ -238,6 +238,12 @@ class DurableWriter:
             files.leased.add(path)
             return path
 
+    def wrote_directly(self, model_id: int, target: str) -> None:
+        """A worker wrote ``model_id``'s new state straight to its state file ``target`` (no
+        slot had room for it): that file's spare goes with the model's other files."""
+        with self._lock:
+            self._models.setdefault(model_id, _ModelFiles()).target = target
+
     def unlease(self, model_id: int, path: str) -> None:
         """A unit's target slot holds no handed-over state (the unit failed, was lost, or
         wrote its state elsewhere): the slot is free again."""

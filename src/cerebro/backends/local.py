@@ -280,6 +280,7 @@ class LocalBackend(Backend):
             if member.target is not None:  # it failed, or its state went to its state file
                 self._writer.unlease(member.model_id, member.target)
             if written is not None:
+                self._writer.wrote_directly(member.model_id, written.path)
                 version = member.version + unit.hops
                 saved = StateSaved(
                     member.model_id, version, True, written.seconds, path=written.path

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import training
+from .. import training, turns
 from ..errors import ConfigError, WorkerError, check_int, check_number
+from ..files import is_url
 from .allocator import tune_malloc_for_training
 from .base import (
     Backend,
@@ -150,6 +151,10 @@ class RayBackend(Backend):
         # known to be in its state file
         self._states: dict[int, tuple[int, Any, int]] = {}
         self._durable: dict[int, int] = {}
+        # State files the workers wrote in turns (their spares go once their models are done),
+        # and the models the driver released.
+        self._state_files: dict[int, str] = {}
+        self._released: set[int] = set()
 
     # Cluster -----------------------------------------------------------------------------------
 
@@ -368,6 +373,7 @@ class RayBackend(Backend):
         # model cached at this version never transfers it.
         refs = {}
         for member in unit.members:
+            self._released.discard(member.model_id)  # a model a person resumed trains again
             published = self._states.get(member.model_id)
             if published and published[0] == member.version:
                 refs[member.model_id] = published[1]
@@ -429,7 +435,26 @@ class RayBackend(Backend):
     def _saved(self, saved: StateSaved) -> StateSaved:
         if saved.ok:
             self._durable[saved.model_id] = max(self._durable.get(saved.model_id, 0), saved.version)
+            if saved.path and not is_url(saved.path):
+                self._state_files[saved.model_id] = saved.path
+        if saved.model_id in self._released:
+            self._drop_spare(saved.model_id)
         return saved
+
+    def release(self, model_id: int) -> None:
+        """Its state file's spare goes (:mod:`cerebro.turns`): now, or once the writes of it
+        still under way are reported."""
+        self._released.add(model_id)
+        self._drop_spare(model_id)
+
+    def _drop_spare(self, model_id: int) -> None:
+        saving = any(
+            what == "saved" and model_id in unit.model_ids
+            for what, _, _, unit in self._pending.values()
+        )
+        path = None if saving else self._state_files.pop(model_id, None)
+        if path is not None:
+            turns.drop_spare(path)
 
     def _stuck(self) -> set[int]:
         """Busy workers whose heartbeat calls (answered by another of the actor's threads
@@ -533,7 +558,10 @@ class RayBackend(Backend):
         for placed in self._workers:
             with contextlib.suppress(Exception):
                 ray.kill(placed.actor)
+        for path in self._state_files.values():  # a resumed run starts without spares
+            turns.drop_spare(path)
         self._workers, self._pending, self._states, self._durable = [], {}, {}, {}
+        self._state_files, self._released = {}, set()
 
     def __repr__(self) -> str:
         return (
