@@ -140,8 +140,8 @@ class Encoded:
 
     @property
     def size(self) -> int:
-        header_end = len(MAGIC) + _LENGTH.size + len(self.layout.header) + self.header_room
-        return _aligned(header_end) + sum(_aligned(t.nbytes) for t in self.layout.tensors)
+        data = _aligned(_header_end(self.layout, self.header_room))
+        return data + sum(_aligned(t.nbytes) for t in self.layout.tensors)
 
     def write_to(self, f: IO[bytes]) -> None:
         """Write the state to ``f``, from its position."""
@@ -173,8 +173,13 @@ def encode(state: Any, header_room: int = 0, header_block: int = 1) -> Encoded:
     True
     """
     layout = _layout(state)
-    header_end = len(MAGIC) + _LENGTH.size + len(layout.header) + header_room
-    return Encoded(layout, header_room + (-header_end) % header_block)
+    return Encoded(layout, header_room + (-_header_end(layout, header_room)) % header_block)
+
+
+def _header_end(layout: _Layout, header_room: int) -> int:
+    """Where a file of ``layout`` with ``header_room`` ends its header (its tensors start at
+    the next aligned offset)."""
+    return len(MAGIC) + _LENGTH.size + len(layout.header) + header_room
 
 
 def write_to(state: Any, f: BinaryIO, header_room: int = 0) -> None:

@@ -153,24 +153,24 @@ def open_current(path: str) -> Iterator[io.BufferedReader]:
 
 
 def _claim(spare: str, size: int) -> IO[bytes] | None:
-    """The spare opened for writing over, locked, if it may be (else it is dropped)."""
+    """The spare opened for writing over, locked, if it may be (None otherwise; a spare with
+    other names or of another size is dropped)."""
     try:
         f = open(spare, "r+b")  # noqa: SIM115 (returned open)
     except OSError:
         return None
     try:
-        stat = os.fstat(f.fileno())
-        if stat.st_nlink == 1 and stat.st_size == size:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return f
-            except OSError:
-                # A reader holds it, another writer writes over it (two workers saving one
-                # model's versions at once), or this filesystem has no locks: left as it is.
-                f.close()
-                return None
+        stat: os.stat_result | None = os.fstat(f.fileno())
     except OSError:
-        pass
+        stat = None
+    if stat is not None and stat.st_nlink == 1 and stat.st_size == size:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except OSError:
+            # A reader holds it, or this filesystem has no locks: left as it is.
+            f.close()
+            return None
     f.close()
     with contextlib.suppress(OSError):
         os.remove(spare)  # its other names (a checkpoint) keep the bytes; its disk is free now
