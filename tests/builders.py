@@ -288,25 +288,3 @@ def transfer_unseeded(params: dict) -> cerebro.ModelSpec:
         metrics={"accuracy": cerebro.metrics.accuracy},
         frozen=frozen,
     )
-
-
-def fails_in_training(params: dict) -> cerebro.ModelSpec:
-    """Trains like ``mlp`` until its optimizer has taken ``params["fail_after"]`` steps, then
-    raises in a worker's forward pass (the driver's trial step is left alone): the unit it
-    fails in is in the middle of an epoch, with the model's state handed over hops before."""
-    spec = mlp(params)
-    model, optimizer = spec.model, spec.optimizer
-    forward = model.forward
-    first = next(model.parameters())
-
-    def forward_until(x):
-        from cerebro.backends.worker import in_worker
-
-        state = optimizer.state.get(first)
-        steps = int(state["step"]) if state else 0
-        if in_worker() and model.training and steps >= params["fail_after"]:
-            raise RuntimeError("failed in training on purpose")
-        return forward(x)
-
-    model.forward = forward_until
-    return spec

@@ -78,10 +78,6 @@ class Unit:
     end_of_epoch: bool = False  # its last hop ends its models' training epoch
     technique: Technique = Technique.PLAIN
     features: FeaturePlan | None = None  # a materialized unit's: what its members read
-    # The unit whose new states this one starts from, still running on another worker when
-    # this one was sent (a backend that :attr:`~Backend.chains_units`): the worker starts it
-    # the moment they are handed over, without a round trip to the driver.
-    follows: int | None = None
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -163,10 +159,6 @@ class UnitDone:
     # ok=False because these members' states could not be fetched: lost with another worker
     # before they were written durably (they go back to their state files).
     states_lost: tuple[int, ...] = ()
-    # ok=False because the unit never ran: it followed a unit whose states were not handed
-    # over where it was to read them (that unit failed, was lost, or wrote them elsewhere), or
-    # the driver cancelled it (:meth:`Backend.cancel`). No failure of its models.
-    cancelled: bool = False
 
     @property
     def start(self) -> float:
@@ -279,19 +271,6 @@ class Backend(ABC):
         before that state's file is written; else it waits for the file first, so that an
         evaluation whose state is lost can read it again."""
         return False
-
-    @property
-    def chains_units(self) -> bool:
-        """Whether a unit may follow one still running on another worker
-        (:attr:`Unit.follows`): its worker starts it once that unit's new states are handed
-        over, as the other worker finishes, not after the driver heard of it. The backend
-        reports a follower whose states were not handed over :attr:`UnitDone.cancelled`."""
-        return False
-
-    def cancel(self, unit_id: int) -> None:  # noqa: B027 - optional hook
-        """Stop a unit that follows another (:attr:`Unit.follows`) from running, where it has
-        not started: its :class:`UnitDone` comes ``cancelled``. One that started runs on, but
-        its new states are handed over to no one, and it is reported ``cancelled`` too."""
 
     def release(self, model_id: int) -> None:  # noqa: B027 - optional hook
         """The driver will not run ``model_id`` again in this run (it completed, failed or

@@ -40,8 +40,6 @@ from .base import (
     check_worker_options,
     check_workers_fit_shards,
 )
-from .bells import Bell
-from .following import Cancel, Go, Inbox, cancelled, handed_over_in_slots
 from .handover import DurableWriter, HandoverFolder, write_states
 from .process_template import ProcessTemplate, WorkerProcess, join_all
 from .shipping import pickle_build
@@ -102,13 +100,6 @@ class LocalBackend(Backend):
         self._watchdog = Watchdog(self.worker_timeout)
         # Units sent to each worker and not done yet, in order sent: it runs the first.
         self._running: dict[int, collections.deque[Unit]] = {}
-        self._sent: dict[int, Unit] = {}  # the same units, by id
-        # Units that follow others (Unit.follows): by the unit they follow; those the driver
-        # or this backend cancelled; and followers' reports that came before their
-        # predecessors' (held back: a model's versions are handed over in order).
-        self._followers: dict[int, Unit] = {}
-        self._cancelled: set[int] = set()
-        self._early: dict[int, tuple[int, UnitDone]] = {}
         self._handover: HandoverFolder | None = None
         self._writer: DurableWriter | None = None
         self._saved: list[StateSaved] = []  # reported by the writer's thread
@@ -149,7 +140,6 @@ class LocalBackend(Backend):
                 deterministic=deterministic,
                 handover_dir=self._handover.path if self._handover else None,
                 handover_budget=self._handover.budget if self._handover else 0,
-                peers=self.workers,
             )
             for worker_id in range(self.workers)
         ]
@@ -221,8 +211,8 @@ class LocalBackend(Backend):
                     self._watchdog.heard(worker_id, now)
                     if isinstance(message, UnitDone):
                         self._watchdog.unit_took(message.end - message.start)
-                        messages += self._done(worker_id, message)
-                    elif not isinstance(message, _Heartbeat):
+                        self._handed_over(worker_id, message)
+                    if not isinstance(message, _Heartbeat):
                         messages.append((worker_id, message))
             except (EOFError, OSError):
                 dead.add(worker_id)
@@ -268,39 +258,14 @@ class LocalBackend(Backend):
                 raise WorkerError("workers did not start in time")
         return infos, others
 
-    def _done(self, worker_id: int, done: UnitDone) -> list[tuple[int, UnitDone]]:
-        """A unit's report, with that of a follower which came before it (in that order), or
-        nothing where this is a follower whose predecessor has not reported yet."""
-        unit = self._sent.get(done.unit_id)
-        if unit is not None and unit.follows is not None and unit.follows in self._sent:
-            self._early[unit.follows] = (worker_id, done)
-            return []
-        reports = [(worker_id, self._handed_over(worker_id, done))]
-        early = self._early.pop(done.unit_id, None)
-        if early is not None:
-            reports += self._done(*early)
-        return reports
-
-    def _take(self, worker_id: int, unit_id: int) -> Unit | None:
-        """The unit ``unit_id`` is done: no longer the worker's to run."""
-        unit = self._sent.pop(unit_id, None)
+    def _handed_over(self, worker_id: int, done: UnitDone) -> None:
+        """The worker's first unit is done and its new states are in their handover files:
+        have them copied to the state files (one written straight to its state file is durable
+        already)."""
         running = self._running.get(worker_id)
-        if unit is not None and running is not None and unit in running:
-            running.remove(unit)
-        return unit
-
-    def _handed_over(self, worker_id: int, done: UnitDone) -> UnitDone:
-        """The worker's unit is done and its new states are in their handover files: have them
-        copied to the state files (one written straight to its state file is durable already),
-        and tell a unit that follows it that it may start (or that it may not). Returns the
-        report (a cancelled unit's, whatever it ran, as :meth:`cancel` says)."""
-        unit = self._take(worker_id, done.unit_id)
+        unit = running.popleft() if running else None
         if unit is None or self._writer is None:
-            return done
-        if unit.unit_id in self._cancelled:
-            self._cancelled.discard(unit.unit_id)
-            done = cancelled(unit, worker_id)  # what it wrote to its targets is no one's state
-        self._tell_follower(unit, done)
+            return
         for member in unit.members:
             written = done.written.get(member.model_id)
             if written is not None and written.path == member.target:
@@ -322,20 +287,6 @@ class LocalBackend(Backend):
                 )
                 with self._saved_lock:
                     self._saved.append(saved)
-        return done
-
-    def _tell_follower(self, unit: Unit, done: UnitDone) -> None:
-        """The worker holding a unit that follows ``unit`` (if any) waits for its states: it
-        may start (the worker that ran ``unit`` rang it already; this is the fallback), or it
-        never will."""
-        follower = self._followers.pop(unit.unit_id, None)
-        if follower is None or follower.unit_id not in self._sent:
-            return  # none, or lost with its worker
-        if handed_over_in_slots(unit, done):
-            with contextlib.suppress(OSError):  # a worker dead since: the next poll says so
-                self._processes[follower.worker_id].conn.send(Go(unit.unit_id))
-        else:
-            self.cancel(follower.unit_id)
 
     def _forget_outputs(self, unit: Unit) -> None:
         """A unit lost with its worker: what it may have half-written in its targets is no
@@ -356,9 +307,6 @@ class LocalBackend(Backend):
         return saved
 
     def submit(self, unit: Unit) -> None:
-        followed = self._sent.get(unit.follows) if unit.follows is not None else None
-        if followed is None and unit.follows is not None:
-            unit = dataclasses.replace(unit, follows=None)  # reported meanwhile: handed over
         if self._writer is not None:  # members whose state is handed over start from there
             writer = self._writer
             folder = self._handover.path if self._handover is not None else None
@@ -366,11 +314,7 @@ class LocalBackend(Backend):
             members = tuple(
                 dataclasses.replace(
                     m,
-                    source=(
-                        writer.file_of(m.model_id, m.version)
-                        if followed is None
-                        else _target_of(followed, m.model_id)
-                    ),
+                    source=writer.file_of(m.model_id, m.version),
                     target=(
                         writer.target_for(m.model_id, folder, m.version)
                         if folder and training
@@ -380,9 +324,6 @@ class LocalBackend(Backend):
                 for m in unit.members
             )
             unit = dataclasses.replace(unit, members=members)
-        if followed is not None:
-            self._followers[followed.unit_id] = unit
-        self._sent[unit.unit_id] = unit
         self._running.setdefault(unit.worker_id, collections.deque()).append(unit)
         self._watchdog.heard(unit.worker_id, time.monotonic())  # its silence counts from now
         # A worker that died since the last poll: the next poll reports it lost, with this unit.
@@ -403,21 +344,12 @@ class LocalBackend(Backend):
             process.join(timeout=5)
             exitcode = process.exitcode
             process.close()
-            early = []
             for unit in self._running.pop(worker_id, ()):  # what it may have half-written
-                self._sent.pop(unit.unit_id, None)
                 self._forget_outputs(unit)
-                follower = self._followers.pop(unit.unit_id, None)
-                if follower is not None:  # its predecessor's states will never come
-                    self.cancel(follower.unit_id)
-                if unit.unit_id in self._early:
-                    early.append(self._early.pop(unit.unit_id))
             self._launch(worker_id)
             _, others = self._await_ready({worker_id})
             reason = self._watchdog.stuck_reason if worker_id in stuck else "exited"
             events += [*others, WorkerLost(worker_id, exitcode, reason)]
-            for follower_worker, done in early:  # reported cancelled, whatever they ran
-                events += [report for _, report in self._done(follower_worker, done)]
         return events
 
     @property
@@ -427,18 +359,6 @@ class LocalBackend(Backend):
     @property
     def states_outlive_workers(self) -> bool:
         return True  # in slot files of the driver's handover folder, or in their state files
-
-    @property
-    def chains_units(self) -> bool:
-        return self._handover is not None  # a follower reads its state from a slot file
-
-    def cancel(self, unit_id: int) -> None:
-        unit = self._sent.get(unit_id)
-        if unit is None or unit_id in self._cancelled:
-            return
-        self._cancelled.add(unit_id)
-        with contextlib.suppress(OSError):  # a worker dead since: the next poll says so
-            self._processes[unit.worker_id].conn.send(Cancel(unit_id))
 
     def release(self, model_id: int) -> None:
         if self._writer is not None:
@@ -461,18 +381,12 @@ class LocalBackend(Backend):
             process.kill()  # still running after the wait: stopped now
             process.close()
         self._processes = {}
-        self._running, self._sent = {}, {}
-        self._followers, self._cancelled, self._early = {}, set(), {}
+        self._running = {}
         # Copies still waiting are memory to disk: finish them, so a resume has less to redo.
         self._close_handover(drain_s=300 if graceful else 30)
 
     def __repr__(self) -> str:
         return f"LocalBackend(workers={self.workers}, devices={self.devices})"
-
-
-def _target_of(unit: Unit, model_id: int) -> str | None:
-    """Where ``unit`` writes ``model_id``'s new state: a unit following it reads it there."""
-    return next(m.target for m in unit.members if m.model_id == model_id)
 
 
 class _Heartbeat:
@@ -531,37 +445,19 @@ def worker_main(conn: mp_connection.Connection) -> None:
     except Exception:
         send(_StartFailed(config.worker_id, traceback.format_exc()))
         return
-    bell = _bell(config)
-    inbox = Inbox(conn, bell)
     send(runtime.info)
     threading.Thread(target=_beat, args=(send,), daemon=True, name="cerebro-heartbeat").start()
     while True:
         try:
-            unit, runnable = inbox.next()
+            unit = conn.recv()
         except (EOFError, OSError):
             break
         if unit is None:
             break
-        if not runnable:
-            send(cancelled(unit, runtime.worker_id))
-            continue
         done, snapshots = runtime.run(unit)
         if snapshots:
             done = _hand_over(runtime, unit, done, snapshots, config)
-        if bell is not None and handed_over_in_slots(unit, done):
-            bell.ring(unit.unit_id)  # a unit following this one may start now, elsewhere
         send(done)
-
-
-def _bell(config: WorkerConfig) -> Bell | None:
-    """The worker's bell in the handover folder (None without one, or where the folder takes
-    no named pipes: then the driver alone tells it a followed unit is handed over)."""
-    if config.handover_dir is None:
-        return None
-    try:
-        return Bell(config.handover_dir, config.worker_id, config.peers)
-    except OSError:
-        return None
 
 
 def _hand_over(

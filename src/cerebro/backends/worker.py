@@ -54,8 +54,6 @@ class WorkerConfig:
         deterministic: use torch's deterministic algorithms.
         handover_dir: where the worker writes new states for the next worker (None: straight
             to their state files); ``handover_budget``: the most bytes that folder may hold.
-        peers: how many workers the run has (a worker rings the others' bells there: see
-            :mod:`.bells`).
     """
 
     worker_id: int
@@ -68,7 +66,6 @@ class WorkerConfig:
     deterministic: bool = False
     handover_dir: str | None = None
     handover_budget: int = 0
-    peers: int = 1
 
 
 class WorkerRuntime:

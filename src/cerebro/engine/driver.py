@@ -50,7 +50,7 @@ from .materializing import FeaturePlanner, Materialize
 from .recovery import Recovery, resume_point
 from .requests import RequestApplier
 from .roster import ModelRun, Roster, SplitSums
-from .scheduler import ModelSlot, WorkerSlot, place_shards, schedule
+from .scheduler import WorkerSlot, place_shards, schedule
 
 _POLL_S = 0.5
 _STANDINGS_S = 0.1  # how often the loop shows the models' standings
@@ -143,7 +143,6 @@ class Driver:
         self.requests = RequestApplier(self.roster, self.lifecycle, self.builder, config.seed)
         self.lifecycle.at_rest = backend.release
         self.in_flight: dict[int, Unit] = {}
-        self._orphans: set[int] = set()  # chained units cancelled: what they report is ignored
         self.durability = Durability(config.durable_lag)
         self.units_held: dict[int, int] = {}  # by worker: units sent and not yet done
         self.workers: list[WorkerInfo] = []
@@ -280,59 +279,6 @@ class Driver:
                 continue  # every worker holds this many units: nothing to match
             for assignment in schedule(self.roster.slots(idle), workers):
                 self._submit(assignment.model_id, assignment.worker_id, assignment.shard)
-        if self.backend.chains_units:
-            self._chain()
-
-    def _chain(self) -> None:
-        """Models in a unit get their next one now, on another worker that holds at most one
-        unit (none of the idle models could go there): it starts there the moment this one's
-        state is handed over, as the workers tell each other, not after a round trip through
-        this loop (milliseconds: as long as a hop of a small model). Single models in the
-        middle of an epoch's training only, within the lag bound (the unit they are in does
-        not wait for its state file); the unit they are in is its ``follows``."""
-        open_workers = [w for w in self.workers if self.units_held.get(w.worker_id, 0) <= 1]
-        if not open_workers:
-            return
-        followed: dict[int, Unit] = {}
-        slots: list[ModelSlot] = []
-        for unit in self.in_flight.values():
-            model = self._chainable(unit)
-            if model is None:
-                continue
-            here = next(w.shards for w in self.workers if w.worker_id == unit.worker_id)
-            slot = self.roster.follow_on(model, unit.worker_id, here)
-            if slot.eligible:
-                followed[model.model_id] = unit
-                slots.append(slot)
-        if not slots:
-            return
-        workers = [WorkerSlot(w.worker_id, w.shards) for w in open_workers]
-        for assignment in schedule(slots, workers):
-            unit = followed[assignment.model_id]
-            self._submit(assignment.model_id, assignment.worker_id, assignment.shard, after=unit)
-
-    def _chainable(self, unit: Unit) -> ModelRun | None:
-        """The model of ``unit`` if a unit may follow it (see :meth:`_chain`)."""
-        if (
-            unit.kind is not UnitKind.TRAIN
-            or len(unit.members) != 1
-            or unit.technique is not Technique.PLAIN
-            or unit.unit_id in self._orphans
-        ):
-            return None
-        model = self.roster[unit.members[0].model_id]
-        chainable = (
-            model.status is RUNNING
-            and model.busy
-            and model.chained is None
-            and model.waiting is None
-            and model.phase is UnitKind.TRAIN
-            and bool(model.remaining)
-            and model.version == unit.members[0].version  # the unit it is in now
-            and not self.requests.has_waiting(model)
-            and not self.durability.must_wait(model, False, ahead=unit.hops)
-        )
-        return model if chainable else None
 
     def _awaiting_files(self) -> bool:
         """Whether a state file write is still to be reported for a model that goes on. A
@@ -349,30 +295,26 @@ class Driver:
             for w in self.workers
         ]
 
-    def _submit(self, slot_id: int, worker_id: int, shard: int, after: Unit | None = None) -> None:
+    def _submit(self, slot_id: int, worker_id: int, shard: int) -> None:
         """Send the unit the scheduler matched: one model, or a bundle of fused ones, on
         ``shard`` and the shards it would visit next on the same worker anyway (see
-        :meth:`_shards_for`); ``after``: the unit the model is in, which this one follows."""
-        models = [self.roster[slot_id]] if after is not None else self.roster.bundle(slot_id)
-        ahead = after.hops if after is not None else 0
+        :meth:`_shards_for`)."""
+        models = self.roster.bundle(slot_id)
         first = models[0]
-        shards = self._shards_for(models, worker_id, shard, ahead)
+        shards = self._shards_for(models, worker_id, shard)
         seed = self.config.seed
         epoch = first.epoch
         members = []
         for model in models:
             for visited in shards:
                 model.remaining.remove(visited)
-            if after is None:
-                model.busy = True
-            else:
-                model.chained = self._next_unit
+            model.busy = True
             members.append(
                 UnitMember(
                     model_id=model.model_id,
                     params=model.params,
                     state_path=model.state_path,
-                    version=model.version + ahead,
+                    version=model.version,
                     shuffle_seeds=tuple(
                         training.shuffle_seed(seed, model.model_id, epoch, s) for s in shards
                     ),
@@ -395,15 +337,12 @@ class Driver:
             end_of_epoch=first.phase is UnitKind.TRAIN and not first.remaining,
             technique=technique,
             features=plan,
-            follows=after.unit_id if after is not None else None,
         )
         self._next_unit += 1
         self.in_flight[unit.unit_id] = unit
         self.backend.submit(unit)
 
-    def _shards_for(
-        self, models: list[ModelRun], worker_id: int, shard: int, ahead: int = 0
-    ) -> tuple[int, ...]:
+    def _shards_for(self, models: list[ModelRun], worker_id: int, shard: int) -> tuple[int, ...]:
         """``shard``, then the models' next shards that this worker holds too: hops (or
         evaluations) the models would run here one after another, in one unit, without a
         round trip to the driver between them. In deterministic mode only those next in the
@@ -411,8 +350,7 @@ class Driver:
         bound: its intermediate states are never written, so a crash loses at most
         ``durable_lag`` hops still. A unit that ends at the bound waits for its state file
         before the next one; with fewer than two running models per worker it stops a hop
-        short of the bound instead (no other model would keep its worker busy). ``ahead``:
-        hops of the unit the models are in, where this one follows it."""
+        short of the bound instead (no other model would keep its worker busy)."""
         held = next(w.shards for w in self.workers if w.worker_id == worker_id)
         remaining = models[0].remaining
         if self.config.deterministic:
@@ -426,7 +364,7 @@ class Driver:
             after = sorted(s for s in remaining if s in held and s != shard)
         after = [s for s in after if all(s in m.remaining for m in models)]
         if models[0].phase is UnitKind.TRAIN:
-            behind = max(m.version + ahead - m.durable_version for m in models)
+            behind = max(m.version - m.durable_version for m in models)
             # A unit that ends at the bound waits for its state file: where few models share
             # the workers, nothing else would keep its worker busy meanwhile, so one is spared.
             few = len(self.roster.with_status(RUNNING)) < 2 * len(self.workers)
@@ -451,9 +389,6 @@ class Driver:
             self._worker_lost(event)
         elif isinstance(event, StateSaved):
             self._state_saved(event)
-        elif event.unit_id in self._orphans:  # a chained unit cancelled: nothing of it counts
-            self._orphans.discard(event.unit_id)
-            self.units_held[self.in_flight.pop(event.unit_id).worker_id] -= 1
         elif event.unit_id in self.in_flight:  # else given up with its worker already
             self._unit_done(self.in_flight.pop(event.unit_id), event)
 
@@ -461,17 +396,9 @@ class Driver:
         """The worker is free: record each member's hop; a new state is handed over, so the
         model hops on (or waits for its state file, at the lag bound or an epoch's end)."""
         self.units_held[unit.worker_id] -= 1
-        if event.cancelled:  # it followed a unit whose state went to its file: not run
-            for model in self._members(unit):
-                self._drop_chain(model)  # what follows it would start from its state
-                model.remaining[:0] = unit.shards
-                model.busy = False
-                self.requests.unit_over(model)
-            return
         self.tracker.unit_done(unit.model_ids, unit.hops)
         if not event.ok:
             for model in self._members(unit):
-                self._drop_chain(model)
                 model.units_done += unit.hops
                 if model.model_id in event.states_lost:  # its state was lost with a worker
                     self._roll_back(model)
@@ -488,7 +415,6 @@ class Driver:
             model.units_done += unit.hops
             error = event.failure(model.model_id)
             if error is not None:  # it failed alone: the unit's other models go on
-                self._drop_chain(model)
                 self.lifecycle.fail(model, f"{_described(unit)} failed:\n{error}")
                 self.requests.unit_over(model)
                 continue
@@ -508,12 +434,6 @@ class Driver:
                 self.durability.handed_over(
                     model.model_id, model.version, unit.epoch, unit.shards[-1]
                 )
-            if model.chained is not None:
-                if not self.requests.has_waiting(model):  # a stop waits for this unit only
-                    model.failures, model.last_worker = 0, unit.worker_id
-                    model.chained = None  # the unit that follows is the one it is in now
-                    continue
-                self._drop_chain(model)
             if self._must_wait(model):
                 model.waiting = unit.worker_id  # busy until its state file catches up
                 waiting.append(model)
@@ -588,18 +508,6 @@ class Driver:
             self.lifecycle.unit_finished(model, worker_id)
             self.requests.unit_over(model)
 
-    def _drop_chain(self, model: ModelRun) -> None:
-        """The unit the model is in will not hand over the state its chained unit starts
-        from (it failed, was lost, or the model is stopped): that unit is cancelled (what it
-        reports, should it have run, is ignored) and its shards are the model's next again."""
-        unit = self.in_flight.get(model.chained) if model.chained is not None else None
-        model.chained = None
-        if unit is None:
-            return
-        self._orphans.add(unit.unit_id)
-        self.backend.cancel(unit.unit_id)
-        model.remaining[:0] = unit.shards
-
     def _members(self, unit: Unit) -> list[ModelRun]:
         return [self.roster[i] for i in unit.model_ids]
 
@@ -640,14 +548,6 @@ class Driver:
     def _member_lost(
         self, model: ModelRun, unit: Unit, exitcode: int | None, running: bool
     ) -> None:
-        if unit.unit_id in self._orphans:
-            self._orphans.discard(unit.unit_id)
-            return
-        if model.chained == unit.unit_id:  # it never ran: the model is still in the one before
-            model.chained = None
-            model.remaining[:0] = unit.shards
-            return
-        self._drop_chain(model)
         model.busy = False
         model.failures += int(running)
         if model.failures >= self.config.max_unit_failures:
@@ -664,7 +564,6 @@ class Driver:
         """The model's newest state is gone: it goes on from its state file, and the hops of
         its epoch after that state are trained again (their records deleted); a file that
         holds all its epoch's training goes on to the validation pass (as on resume)."""
-        self._drop_chain(model)
         counters = Counters.from_dict(training.load_counters(model.state_path))
         self.store.add_event(
             EventKind.STATE_ROLLED_BACK.value,

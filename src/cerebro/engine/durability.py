@@ -47,14 +47,11 @@ class Durability:
         """A training hop (``epoch``, ``shard``) made ``version``, not yet in the state file."""
         self._waiting[(model_id, version)] = (epoch, shard)
 
-    def must_wait(
-        self, model: ModelRun, end_of_epoch: bool, next_trains: bool = True, ahead: int = 0
-    ) -> bool:
+    def must_wait(self, model: ModelRun, end_of_epoch: bool, next_trains: bool = True) -> bool:
         """Whether ``model`` waits for its state file before its next unit: it is behind, and
         its epoch is over or its next unit would take it past the lag bound (an evaluation,
-        ``next_trains=False``, makes no new state: it waits only with a bound of 0).
-        ``ahead``: hops of a unit it is in, to ask about the unit after that one."""
-        behind = model.version + ahead - model.durable_version
+        ``next_trains=False``, makes no new state: it waits only with a bound of 0)."""
+        behind = model.version - model.durable_version
         return behind > 0 and (end_of_epoch or behind + int(next_trains) > self.lag)
 
     def saved(self, event: StateSaved) -> tuple[int, int] | None:

@@ -67,7 +67,6 @@ class ModelRun:
     durable_version: int = 0
     waiting: int | None = None  # the worker of its last hop, while it waits for durability
     waiting_with: tuple[int, ...] = ()  # the models of its unit that wait with it
-    chained: int | None = None  # a unit sent to follow the one it is in (Driver._chain)
     last_worker: int | None = None
     train: SplitSums = field(default_factory=SplitSums)
     val: SplitSums = field(default_factory=SplitSums)
@@ -267,12 +266,6 @@ class Roster:
                 ModelSlot(first.model_id, self._eligible(first), False, work, first.last_worker)
             )
         return sorted(slots, key=lambda s: s.model_id)
-
-    def follow_on(self, model: ModelRun, last_worker: int, away: frozenset[int]) -> ModelSlot:
-        """The scheduler's view of a model in a unit on ``last_worker`` for its next unit
-        there after (:meth:`slots` leaves it out), on a shard not in ``away``."""
-        eligible = self._eligible(model) - away
-        return ModelSlot(model.model_id, eligible, False, self._priority(model), last_worker)
 
     def bundle(self, slot_id: int) -> list[ModelRun]:
         """The models of the unit that :meth:`slots` offered as ``slot_id``."""
