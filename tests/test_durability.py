@@ -81,11 +81,11 @@ def test_a_full_disk_warns_once_then_stops_at_the_bound_and_loses_nothing(
     written = []
     copy = handover._copy_file
 
-    def fills_up(source: str, target: str) -> None:
+    def fills_up(source: str, target: str, version: int) -> None:
         if len(written) >= 3:
             raise OSError(errno.ENOSPC, "No space left on device", target)
         written.append(target)
-        copy(source, target)
+        copy(source, target, version)
 
     monkeypatch.setattr(handover, "_copy_file", fills_up)
     with warnings.catch_warnings(record=True) as caught:
@@ -115,9 +115,9 @@ from cerebro.backends import handover
 
 copy = handover._copy_file
 
-def slow_disk(source, target):  # each state file takes 0.25 s to write: states run ahead
+def slow_disk(source, target, version):  # each state file takes 0.25 s: states run ahead
     time.sleep(0.25)
-    copy(source, target)
+    copy(source, target, version)
 
 if __name__ == "__main__":
     if sys.argv[2] == "slow":

@@ -13,6 +13,7 @@ import torch
 from cerebro import files, statefile, training, turns
 from cerebro.backends.base import StateSaved
 from cerebro.backends.handover import DurableWriter
+from cerebro.state import Counters
 
 
 def _write(path: str, payload: bytes) -> bool:
@@ -190,3 +191,42 @@ def test_save_state_writes_in_turns_and_makes_a_first_states_folder(tmp_path):
     assert inodes[2] == inodes[0] and inodes[1] != inodes[0]  # two inodes, in turns
     assert training.load_state(path)["model"]["w"][0].item() == 2.0
     assert os.path.exists(turns.spare_of(path))
+
+
+def _state(version: int) -> dict:
+    counters = Counters(version=version).to_dict()
+    return {"model": {"w": torch.full((100,), float(version))}, "counters": counters}
+
+
+def test_a_state_saved_newer_only_never_goes_over_a_newer_version(tmp_path):
+    """Ray's workers save a model's versions in the background, each the one it trained: the
+    save of version 3 may end after that of version 4, and must leave the file at 4."""
+    path = str(tmp_path / "model-00001" / "state.pt")
+    state = _state
+    assert training.save_state(state(4), path, newer_only=True)
+    assert not training.save_state(state(3), path, newer_only=True)  # came late: left out
+    assert training.load_state(path)["model"]["w"][0].item() == 4.0
+    assert training.save_state(state(4), path, newer_only=True)  # the same version again
+    assert training.save_state(state(5), path, newer_only=True)
+    assert training.load_state(path)["counters"]["version"] == 5
+    # Elsewhere (a roll-back's first state, say) a write is a write.
+    assert training.save_state(state(2), path)
+    assert training.load_state(path)["counters"]["version"] == 2
+
+
+def test_the_durable_writer_leaves_a_newer_version_written_straight_to_the_file(tmp_path):
+    """A state no slot had room for goes straight to its file: the copy of the version
+    before it, still waiting for the writer, must not put the file back a version."""
+    saved: list[StateSaved] = []
+    writer = DurableWriter(saved.append)
+    target = str(tmp_path / "state.pt")
+    try:
+        slot = writer.target_for(5, str(tmp_path))
+        statefile.write(_state(4), slot)  # handed over in the slot
+        training.save_state(_state(5), target)  # the next one, with no room in a slot
+        writer.handed_over(5, 4, slot, target)
+        assert writer.drain(10)
+    finally:
+        writer.close()
+    assert training.file_version(target) == 5
+    assert [(s.version, s.ok) for s in saved] == [(4, True)]  # durable: a newer one is

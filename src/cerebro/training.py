@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelFailed
 from .files import is_url, replace_atomically
 from .seeding import derive_seed
 from .spec import ModelSpec
+from .state import Counters
 from .techniques.prefix import run_frozen
 
 BuildFn = Callable[[dict[str, Any]], ModelSpec]
@@ -240,8 +241,16 @@ def set_rng(state: dict[str, Any], device: torch.device) -> None:
 _HEADER_BLOCK = 16384
 
 
-def save_state(state: dict[str, Any], path: str) -> None:
-    """Write atomically: a crash mid-write leaves the previous state intact.
+def save_state(state: dict[str, Any], path: str, newer_only: bool = False) -> bool:
+    """Write atomically: a crash mid-write leaves the previous state intact. Returns whether
+    it was written.
+
+    ``newer_only``: leave a state file that holds a newer version of the model than ``state``
+    as it is (False returned). Ray's workers save a model's versions in the background, each
+    the one it trained: the save of version n may end after that of n+1, and would otherwise
+    put the file a version back, behind what its records say is durable. The file's version
+    is read in the writer's turn (:mod:`cerebro.turns`), so no other writer comes between
+    (local files in cerebro's format: others are written whatever they hold).
 
     A state file on a local filesystem is written in turns with the version before the last
     (:mod:`cerebro.turns`): over its bytes, then renamed over ``path``, which costs the kernel
@@ -255,8 +264,18 @@ def save_state(state: dict[str, Any], path: str) -> None:
         with contextlib.suppress(statefile.Unsupported):  # torch's format holds what it holds
             encoded = statefile.encode(state, header_block=_HEADER_BLOCK)
     if encoded is not None and not is_url(path):
-        turns.write_in_turns(path, encoded.size, encoded.write_to)
-        return
+        version = Counters.from_dict(state["counters"]).version if newer_only else 0
+        newer = False
+
+        def holds_newer() -> bool:
+            nonlocal newer
+            newer = file_version(path) > version
+            return newer
+
+        turns.write_in_turns(
+            path, encoded.size, encoded.write_to, unless=holds_newer if newer_only else None
+        )
+        return not newer
 
     def write(tmp: str) -> None:
         if encoded is not None:
@@ -267,6 +286,18 @@ def save_state(state: dict[str, Any], path: str) -> None:
             torch.save(state, tmp)
 
     replace_atomically(path, write)
+    return True
+
+
+def file_version(path: str) -> int:
+    """The version of the state in the local file ``path``, from its header: -1 where it
+    holds none in cerebro's format (missing, torn, or in torch's format, which is not read
+    whole for this)."""
+    try:
+        header = statefile.read_header(path)
+        return -1 if header is None else Counters.from_dict(header["counters"]).version
+    except Exception:  # whatever a torn or foreign file makes a reader raise (IndexError too)
+        return -1
 
 
 @contextlib.contextmanager

@@ -59,13 +59,22 @@ def spare_of(path: str) -> str:
     return f"{path}{PARTIAL_MARK}spare"
 
 
-def write_in_turns(path: str, size: int, fill: Callable[[IO[bytes]], object]) -> bool:
+def write_in_turns(
+    path: str,
+    size: int,
+    fill: Callable[[IO[bytes]], object],
+    unless: Callable[[], bool] | None = None,
+) -> bool:
     """Make ``path`` hold what ``fill`` writes (``size`` bytes, to the file it is given,
     positioned at 0): over the spare's bytes where it may be (see the module), else in a new
     file; either way renamed over ``path``, whose inode becomes the spare. Returns whether the
-    spare was written over. Writers of one file take turns too (see :func:`_one_writer`)."""
+    spare was written over. Writers of one file take turns too (see :func:`_one_writer`);
+    ``unless``, asked in the writer's turn, skips the write where it says True (another
+    writer's newer content is there already)."""
     spare = spare_of(path)
     with _one_writer(path):
+        if unless is not None and unless():
+            return False
         handle = _claim(spare, size)
         if handle is None:
             tmp = f"{path}{PARTIAL_MARK}{os.getpid()}-{threading.get_ident()}"

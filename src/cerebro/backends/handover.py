@@ -314,7 +314,7 @@ class DurableWriter:
     def _write(copy: _Copy) -> StateSaved:
         began = time.perf_counter()
         try:
-            _copy_file(copy.source, copy.target)
+            _copy_file(copy.source, copy.target, copy.version)
         except Exception:
             return StateSaved(
                 copy.model_id, copy.version, ok=False, error=traceback.format_exc(),
@@ -377,10 +377,12 @@ class DurableWriter:
                 os.remove(path)
 
 
-def _copy_file(source: str, target: str) -> None:
-    """Copy the handover file ``source`` to the state file ``target``: over the bytes of the
-    version before the last where it may be (:mod:`cerebro.turns`: about 5x cheaper for the
-    kernel than a new file), in a new file renamed over ``target`` otherwise."""
+def _copy_file(source: str, target: str, version: int) -> None:
+    """Copy the handover file ``source`` (the model's state at ``version``) to the state file
+    ``target``: over the bytes of the version before the last where it may be
+    (:mod:`cerebro.turns`: about 5x cheaper for the kernel than a new file), in a new file
+    renamed over ``target`` otherwise. A newer version written straight to ``target``
+    meanwhile (no slot had room for it) is left there."""
     if is_url(target):
 
         def copy(tmp: str) -> None:
@@ -390,7 +392,12 @@ def _copy_file(source: str, target: str) -> None:
         return
     with open(source, "rb") as src:
         size = os.fstat(src.fileno()).st_size
-        turns.write_in_turns(target, size, lambda out: _send(src, out, size))
+        turns.write_in_turns(
+            target,
+            size,
+            lambda out: _send(src, out, size),
+            unless=lambda: training.file_version(target) > version,
+        )
 
 
 def _send(source: IO[bytes], target: IO[bytes], size: int) -> None:

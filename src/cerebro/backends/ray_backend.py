@@ -681,7 +681,7 @@ def _write_published(unit: Unit, refs: dict[int, Any]) -> list[StateSaved]:
         began = time.perf_counter()
         try:
             state = from_object_store(ray.get(refs[member.model_id]), copy=False)
-            training.save_state(state, path)
+            training.save_state(state, path, newer_only=True)  # a later hop's may be there
         except Exception:
             error = traceback.format_exc()
             saved.append(StateSaved(member.model_id, version, False, error=error, path=path))
