@@ -19,6 +19,8 @@ hops on (what every hop cost before states were handed over in memory). Reported
 - gap_ms: mean (and median) time a worker waits between two hops;
 - load_ms: mean time a training unit spent bringing its model's state in;
 - durable_ms: mean time a state file took to write (off the critical path unless lag 0);
+- driver_cpu_ms, driver_cores, cpu_used: the driver's CPU time per unit, the cores it kept
+  busy, and the share of the machine's cores the driver and workers used (``cpu_meter.py``);
 
 Usage:
     python benchmarks/busy.py              # 4 workloads x 4 lags, ~4 min on 2 cores
@@ -45,7 +47,8 @@ import cerebro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from mop_scaling import hop_delays  # noqa: E402  (a sibling script, not a package)
+from cpu_meter import CpuMeter  # noqa: E402  (sibling scripts, not a package)
+from mop_scaling import hop_delays  # noqa: E402
 
 LAGS = (0, 1, 2, 4)
 GOAL = 0.8  # busy fraction the workloads should reach with the default lag
@@ -147,9 +150,13 @@ def _prepared(
 
 def measure(name: str, root: str, lag: int, quick: bool) -> dict[str, Any]:
     w = WORKLOADS[name]
-    result = experiment(name, root, lag, quick).run()
+    with CpuMeter() as meter:
+        result = experiment(name, root, lag, quick).run()
     hops = result.hops
     span = hops.end.max() - hops.start.min()
+    created = result.experiment["created"]  # hops' times count from it
+    driver_s, workers_s = meter.used(created + hops.start.min(), created + hops.end.max())
+    units = int(hops.unit.nunique())
     gaps: list[float] = []
     for _, group in hops.sort_values("start").groupby("worker"):
         gaps += list(group.start.to_numpy()[1:] - group.end.to_numpy()[:-1])
@@ -160,7 +167,7 @@ def measure(name: str, root: str, lag: int, quick: bool) -> dict[str, Any]:
         "workers": w.workers,
         "durable_lag": lag,
         "hops": len(hops),
-        "units": int(hops.unit.nunique()),
+        "units": units,
         "unit_ms": round(1000 * float((hops.end - hops.start).mean()), 2),
         "gap_ms": round(1000 * float(np.mean(gaps)), 2),
         "median_gap_ms": round(1000 * float(np.median(gaps)), 2),
@@ -170,6 +177,9 @@ def measure(name: str, root: str, lag: int, quick: bool) -> dict[str, Any]:
         "stayed_hop_ms": round(1000 * float(np.mean(stayed)), 2) if stayed else None,
         "span_s": round(float(span), 2),
         "busy": round(float((hops.end - hops.start).sum() / (w.workers * span)), 3),
+        "driver_cpu_ms": round(1000 * driver_s / units, 2),
+        "driver_cores": round(driver_s / span, 2),
+        "cpu_used": round((driver_s + workers_s) / ((os.cpu_count() or 1) * span), 2),
     }
 
 
@@ -198,6 +208,14 @@ def table(rows: list[dict[str, Any]], quick: bool) -> str:
         "model and its worker were free to the start of its computation, for hops that change "
         "worker / stay (mop_scaling.py's `hop_delays`). A crash of the whole run costs at most "
         "`durable_lag` hops per model.",
+        "",
+        "CPU within the span (`cpu_meter.py`, sampled from /proc every 20 ms): "
+        "`driver_cpu_ms` = the driver process's CPU time (all its threads: the loop, records, "
+        "the durable writer) per unit; `driver_cores` = the cores it kept busy on average; "
+        f"`cpu_used` = the driver's and the workers' CPU time over {os.cpu_count()} cores x span. "
+        "Where `cpu_used` is near 1 the machine has no core left over: the driver's work "
+        "comes out of the workers' time: a cheaper driver, not less waiting, is what would "
+        "raise the busy fraction there.",
         "",
         frame.to_markdown(index=False),
         "",

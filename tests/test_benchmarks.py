@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import doctest
+import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,7 +86,7 @@ def test_busy_quick_writes_a_row_per_workload_and_lag(tmp_path):
     for workload in ("demo", "tiny", "6mlp", "10M"):
         rows = [line for line in table.splitlines() if line.startswith(f"| {workload} ")]
         assert len(rows) == 4, table  # durable_lag 0, 1, 2 and 4
-    assert "busy_vs_lag0" in table and done.stdout
+    assert "busy_vs_lag0" in table and "cpu_used" in table and done.stdout
 
 
 @pytest.mark.slow
@@ -91,6 +94,30 @@ def test_groups_quick_runs_every_approach():
     done = _run_quick("groups.py")
     for label in ("one after another", "per_group=True, MOP, 2 workers, fused"):
         assert label in done.stdout
+
+
+def test_cpu_meter_counts_the_driver_and_its_workers_apart():
+    """busy.py's CpuMeter: its example, and a worker that exits inside the span still counts
+    up to its last sample."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cpu_meter
+    finally:
+        sys.path.pop(0)
+    failures, tried = doctest.testmod(cpu_meter)
+    assert tried and not failures
+    if not cpu_meter.CpuMeter().available:
+        pytest.skip("no /proc here")
+    spin = "import time; t = time.time(); [0 for _ in iter(lambda: time.time() < t + 0.3, False)]"
+    with cpu_meter.CpuMeter(every=0.01) as meter:
+        start = time.time()
+        child = subprocess.Popen([sys.executable, "-c", spin])
+        child.wait()
+        time.sleep(0.2)  # the worker has exited: the span still holds its CPU time
+        end = time.time()
+    driver, workers = meter.used(start, end)
+    assert 0.15 < workers < 1.0 and driver < 0.15, (driver, workers)
+    assert all(math.isnan(v) for v in meter.used(end + 10, end + 20))  # no samples there
 
 
 def _run_quick(script: str, *options: str) -> subprocess.CompletedProcess[str]:
