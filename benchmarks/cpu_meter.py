@@ -31,7 +31,7 @@ import bisect
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -42,7 +42,7 @@ _LOOK_EVERY = 10  # samples between two looks for new descendants
 class _Sample:
     at: float  # time.time()
     driver_s: float  # this process's CPU time, less the sampler thread's
-    workers_s: dict[int, float] = field(default_factory=dict)  # descendant pid -> CPU time
+    workers_s: dict[int, float]  # descendant pid -> CPU time
 
 
 class CpuMeter:
@@ -96,7 +96,7 @@ class CpuMeter:
             own = time.thread_time()
             at = time.time()
             if count % _LOOK_EVERY == 0:  # new workers: a look at every process (~2 ms)
-                pids = list(_descendants(_processes(), me))
+                pids = _descendants(_parents(), me)
             count += 1
             driver = _cpu_of(me)
             workers = {pid: cpu for pid in pids if (cpu := _cpu_of(pid)) is not None}
@@ -121,22 +121,22 @@ def _cpu_of(pid: int) -> float | None:
     return None if stat is None else stat[1]
 
 
-def _processes() -> dict[int, tuple[int, float]]:
-    """Every process: pid -> (parent pid, CPU seconds)."""
+def _parents() -> dict[int, int]:
+    """Every process: pid -> parent pid."""
     table = {}
     for name in os.listdir("/proc"):
         if name.isdigit() and (stat := _stat(int(name))) is not None:
-            table[int(name)] = stat
+            table[int(name)] = stat[0]
     return table
 
 
-def _descendants(table: dict[int, tuple[int, float]], root: int) -> dict[int, float]:
+def _descendants(parents: dict[int, int], root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
+    for pid, parent in parents.items():
         children.setdefault(parent, []).append(pid)
-    found, todo = {}, list(children.get(root, []))
+    found, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        found[pid] = table[pid][1]
+        found.append(pid)
         todo += children.get(pid, [])
     return found

@@ -202,15 +202,14 @@ def test_a_state_saved_newer_only_never_goes_over_a_newer_version(tmp_path):
     """Ray's workers save a model's versions in the background, each the one it trained: the
     save of version 3 may end after that of version 4, and must leave the file at 4."""
     path = str(tmp_path / "model-00001" / "state.pt")
-    state = _state
-    assert training.save_state(state(4), path, newer_only=True)
-    assert not training.save_state(state(3), path, newer_only=True)  # came late: left out
+    assert training.save_state(_state(4), path, newer_only=True)
+    assert not training.save_state(_state(3), path, newer_only=True)  # came late: left out
     assert training.load_state(path)["model"]["w"][0].item() == 4.0
-    assert training.save_state(state(4), path, newer_only=True)  # the same version again
-    assert training.save_state(state(5), path, newer_only=True)
+    assert training.save_state(_state(4), path, newer_only=True)  # the same version again
+    assert training.save_state(_state(5), path, newer_only=True)
     assert training.load_state(path)["counters"]["version"] == 5
     # Elsewhere (a roll-back's first state, say) a write is a write.
-    assert training.save_state(state(2), path)
+    assert training.save_state(_state(2), path)
     assert training.load_state(path)["counters"]["version"] == 2
 
 
