@@ -21,6 +21,7 @@ from cerebro import statefile, training
 from cerebro.backends import worker as worker_module
 from cerebro.backends.base import StateSaved, Unit, UnitDone, UnitMember
 from cerebro.backends.handover import DurableWriter, HandoverFolder, write_states
+from cerebro.backends.slots import reserve
 from cerebro.backends.worker import WorkerRuntime
 from cerebro.kinds import UnitKind
 from cerebro.state import Counters
@@ -244,6 +245,28 @@ def test_the_writer_makes_a_spare_slot_ahead_of_the_models_next_unit(tmp_path):
     finally:
         writer.close()
         folder.close()
+
+
+def test_a_state_written_to_its_file_trains_on_into_a_spare_slot_of_another_size(digits, driver):
+    """After a PBT exploit the model's state is in its state file, of another size than its
+    slots, and the unit's target may be a spare the writer made ahead (zeros, no state yet):
+    the new state goes to a new file in the spare's place, and the unit does not fail."""
+    driver.train(0, Unit(0, UnitKind.TRAIN, 0, (0,), 0, (driver.member(0, 0, 0),)))
+    slot = driver.targets[0][-1]
+    trained = training.load_state(slot)
+    counters = {**trained["counters"], "version": 2}
+    exploited = training.warm_start_state(builders.mlp, PARAMS[0], trained, counters)
+    training.save_state(exploited, driver.paths[0])  # as the driver's exploit writes it
+    assert os.path.getsize(driver.paths[0]) != os.path.getsize(slot)
+    driver.version[0] = 2
+    member = dataclasses.replace(driver.member(0, 0, 1), source=None)
+    assert reserve(driver.folder.path, driver.folder.budget, member.target, os.path.getsize(slot))
+    reference, _ = WorkerRuntime(worker_config(digits, 9, 0)).run(  # no slots, before the copy
+        Unit(1, UnitKind.TRAIN, 0, (1,), 1, (dataclasses.replace(member, target=None),))
+    )
+    done = driver.train(1, Unit(1, UnitKind.TRAIN, 0, (1,), 1, (member,)))
+    assert reference.ok and done.passes[0].results[0].sums == reference.passes[0].results[0].sums
+    assert training.load_counters(member.target)["version"] == 3
 
 
 def test_an_epochs_last_state_is_copied_before_the_states_waiting(tmp_path, monkeypatch):

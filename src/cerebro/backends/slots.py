@@ -113,10 +113,14 @@ class SlotMaps:
 
     def hand_over(self, target: str, state: dict[str, Any]) -> bool:
         """Write ``state`` over the slot ``target`` in place (see :func:`statefile.rewrite`);
-        False where it does not fit there (write a new file)."""
+        False where it does not fit there, or the slot holds no state yet (a spare made ahead
+        of its use, still zeros: the unit read its state from a file of another size), so the
+        caller writes a new file."""
         slot = self._mapping(target)
         refs = self._refs.pop(target, None)
-        if slot is None or not statefile.rewrite(slot, state, refs):
+        if slot is None or not statefile.is_statefile(slot[: len(statefile.MAGIC)]):
+            return False
+        if not statefile.rewrite(slot, state, refs):
             return False
         self._seen[target] = statefile.header_of(slot)
         return True
