@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 
 import torch
@@ -131,6 +132,43 @@ def exits_in_workers(params: dict) -> cerebro.ModelSpec:
             return forward(x)
 
         model.forward = dying_forward
+    return spec
+
+
+class _UnsaveableWhileFlagged:
+    """A value in an optimizer's state that a worker cannot write while the file ``flag``
+    exists (its pickling raises, as writing a handover file in a full or broken /dev/shm
+    would); where the file says "once", the first worker that fails removes it. Otherwise it
+    is written as an empty set (what state files hold)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        from cerebro.backends.worker import in_worker
+
+        if in_worker() and os.path.exists(self.flag):
+            with open(self.flag) as f:
+                once = f.read() == "once"
+            if not once or _removed(self.flag):
+                raise OSError(errno.EIO, "I/O error writing a handover file (on purpose)")
+        return (set, ())
+
+
+def _removed(path: str) -> bool:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False  # another worker removed it first
+    return True
+
+
+def handover_fails(params: dict) -> cerebro.ModelSpec:
+    """``mlp``, whose new states a worker cannot hand over while ``params["flag"]`` (a file's
+    path) exists (see :class:`_UnsaveableWhileFlagged`)."""
+    spec = mlp(params)
+    note = _UnsaveableWhileFlagged(params["flag"])
+    spec.optimizer.register_state_dict_post_hook(lambda _, state: state.update(note=note))
     return spec
 
 

@@ -172,3 +172,54 @@ def test_a_ray_actor_killed_while_starting_is_retried_and_recorded(digits, tmp_p
     lost = [e["detail"] for e in result.events if e["kind"] == "worker_lost"]
     assert [(d["worker"], d["reason"]) for d in lost] == [(killed[0], "exited while starting")]
     assert {m.status for m in result.models} == {"completed"}
+
+
+def test_a_unit_whose_new_state_cannot_be_handed_over_runs_again_with_identical_results(
+    digits, tmp_path
+):
+    # The state of every model the unit trained is intact where the unit found it (its
+    # handover file or its state file): the model runs the unit again, and nothing is lost.
+    flag = tmp_path / "fail-once"
+    space = {"lr": cerebro.choice([0.003, 0.03]), "flag": cerebro.choice([str(flag)])}
+    reference = _experiment(
+        digits, tmp_path / "ref", cerebro.LocalBackend(workers=2), builders.handover_fails, space
+    ).run()
+
+    flag.write_text("once")
+    with pytest.warns(RuntimeWarning, match="could not hand its new state over.*it runs again"):
+        result = _experiment(
+            digits, tmp_path / "run", cerebro.LocalBackend(workers=2), builders.handover_fails,
+            space,
+        ).run()  # fmt: skip
+
+    assert not flag.exists(), "no hand-over failed"
+    failed = [e["detail"] for e in result.events if e["kind"] == "handover_failed"]
+    assert len(failed) == 1 and failed[0]["failures"] == 1
+    assert failed[0]["error"] == "OSError: [Errno 5] I/O error writing a handover file (on purpose)"
+    assert {m.status for m in result.models} == {"completed"}
+    assert_same_results(result, reference)
+    key = ["model_id", "epoch", "kind", "shard"]
+    assert not result.hops.duplicated(key).any()
+    assert len(result.hops) == len(reference.hops)
+
+
+def test_a_model_whose_states_never_hand_over_fails_after_max_unit_failures(digits, tmp_path):
+    flag = tmp_path / "fail-always"
+    flag.write_text("always")
+    space = {"flag": cerebro.choice([str(flag), str(tmp_path / "absent")])}
+    with pytest.warns(RuntimeWarning, match="it runs again"):
+        result = cerebro.Experiment(
+            builders.handover_fails, digits, cerebro.GridSearch(space), epochs=1,
+            backend=cerebro.LocalBackend(workers=2), path=tmp_path / "run", progress=False,
+            max_unit_failures=2,
+        ).run()  # fmt: skip
+
+    by_flag = {m.params["flag"]: m for m in result.models}
+    assert by_flag[str(tmp_path / "absent")].status == "completed"
+    failing = by_flag[str(flag)]
+    assert failing.status == "failed"
+    assert "could not hand its new state over, 2 times in a row" in failing.error
+    assert "I/O error writing a handover file (on purpose)" in failing.error
+    failed = [e["detail"] for e in result.events if e["kind"] == "handover_failed"]
+    assert [f["failures"] for f in failed] == [1, 2]
+    assert {f["model"] for f in failed} == {failing.id}

@@ -240,6 +240,16 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def raised(traceback_text: str | None) -> str:
+    """What a formatted traceback says was raised: its last line (the error and its message).
+
+    >>> raised("Traceback (most recent call last):\\n  ...\\nOSError: [Errno 5] I/O error\\n")
+    'OSError: [Errno 5] I/O error'
+    """
+    lines = [line for line in (traceback_text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
 def shown_url(url: str) -> str:
     """A database URL safe to print: the password replaced by ***."""
     from sqlalchemy.engine import make_url

@@ -92,6 +92,7 @@ class EventKind(_Named):
     STATE_RECOVERED = "state_recovered"
     STATE_ROLLED_BACK = "state_rolled_back"  # a newest state lost with a worker: back to its file
     WORKER_LOST = "worker_lost"
+    HANDOVER_FAILED = "handover_failed"  # a unit's new states could not be handed over: rerun
     CONTROL = "control"
     BUILD_REPLACED = "build_replaced"
     FUSION_COHORT = "fusion_cohort"  # models that may train fused, and their shared shard order

@@ -159,6 +159,10 @@ class UnitDone:
     # ok=False because these members' states could not be fetched: lost with another worker
     # before they were written durably (they go back to their state files).
     states_lost: tuple[int, ...] = ()
+    # ok=False because the unit trained but its new states could not be handed over (a
+    # handover file that could not be written, say): no fault of its models, whose states at
+    # the unit's start are intact; they run the unit again.
+    handover_failed: bool = False
 
     @property
     def start(self) -> float:

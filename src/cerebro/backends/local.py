@@ -474,7 +474,9 @@ def _hand_over(
     except Exception:
         runtime.forget(unit.model_ids)  # its objects are ahead of every state written
         error = f"writing the new states failed:\n{traceback.format_exc()}"
-        return UnitDone(unit.unit_id, runtime.worker_id, ok=False, error=error)
+        return UnitDone(
+            unit.unit_id, runtime.worker_id, ok=False, error=error, handover_failed=True
+        )
     return dataclasses.replace(done, written=written)
 
 

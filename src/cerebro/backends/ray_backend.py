@@ -655,7 +655,14 @@ class _WorkerActor:
                 refs[model_id] = ray.put(to_object_store(snapshot))
             except (ray.exceptions.RayError, MemoryError):
                 unpublished[model_id] = snapshot  # object store full, say: through its file
-        written = write_states(unit, unpublished, slots=None)
+        try:
+            written = write_states(unit, unpublished, slots=None)
+        except Exception:
+            self.runtime.forget(unit.model_ids)  # its objects are ahead of every state kept
+            error = f"writing the new states failed:\n{traceback.format_exc()}"
+            return UnitDone(
+                unit.unit_id, done.worker_id, ok=False, error=error, handover_failed=True
+            ), {}
         if refs:
             with self._lock:
                 self._saves[unit.unit_id] = self._writer.submit(_write_published, unit, refs)

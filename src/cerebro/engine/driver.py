@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 from .. import training
 from ..backends.base import Backend, StateSaved, Unit, UnitDone, UnitMember, WorkerInfo, WorkerLost
 from ..data import Dataset
+from ..errors import raised
 from ..kinds import EventKind, ModelStatus, UnitKind
 from ..search import Search
 from ..search.base import EarlyStopping, Scheduler
@@ -406,6 +408,8 @@ class Driver:
                     model.busy = False
                     model.remaining[:0] = unit.shards
                     self.requests.unit_over(model)
+                elif event.handover_failed:
+                    self._not_handed_over(model, unit, event)
                 else:
                     self.lifecycle.fail(model, f"{_described(unit)} failed:\n{event.error}")
                     self.requests.unit_over(model)
@@ -558,6 +562,40 @@ class Driver:
             )
         else:
             model.remaining[:0] = unit.shards  # they are the model's next shards again
+        self.requests.unit_over(model)
+
+    def _not_handed_over(self, model: ModelRun, unit: Unit, event: UnitDone) -> None:
+        """The unit trained the model but its new state could not be handed over (a handover
+        file that could not be written, say): no fault of the model's, and its state at the
+        unit's start is intact (a handover file the unit did not write to, or its state file),
+        so it runs the unit's shards again, like a unit lost with its worker; after
+        ``max_unit_failures`` such units in a row it fails, with the error."""
+        model.busy = False
+        model.failures += 1
+        self.store.add_event(
+            EventKind.HANDOVER_FAILED.value,
+            model=model.model_id,
+            worker=event.worker_id,
+            unit_kind=unit.kind.value,
+            epoch=unit.epoch,
+            shards=list(unit.shards),
+            failures=model.failures,
+            error=raised(event.error),
+        )
+        if model.failures >= self.config.max_unit_failures:
+            self.lifecycle.fail(
+                model,
+                f"{_described(unit)} could not hand its new state over, {model.failures} "
+                f"times in a row; the last time:\n{event.error}",
+            )
+        else:
+            warnings.warn(
+                f"{_described(unit)} of model {model.model_id} could not hand its new state "
+                f"over ({raised(event.error)}); it runs again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            model.remaining[:0] = unit.shards
         self.requests.unit_over(model)
 
     def _roll_back(self, model: ModelRun) -> None:

@@ -26,7 +26,7 @@ import os
 import warnings
 
 from ..backends.base import StateSaved
-from ..errors import DurabilityError
+from ..errors import DurabilityError, raised
 from .roster import ModelRun
 
 
@@ -63,8 +63,8 @@ class Durability:
             self._warned = True
             warnings.warn(
                 f"could not write model {event.model_id}'s state to "
-                f"{os.path.dirname(event.path) or event.path} ({_cause(event)}): training goes "
-                f"on from memory; the run stops if a model gets {self.lag} hops ahead of its "
+                f"{os.path.dirname(event.path) or event.path} ({raised(event.error)}): training "
+                f"goes on from memory; the run stops if a model gets {self.lag} hops ahead of its "
                 "state file",
                 RuntimeWarning,
                 stacklevel=2,
@@ -83,13 +83,8 @@ class Durability:
         written."""
         return DurabilityError(
             f"model {model.model_id}'s state could not be written to {event.path} "
-            f"({_cause(event)}); it is {model.version - model.durable_version} hop(s) ahead of "
-            f"its state file (version {model.durable_version}) and may go no further "
+            f"({raised(event.error)}); it is {model.version - model.durable_version} hop(s) "
+            f"ahead of its state file (version {model.durable_version}) and may go no further "
             f"(durable_lag={self.lag}, or the end of an epoch). What is recorded is kept: "
             "make the folder writable and run the experiment again to resume"
         )
-
-
-def _cause(event: StateSaved) -> str:
-    lines = [line for line in (event.error or "").strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "unknown error"

@@ -98,8 +98,9 @@ class Experiment:
         tensorboard: write per-model scalars and HParams under ``<path>/tensorboard/``
             (``tensorboard --logdir <path>/tensorboard``). Default: if the package is installed.
         max_unit_failures: a model whose unit loses its worker (the process dies, e.g. out of
-            memory) this many times in a row is marked failed; before that the unit runs again
-            from the state it started from, on a replacement worker.
+            memory) or cannot hand its new state over this many times in a row is marked
+            failed; before that the unit runs again from the state it started from (on a
+            replacement worker, for a lost one).
         early_stopping: a rule that prunes models at epoch boundaries, with any search, e.g.
             ``cerebro.MedianStopping()``. It is asked first, after each new epoch; the
             ``scheduler`` (or the search) decides the models it lets go on.
