@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fractions
 import os
 
 import torch
@@ -174,6 +175,36 @@ def handover_fails(params: dict) -> cerebro.ModelSpec:
 
 # Builds that ModelSpec accepts (or that fail in it) but that cannot train one step: preflight
 # refuses each before any worker starts (tests/test_preflight.py).
+
+
+def optimizer_state_holds_an_object(params: dict) -> cerebro.ModelSpec:
+    spec = mlp(params)
+    spec.optimizer.param_groups[0]["schedule"] = fractions.Fraction(1, 3)
+    return spec
+
+
+@dataclasses.dataclass
+class Vocabulary:
+    words: tuple[str, ...]
+
+
+class _WithVocabulary(torch.nn.Sequential):
+    """A model that keeps an object in its state (``get_extra_state``)."""
+
+    vocabulary = Vocabulary(("zero", "one"))
+
+    def get_extra_state(self):
+        return self.vocabulary
+
+    def set_extra_state(self, state):
+        self.vocabulary = state
+
+
+def model_state_holds_an_object(params: dict) -> cerebro.ModelSpec:
+    spec = mlp(params)
+    model = _WithVocabulary(*spec.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.get("lr", 1e-2))
+    return dataclasses.replace(spec, model=model, optimizer=optimizer, lr_scheduler=None)
 
 
 def batch_size_zero(params: dict) -> cerebro.ModelSpec:

@@ -33,6 +33,15 @@ BAD_BUILDS = [
     (builders.metric_that_raises, ["metrics['broken']", "metric failed on purpose"]),
     (builders.metric_per_row, ["metrics['per_row']", "one value per row", ".mean()"]),
     (builders.wrong_input_size, ["model='Sequential'", "shape (8, 8, 8)", "(8, 8) per row"]),
+    # A state that a worker writes but cannot read back (torch.load(weights_only=True)).
+    (
+        builders.optimizer_state_holds_an_object,
+        ["optimizer='Adam'", "state_dict()['param_groups'][0]['schedule'] is a fractions.Fraction"],
+    ),
+    (
+        builders.model_state_holds_an_object,
+        ["model='_WithVocabulary'", "state_dict()['_extra_state'] is a builders.Vocabulary"],
+    ),
 ]
 
 

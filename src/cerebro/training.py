@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -331,6 +332,54 @@ def load_state(path: str) -> dict[str, Any]:
     if statefile.is_statefile(payload[: len(statefile.MAGIC)]):
         return cast(dict[str, Any], statefile.read_from(payload))
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def unreadable_part(state: dict[str, Any]) -> tuple[str, ...] | None:
+    """Where ``state`` holds a value that :func:`save_state` writes but :func:`load_state`
+    cannot read back: an object of a class that ``torch.load(weights_only=True)`` refuses (it
+    runs no code from a file). The keys and indices that lead to the first such value, the
+    last one its type's name; None where all of it reads back.
+
+    Example:
+        >>> import fractions
+        >>> unreadable_part({"model": {"w": torch.zeros(2)}, "counters": {"version": 0}}) is None
+        True
+        >>> unreadable_part({"optimizer": {"param_groups": [{"note": fractions.Fraction(1)}]}})
+        ('optimizer', 'param_groups', 0, 'note', 'fractions.Fraction')
+    """
+    if statefile.writable(state):
+        with contextlib.suppress(statefile.Unsupported):
+            statefile.encode(state)  # the header alone: the tensors are not copied
+            return None  # in cerebro's format: read back whatever it holds
+    for where, value in _objects(state, ()):
+        if not _torch_reads(value):
+            kind = type(value)
+            return (*where, f"{kind.__module__}.{kind.__qualname__}")
+    return None
+
+
+def _objects(tree: Any, where: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """The values in ``tree`` that are neither tensors, plain values nor dicts, lists and
+    tuples of them, with the keys and indices that lead to each."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _objects(value, (*where, key))
+    elif isinstance(tree, list | tuple):
+        for i, value in enumerate(tree):
+            yield from _objects(value, (*where, i))
+    elif not isinstance(tree, torch.Tensor | int | float | str | bool | type(None)):
+        yield where, tree
+
+
+def _torch_reads(value: Any) -> bool:
+    data = io.BytesIO()
+    try:
+        torch.save(value, data)
+        data.seek(0)
+        torch.load(data, weights_only=True)
+    except (pickle.PicklingError, pickle.UnpicklingError, AttributeError, TypeError):
+        return False  # refused on reading, or not even written (a lambda, say)
+    return True
 
 
 def load_counters(path: str) -> dict[str, Any]:

@@ -5,7 +5,9 @@ one value per row, a metric that raises, a model whose input size does not match
 by the workers, each such mistake fails every model with a raw torch error. The driver instead
 runs one forward, loss, backward and optimizer step, and every metric, on a few real training
 rows, on a copy of each newly built spec, and raises a :class:`~cerebro.ConfigError` that names
-the argument, the configuration and the fix.
+the argument, the configuration and the fix. It also checks that the copy's state after that
+step reads back as a worker reads it: a value of another class in a ``state_dict()`` would
+otherwise fail every model at its first hop.
 
 Every configuration is checked, not one per model structure: a key built from modules, shapes
 and batch size cannot see what decides the code path (a forward replaced on the instance, a
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import training
 from ..data import Dataset, Shard
 from ..errors import ConfigError, first_line
 from ..spec import ModelSpec
@@ -68,8 +71,9 @@ class Preflight:
             spec.check()  # build may have replaced a field after ModelSpec() checked it
             with torch.random.fork_rng(devices=[]):  # dropout in the trial draws random numbers
                 rows = self.sample()
-                trial = Shard(rows.x[:TRIAL_ROWS], rows.y[:TRIAL_ROWS])
-                trial_step(self._trial_copy(spec, params), trial)
+                trial = self._trial_copy(spec, params)
+                trial_step(trial, Shard(rows.x[:TRIAL_ROWS], rows.y[:TRIAL_ROWS]))
+                state_reads_back(trial)
         except ConfigError as e:
             raise naming(e, params) from e.__cause__  # the user's code that raised, if any
 
@@ -121,6 +125,27 @@ def trial_step(spec: ModelSpec, rows: Shard) -> None:
     with torch.no_grad():  # as training computes them
         for name, fn in spec.metrics.items():
             _metric(name, fn, outputs.detach(), targets)
+
+
+def state_reads_back(spec: ModelSpec) -> None:
+    """Raise ConfigError where ``spec``'s training state (after a step: an optimizer makes its
+    state then) holds a value a worker could write but not read back: the model would fail at
+    its first hop to another worker."""
+    device = next(spec.model.parameters(), torch.empty(0)).device
+    where = training.unreadable_part(training.capture_state(spec, {}, device))
+    if where is None:
+        return
+    part, *keys, kind = where
+    owner = {"model": spec.model, "optimizer": spec.optimizer, "lr_scheduler": spec.lr_scheduler}
+    named = {"model": "a model", "optimizer": "an optimizer", "lr_scheduler": "an LR scheduler"}
+    raise ConfigError(
+        part,
+        _shown(owner.get(part)),
+        f"{named.get(part, part)} whose state_dict() holds tensors, numbers, strings, and "
+        "lists, tuples and dicts of them (a worker reads each state back with "
+        "torch.load(weights_only=True), which creates no object of another class)",
+        hint=f"state_dict(){''.join(f'[{k!r}]' for k in keys)} is a {kind}",
+    )
 
 
 def _frozen_forward(frozen: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
