@@ -72,7 +72,7 @@ class ModelRun:
     val: SplitSums = field(default_factory=SplitSums)
     history: list[dict[str, float]] = field(default_factory=list)
     units_done: int = 0
-    failures: int = 0  # consecutive units lost with a worker
+    failures: int = 0  # consecutive units lost with a worker or not handed over
     origin: Origin = Origin.SEARCH
     parent: int | None = None  # a clone's source
     max_epochs: int | None = None  # its own budget, set by a person; None: the search's
