@@ -4,6 +4,7 @@ workers, compared with the same models trained alone."""
 from __future__ import annotations
 
 import builders
+import pandas as pd
 import pytest
 import torch
 from conftest import (
@@ -204,3 +205,40 @@ def test_fused_units_on_ray_give_the_local_results(digits, tmp_path):
     assert len(on_ray.fused_models) == 4
     assert (on_ray.hops.groupby("unit").model_id.nunique() == 4).any()
     assert_same_results(on_ray, local)
+
+
+def test_a_member_whose_state_cannot_be_handed_over_runs_again_alone_the_others_go_on(
+    digits, tmp_path
+):
+    # The members of a fused unit are handed over one by one: the one whose state cannot be
+    # written runs the unit again (and fails after max_unit_failures), the others go on as in
+    # a run without the failure.
+    flag, absent = tmp_path / "fail-always", tmp_path / "absent"
+    search = cerebro.GridSearch(
+        {"lr": cerebro.choice([0.003, 0.03]), "flag": cerebro.choice([str(flag), str(absent)])}
+    )
+    options = dict(search=search, build=builders.handover_fails, max_unit_failures=2)
+    reference = _fused(digits, tmp_path / "ref", **options)
+    flag.write_text("always")
+    with pytest.warns(RuntimeWarning, match="it runs again"):
+        result = _fused(digits, tmp_path / "run", **options)
+
+    failing = {m.id for m in result.models if m.params["flag"] == str(flag)}
+    going_on = {m.id for m in result.models} - failing
+    assert {m.id for m in result.models if m.status == "failed"} == failing
+    assert {m.id for m in result.models if m.status == "completed"} == going_on
+    assert going_on <= result.fused_models and going_on <= reference.fused_models
+    failed = [e["detail"] for e in result.events if e["kind"] == "handover_failed"]
+    assert sorted((f["model"], f["failures"]) for f in failed) == [
+        (m, n) for m in sorted(failing) for n in (1, 2)
+    ]
+    history, expected = result.history, reference.history
+    pd.testing.assert_frame_equal(
+        history[history.model_id.isin(going_on)].reset_index(drop=True),
+        expected[expected.model_id.isin(going_on)].reset_index(drop=True),
+        check_exact=True,
+    )
+    for model_id in going_on:
+        assert state_equal(
+            result.load_model(model_id).state_dict(), reference.load_model(model_id).state_dict()
+        ), model_id

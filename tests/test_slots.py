@@ -73,7 +73,9 @@ class _Driver:
     def train(self, worker: int, unit: Unit) -> UnitDone:
         done, snapshots = self.runtimes[worker].run(unit)
         assert done.ok, done.error
-        written = write_states(unit, snapshots, self.runtimes[worker].slots)
+        states = write_states(unit, snapshots, self.runtimes[worker].slots)
+        assert not states.failed, states.failed
+        written = states.written
         for member in unit.members:
             assert written[member.model_id].path == member.target  # handed over, in its slot
             self.version[member.model_id] += 1

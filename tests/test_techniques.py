@@ -153,8 +153,9 @@ def _run(runtime: WorkerRuntime, unit: Unit) -> UnitDone:
     assert done.ok, done.error
     if unit.kind == UnitKind.TRAIN:
         assert set(snapshots) == set(unit.model_ids)
-        written = write_states(unit, snapshots, None)  # no handover folder: the state files
-        assert [w.path for w in written.values()] == [m.state_path for m in unit.members]
+        states = write_states(unit, snapshots, None)  # no handover folder: the state files
+        assert not states.failed, states.failed
+        assert [w.path for w in states.written.values()] == [m.state_path for m in unit.members]
     else:
         assert snapshots == {}
     return done

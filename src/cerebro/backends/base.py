@@ -159,10 +159,10 @@ class UnitDone:
     # ok=False because these members' states could not be fetched: lost with another worker
     # before they were written durably (they go back to their state files).
     states_lost: tuple[int, ...] = ()
-    # ok=False because the unit trained but its new states could not be handed over (a
-    # handover file that could not be written, say): no fault of its models, whose states at
-    # the unit's start are intact; they run the unit again.
-    handover_failed: bool = False
+    # Members whose new states could not be handed over (a handover file that could not be
+    # written, say), by model id: why, as a traceback. No fault of theirs: their states at the
+    # unit's start are intact, and they run the unit again (the others go on).
+    not_handed_over: dict[int, str] = field(default_factory=dict)
 
     @property
     def start(self) -> float:

@@ -104,30 +104,44 @@ def _shared_memory_root() -> str | None:
     return None  # tempfile's default folder
 
 
+@dataclass(frozen=True)
+class StatesWritten:
+    """What :func:`write_states` did with a unit's new states, by model id: where each went,
+    and why each that could not be written was not (a traceback)."""
+
+    written: dict[int, Written] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
 def write_states(
     unit: Unit, snapshots: dict[int, dict[str, Any]], slots: SlotMaps | None
-) -> dict[int, Written]:
+) -> StatesWritten:
     """Write each member's new state (``snapshots``, by model id) to its target slot (in
     place where it was trained there), or, where it has none or the handover folder has no
-    room left for it, straight to its durable state file."""
-    written = {}
+    room left for it, straight to its durable state file. A member whose state cannot be
+    written is left out of ``written`` (the others are still written)."""
+    done = StatesWritten()
     for member in unit.members:
         snapshot = snapshots.get(member.model_id)
         if snapshot is None:
             continue  # it failed alone: nothing of it changed
         began = time.perf_counter()
         target = member.target
-        if (
-            target is not None
-            and slots is not None
-            and (slots.hand_over(target, snapshot) or slots.write_new(target, snapshot))
-        ):
-            path = target
-        else:
-            path = member.state_path
-            training.save_state(snapshot, path)
-        written[member.model_id] = Written(path, time.perf_counter() - began)
-    return written
+        try:
+            if (
+                target is not None
+                and slots is not None
+                and (slots.hand_over(target, snapshot) or slots.write_new(target, snapshot))
+            ):
+                path = target
+            else:
+                path = member.state_path
+                training.save_state(snapshot, path)
+        except Exception:
+            done.failed[member.model_id] = traceback.format_exc()
+            continue
+        done.written[member.model_id] = Written(path, time.perf_counter() - began)
+    return done
 
 
 @dataclass

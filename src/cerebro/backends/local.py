@@ -469,15 +469,9 @@ def _hand_over(
 ) -> UnitDone:
     """Write a training unit's new states where the next worker reads them, before the unit
     is reported done (so the model may hop on at once)."""
-    try:
-        written = write_states(unit, snapshots, runtime.slots)
-    except Exception:
-        runtime.forget(unit.model_ids)  # its objects are ahead of every state written
-        error = f"writing the new states failed:\n{traceback.format_exc()}"
-        return UnitDone(
-            unit.unit_id, runtime.worker_id, ok=False, error=error, handover_failed=True
-        )
-    return dataclasses.replace(done, written=written)
+    states = write_states(unit, snapshots, runtime.slots)
+    runtime.forget(tuple(states.failed))  # their objects are ahead of every state written
+    return dataclasses.replace(done, written=states.written, not_handed_over=states.failed)
 
 
 def _beat(send: Callable[[Any], None]) -> None:

@@ -655,18 +655,13 @@ class _WorkerActor:
                 refs[model_id] = ray.put(to_object_store(snapshot))
             except (ray.exceptions.RayError, MemoryError):
                 unpublished[model_id] = snapshot  # object store full, say: through its file
-        try:
-            written = write_states(unit, unpublished, slots=None)
-        except Exception:
-            self.runtime.forget(unit.model_ids)  # its objects are ahead of every state kept
-            error = f"writing the new states failed:\n{traceback.format_exc()}"
-            return UnitDone(
-                unit.unit_id, done.worker_id, ok=False, error=error, handover_failed=True
-            ), {}
+        kept = write_states(unit, unpublished, slots=None)
+        self.runtime.forget(tuple(kept.failed))  # their objects are ahead of every state kept
+        done = dataclasses.replace(done, written=kept.written, not_handed_over=kept.failed)
         if refs:
             with self._lock:
                 self._saves[unit.unit_id] = self._writer.submit(_write_published, unit, refs)
-        return dataclasses.replace(done, written=written), refs
+        return done, refs
 
     def saved(self, unit_id: int) -> list[StateSaved]:
         """Wait for a unit's published states to be written to their state files."""

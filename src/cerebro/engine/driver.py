@@ -408,8 +408,6 @@ class Driver:
                     model.busy = False
                     model.remaining[:0] = unit.shards
                     self.requests.unit_over(model)
-                elif event.handover_failed:
-                    self._not_handed_over(model, unit, event)
                 else:
                     self.lifecycle.fail(model, f"{_described(unit)} failed:\n{event.error}")
                     self.requests.unit_over(model)
@@ -421,6 +419,10 @@ class Driver:
             if error is not None:  # it failed alone: the unit's other models go on
                 self.lifecycle.fail(model, f"{_described(unit)} failed:\n{error}")
                 self.requests.unit_over(model)
+                continue
+            unwritten = event.not_handed_over.get(model.model_id)
+            if unwritten is not None:  # trained, but its new state is not where it goes on
+                self._not_handed_over(model, unit, event.worker_id, unwritten)
                 continue
             split = model.train if unit.kind is UnitKind.TRAIN else model.val
             for hop in event.hops(unit, model.model_id):
@@ -564,7 +566,7 @@ class Driver:
             model.remaining[:0] = unit.shards  # they are the model's next shards again
         self.requests.unit_over(model)
 
-    def _not_handed_over(self, model: ModelRun, unit: Unit, event: UnitDone) -> None:
+    def _not_handed_over(self, model: ModelRun, unit: Unit, worker_id: int, error: str) -> None:
         """The unit trained the model but its new state could not be handed over (a handover
         file that could not be written, say): no fault of the model's, and its state at the
         unit's start is intact (a handover file the unit did not write to, or its state file),
@@ -575,23 +577,23 @@ class Driver:
         self.store.add_event(
             EventKind.HANDOVER_FAILED.value,
             model=model.model_id,
-            worker=event.worker_id,
+            worker=worker_id,
             unit_kind=unit.kind.value,
             epoch=unit.epoch,
             shards=list(unit.shards),
             failures=model.failures,
-            error=raised(event.error),
+            error=raised(error),
         )
         if model.failures >= self.config.max_unit_failures:
             self.lifecycle.fail(
                 model,
                 f"{_described(unit)} could not hand its new state over, {model.failures} "
-                f"times in a row; the last time:\n{event.error}",
+                f"times in a row; the last time:\n{error}",
             )
         else:
             warnings.warn(
                 f"{_described(unit)} of model {model.model_id} could not hand its new state "
-                f"over ({raised(event.error)}); it runs again",
+                f"over ({raised(error)}); it runs again",
                 RuntimeWarning,
                 stacklevel=2,
             )
