@@ -554,17 +554,15 @@ class Driver:
     def _member_lost(
         self, model: ModelRun, unit: Unit, exitcode: int | None, running: bool
     ) -> None:
-        model.busy = False
-        model.failures += int(running)
-        if model.failures >= self.config.max_unit_failures:
-            self.lifecycle.fail(
-                model,
+        self._again_or_failed(
+            model,
+            unit,
+            counted=running,
+            failure=lambda times: (
                 f"{_described(unit)} lost its worker "
-                f"{model.failures} times in a row (last exit code {exitcode})",
-            )
-        else:
-            model.remaining[:0] = unit.shards  # they are the model's next shards again
-        self.requests.unit_over(model)
+                f"{times} times in a row (last exit code {exitcode})"
+            ),
+        )
 
     def _not_handed_over(self, model: ModelRun, unit: Unit, worker_id: int, error: str) -> None:
         """The unit trained the model but its new state could not be handed over (a handover
@@ -572,8 +570,15 @@ class Driver:
         unit's start is intact (a handover file the unit did not write to, or its state file),
         so it runs the unit's shards again, like a unit lost with its worker; after
         ``max_unit_failures`` such units in a row it fails, with the error."""
-        model.busy = False
-        model.failures += 1
+        again = self._again_or_failed(
+            model,
+            unit,
+            counted=True,
+            failure=lambda times: (
+                f"{_described(unit)} could not hand its new state over, "
+                f"{times} times in a row; the last time:\n{error}"
+            ),
+        )
         self.store.add_event(
             EventKind.HANDOVER_FAILED.value,
             model=model.model_id,
@@ -584,21 +589,31 @@ class Driver:
             failures=model.failures,
             error=raised(error),
         )
-        if model.failures >= self.config.max_unit_failures:
-            self.lifecycle.fail(
-                model,
-                f"{_described(unit)} could not hand its new state over, {model.failures} "
-                f"times in a row; the last time:\n{error}",
-            )
-        else:
+        if again:
             warnings.warn(
                 f"{_described(unit)} of model {model.model_id} could not hand its new state "
                 f"over ({raised(error)}); it runs again",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            model.remaining[:0] = unit.shards
+
+    def _again_or_failed(
+        self, model: ModelRun, unit: Unit, counted: bool, failure: Callable[[int], str]
+    ) -> bool:
+        """A unit of the model whose work was lost (with its worker, or not handed over) runs
+        again: its shards are the model's next ones. ``counted``: whether this unit counts
+        towards ``max_unit_failures`` in a row (one queued behind the unit that killed its
+        worker does not); at that many the model fails instead, with ``failure(times)``.
+        Returns whether it runs again."""
+        model.busy = False
+        model.failures += int(counted)
+        again = model.failures < self.config.max_unit_failures
+        if again:
+            model.remaining[:0] = unit.shards  # they are the model's next shards again
+        else:
+            self.lifecycle.fail(model, failure(model.failures))
         self.requests.unit_over(model)
+        return again
 
     def _roll_back(self, model: ModelRun) -> None:
         """The model's newest state is gone: it goes on from its state file, and the hops of
